@@ -1,0 +1,226 @@
+"""Typed configuration of the pretraining job, its CLI flags, and every validation rule in one place.
+
+Why one place: each bad input must fail *before* any Ray resources are claimed, with one line naming the
+culprit. Fields left at ``None`` mean "the dataset's default" and are filled by :meth:`PretrainConfig.resolved`,
+so ``python -m simclr_dist.pretrain`` with no flags is the small, fast digits run, while ``--dataset imagenet``
+gets paper-sized defaults without the user restating them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALING = ("linear", "sqrt", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Fields that change the network's shapes: a run may not be resumed with different values.
+ARCH_FIELDS = ("arch", "width", "cifar_stem", "proj_hidden_dim", "proj_out_dim")
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message is one line naming the culprit."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class PretrainConfig:
+    # data
+    dataset: str = _f("digits", "dataset: digits (embedded, no download), cifar10, cifar100, stl10, imagenet, imagefolder")
+    data_root: str | None = _f(None, "directory holding the dataset (not needed for digits)")
+    download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
+    split: str | None = _f(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
+    image_size: int | None = _f(None, "training resolution in pixels (default: the dataset's, 24 for digits)")
+    augment: str | None = _f(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
+                                   "(default: the paper's recipe adapted to the dataset)")
+    jitter_strength: float | None = _f(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)")
+    loader_workers: int = _f(0, "DataLoader worker processes per Ray worker (0: load in the training process)")
+    # model
+    arch: str = _f("resnet18", "backbone: resnet18, resnet34, resnet50")
+    width: float | None = _f(None, "channel width multiplier of every ResNet stage (default 1.0; 0.25 for digits)")
+    cifar_stem: bool | None = _f(None, "3x3 stride-1 first conv and no max-pool (default: on for images <= 64 px)")
+    proj_hidden_dim: int | None = _f(None, "projection head hidden size (default: the encoder's feature size)")
+    proj_out_dim: int = _f(128, "projection head output size")
+    sync_bn: bool = _f(False, "synchronise BatchNorm statistics across workers (the paper's global BN)")
+    # objective and optimisation
+    temperature: float = _f(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)")
+    batch_size: int = _f(128, "global batch size (images per step over all workers; each contributes two views)")
+    epochs: int | None = _f(None, "training epochs (default: 100; 25 for digits)")
+    optimizer: str = _f("lars", "optimizer: lars, sgd, adamw")
+    base_lr: float = _f(0.3, "learning rate before scaling by --lr-scaling")
+    lr_scaling: str = _f("linear", "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none)")
+    weight_decay: float = _f(1e-6, "weight decay (not applied to biases and BatchNorm parameters)")
+    momentum: float = _f(0.9, "momentum of lars/sgd")
+    warmup_epochs: float | None = _f(None, "linear warm-up epochs before the cosine decay (default: 10% of epochs, at most 10)")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16")
+    channels_last: bool | None = _f(None, "channels_last memory format (default: on for GPU)")
+    compile: bool = _f(False, "torch.compile the model")
+    seed: int = _f(0, "seed of model init, data order and augmentation")
+    # cluster
+    num_workers: int = _f(2, "Ray Train workers (one process each, DDP)")
+    use_gpu: bool | None = _f(None, "one GPU per worker (default: when the cluster has GPUs)")
+    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
+    ray_address: str | None = _f(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    # checkpoints and fault tolerance
+    storage_path: str = _f("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
+    name: str | None = _f(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
+    checkpoint_every: int = _f(1, "save a checkpoint every K epochs (and always after the last)")
+    num_to_keep: int = _f(2, "checkpoints kept in storage (the newest are kept)")
+    max_failures: int = _f(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)")
+    # monitoring and evaluation
+    log_every: int = _f(10, "print progress (and check the loss is finite) every N steps")
+    knn_every: int = _f(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
+    knn_k: int = _f(200, "neighbours of the kNN monitor")
+    knn_temperature: float = _f(0.1, "temperature of the kNN monitor's weighted vote")
+    verbose: bool = _f(False, "show Ray Train's INFO logs (worker placement, every report)")
+    chaos_kill_step: int = _f(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
+    chaos_nan_step: int = _f(-1, "fault drill: make the loss NaN at this global step to exercise the stop (-1: off)")
+
+    # ------------------------------------------------------------------ defaults
+    def resolved(self) -> "PretrainConfig":
+        """Fill every ``None`` default from the dataset's preset (a copy; idempotent)."""
+        from simclr_dist.data.datasets import dataset_info
+
+        cfg = dataclasses.replace(self)
+        if cfg.dataset not in _dataset_names():
+            raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; choose from {', '.join(_dataset_names())}")
+        info = dataset_info(cfg.dataset)
+        tiny = cfg.dataset == "digits"
+        cfg.split = cfg.split or info.pretrain_split
+        cfg.image_size = cfg.image_size or (24 if tiny else info.image_size)
+        cfg.width = cfg.width if cfg.width is not None else (0.25 if tiny else 1.0)
+        cfg.cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else cfg.image_size <= 64
+        cfg.epochs = cfg.epochs if cfg.epochs is not None else (25 if tiny else 100)
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = min(10.0, 0.1 * cfg.epochs)
+        cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
+        if not _is_uri(cfg.storage_path):
+            cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+        return cfg
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "PretrainConfig":
+        """Raise :class:`ConfigError` for the first bad field; returns self for chaining."""
+        def bad(flag: str, msg: str) -> None:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {msg}")
+
+        if self.arch not in ARCHS:
+            bad("arch", f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHS)}")
+        if self.dataset not in _dataset_names():
+            bad("dataset", f"unknown dataset {self.dataset!r}; choose from {', '.join(_dataset_names())}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.lr_scaling not in LR_SCALING:
+            bad("lr_scaling", f"unknown rule {self.lr_scaling!r}; choose from {', '.join(LR_SCALING)}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            bad("temperature", f"must be > 0, got {self.temperature}")
+        if self.num_workers < 1:
+            bad("num_workers", f"must be >= 1, got {self.num_workers}")
+        if self.batch_size % self.num_workers:
+            bad("batch_size", f"{self.batch_size} is not divisible by --num-workers {self.num_workers}")
+        if self.batch_size // self.num_workers < 2:
+            bad("batch_size", f"{self.batch_size} gives {self.batch_size // self.num_workers} image(s) per worker; "
+                              "NT-Xent needs at least 2 per worker")
+        if self.epochs is not None and self.epochs < 1:
+            bad("epochs", f"must be >= 1, got {self.epochs}")
+        if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
+            bad("base_lr", f"must be > 0, got {self.base_lr}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs is not None and self.epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            bad("warmup_epochs", f"must be within [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.width is not None and not 0 < self.width <= 8:
+            bad("width", f"must be in (0, 8], got {self.width}")
+        if self.image_size is not None and self.image_size < 8:
+            bad("image_size", f"must be >= 8 pixels, got {self.image_size}")
+        if self.cpus_per_worker <= 0:
+            bad("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.checkpoint_every < 1:
+            bad("checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        if self.num_to_keep < 1:
+            bad("num_to_keep", f"must be >= 1 (the newest checkpoint is always kept), got {self.num_to_keep}")
+        if self.max_failures < -1:
+            bad("max_failures", f"must be >= -1, got {self.max_failures}")
+        if self.log_every < 1:
+            bad("log_every", f"must be >= 1, got {self.log_every}")
+        if self.knn_k < 1:
+            bad("knn_k", f"must be >= 1, got {self.knn_k}")
+        if self.loader_workers < 0:
+            bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
+        if self.augment is not None:
+            from simclr_dist.data.augment import parse_components
+            try:
+                parse_components(self.augment)
+            except ValueError as e:
+                bad("augment", str(e))
+        if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
+            bad("name", f"must be a plain directory name, got {self.name!r}")
+        return self
+
+    def arch_signature(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+        """Tolerates keys from other versions (dropped) so an old checkpoint's config still loads."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from simclr_dist.data.datasets import DATASETS
+    return tuple(DATASETS)
+
+
+# ---------------------------------------------------------------------- CLI generation
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of ``X | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per dataclass field (``--batch-size``), typed, with the field's help and default."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=helptext)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=f.default, help=helptext,
+                                metavar=f.name.upper())
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    parser = build_parser(PretrainConfig, "python -m simclr_dist.pretrain",
+                          "SimCLR pretraining on Ray Train (DDP workers, all-gather NT-Xent).")
+    ns = parser.parse_args(argv)
+    return PretrainConfig(**vars(ns))

@@ -1,0 +1,82 @@
+"""One loader interface for pretraining, whatever the backend.
+
+A loader yields ``(view1, view2, label)`` batches of float tensors ``(B, 3, S, S)`` and has
+``set_epoch(epoch)`` (which fixes that epoch's order and augmentation draws from the seed, so an epoch
+replayed after a resume is the same epoch) and ``len()`` (batches per epoch, equal on every rank because
+the last partial batch is dropped). The torch path lives here; another backend (FFCV) slots in behind the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from simclr_dist.data.augment import TwoViewDataset, TwoViewTransform, build_view_transform, default_augment
+from simclr_dist.data.datasets import dataset_info, load_dataset
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    dataset: str
+    split: str
+    root: str | None
+    image_size: int
+    augment: str | None
+    jitter_strength: float | None
+    batch_size: int          # per worker
+    rank: int
+    world_size: int
+    seed: int
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
+def _seed_worker(worker_id: int) -> None:
+    # DataLoader gives each worker torch seed base_seed + id; derive numpy/python seeds from it too.
+    import random
+
+    import numpy as np
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+class TorchPretrainLoader:
+    """DistributedSampler + DataLoader over a two-view dataset; augmentation on the CPU per sample."""
+
+    def __init__(self, spec: LoaderSpec):
+        info = dataset_info(spec.dataset)
+        base = load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size)
+        aug = default_augment(info, spec.augment, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
+        self.augment = aug
+        self.spec = spec
+        self.dataset = TwoViewDataset(base, TwoViewTransform(build_view_transform(aug)))
+        if len(self.dataset) < spec.batch_size * spec.world_size:
+            raise ValueError(f"{spec.dataset}/{spec.split}: {len(self.dataset)} images is fewer than one global batch "
+                             f"({spec.batch_size * spec.world_size}); lower --batch-size")
+        self.sampler = DistributedSampler(self.dataset, num_replicas=spec.world_size, rank=spec.rank,
+                                          shuffle=True, seed=spec.seed, drop_last=True)
+        self.generator = torch.Generator()
+        self.loader = DataLoader(self.dataset, batch_size=spec.batch_size, sampler=self.sampler, drop_last=True,
+                                 num_workers=spec.num_workers, pin_memory=spec.pin_memory,
+                                 persistent_workers=False, worker_init_fn=_seed_worker, generator=self.generator)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        # Augmentation draws: a function of (seed, rank, epoch) only, so a resumed epoch is replayed exactly.
+        aug_seed = (self.spec.seed * 1_000_003 + self.spec.rank * 10_007 + epoch) % 2**63
+        self.generator.manual_seed(aug_seed)
+        if self.spec.num_workers == 0:
+            torch.manual_seed(aug_seed)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_pretrain_loader(spec: LoaderSpec) -> TorchPretrainLoader:
+    return TorchPretrainLoader(spec)

@@ -1,0 +1,89 @@
+"""Weighted kNN classification of frozen features (the InstDisc monitor, also used by lightly/solo-learn).
+
+Why kNN: it needs no training, so it is a cheap, honest signal of representation quality during pretraining
+(cosine similarity, k neighbours, votes weighted by exp(sim / T)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, base, transform, indices):
+        self.base, self.transform, self.indices = base, transform, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, label = self.base[self.indices[i]]
+        return self.transform(img), label
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, batch_size: int = 256,
+                     device: torch.device | str = "cpu", channels_last: bool = False,
+                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised features, labels) of ``dataset`` items ``(image, label)`` through an eval transform."""
+    indices = range(len(dataset)) if indices is None else indices
+    loader = torch.utils.data.DataLoader(_Transformed(dataset, transform, indices), batch_size=batch_size,
+                                         num_workers=num_workers)
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        x = x.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats.append(F.normalize(encoder(x).float(), dim=1).cpu())
+        labels.append(torch.as_tensor(y))
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def extract_features_distributed(encoder: nn.Module, dataset, transform, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank embeds a strided shard; the shards are gathered back into dataset order on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return extract_features(encoder, dataset, transform, **kw)
+    world, rank, n = dist.get_world_size(), dist.get_rank(), len(dataset)
+    per = -(-n // world)
+    feats, labels = extract_features(encoder, dataset, transform, indices=range(rank, n, world), **kw)
+    device = kw.get("device", "cpu")
+    # one padded tensor per rank: features plus the label in the last column (a single collective)
+    packed = torch.zeros(per, feats.shape[1] + 1, device=device)
+    packed[: len(feats), :-1] = feats.to(device)
+    packed[: len(feats), -1] = labels.to(device).float()
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(parts, packed)
+    out = torch.empty(n, feats.shape[1] + 1)
+    for r, part in enumerate(parts):
+        out[r::world] = part[: len(range(r, n, world))].cpu()
+    return out[:, :-1].contiguous(), out[:, -1].long()
+
+
+@torch.no_grad()
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, *,
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores (N_test, C) from the k most similar training features (features already normalised)."""
+    k = min(k, len(train_feats))
+    scores = []
+    for i in range(0, len(test_feats), chunk):
+        sim = test_feats[i:i + chunk] @ train_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        onehot = F.one_hot(train_labels[top_idx], num_classes).float()
+        scores.append((onehot * weights.unsqueeze(-1)).sum(1))
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, *, num_classes: int, k: int = 200,
+                 temperature: float = 0.1) -> dict[str, float]:
+    scores = knn_predict(train_feats, train_labels, test_feats, num_classes=num_classes, k=k, temperature=temperature)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    hit = top == test_labels.unsqueeze(1)
+    return {"knn_top1": hit[:, 0].float().mean().item(), "knn_top5": hit.any(1).float().mean().item()}

@@ -1,0 +1,152 @@
+"""``python -m simclr_dist.pretrain``: validate the config, then run SimCLR pretraining on Ray Train.
+
+Locally it starts Ray itself; under ``ray job submit`` or with ``RAY_ADDRESS`` / ``--ray-address`` it joins
+the cluster. Everything that can be checked without Ray (flags, data, storage, a resume's architecture) is
+checked first, so a bad input costs one line and no cluster time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from simclr_dist import storage
+from simclr_dist.config import ConfigError, PretrainConfig, parse_config
+from simclr_dist.data.datasets import DatasetError, check_available
+
+RUN_CONFIG_FILE = "simclr_config.json"
+
+
+class RunError(RuntimeError):
+    """The run could not start or did not finish; one line for the user."""
+
+
+def preflight(cfg: PretrainConfig) -> PretrainConfig:
+    """Every check that needs no Ray: returns the resolved config or raises a one-line error."""
+    cfg = cfg.validate().resolved().validate()
+    check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    storage.check_writable(cfg.storage_path)
+    run_uri = storage.join(cfg.storage_path, cfg.name)
+    cfg_uri = storage.join(run_uri, RUN_CONFIG_FILE)
+    if storage.exists(cfg_uri):
+        saved = PretrainConfig.from_dict(storage.read_json(cfg_uri))
+        if saved.arch_signature() != cfg.arch_signature():
+            diff = ", ".join(f"{k}={saved.arch_signature()[k]!r} (now {v!r})"
+                             for k, v in cfg.arch_signature().items() if saved.arch_signature()[k] != v)
+            raise ConfigError(f"run {run_uri} was started with {diff}: resume with the same architecture "
+                              "or choose a new --name")
+        if saved.batch_size != cfg.batch_size or saved.dataset != cfg.dataset:
+            raise ConfigError(f"run {run_uri} was started with dataset={saved.dataset} batch_size={saved.batch_size}; "
+                              "a resume must keep them (the schedule is in steps): choose a new --name")
+    else:
+        storage.write_json(cfg_uri, cfg.to_dict())
+    return cfg
+
+
+def _download_data(cfg: PretrainConfig) -> None:
+    """Download once in the driver so workers never race each other for the same files."""
+    if cfg.download:
+        from simclr_dist.data.datasets import load_dataset
+        load_dataset(cfg.dataset, cfg.split, root=cfg.data_root, download=True, image_size=cfg.image_size)
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray instance for a laptop; quiet its dashboard/metrics noise but keep worker logs streaming.
+    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def _check_resources(cfg: PretrainConfig, use_gpu: bool) -> None:
+    import ray
+    res = ray.cluster_resources()
+    need_cpu = cfg.num_workers * cfg.cpus_per_worker
+    if need_cpu > res.get("CPU", 0):
+        raise RunError(f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker} needs "
+                       f"{need_cpu:g} CPUs; the Ray cluster has {res.get('CPU', 0):g}")
+    if use_gpu and cfg.num_workers > res.get("GPU", 0):
+        raise RunError(f"--num-workers {cfg.num_workers} with --use-gpu needs {cfg.num_workers} GPUs; "
+                       f"the Ray cluster has {res.get('GPU', 0):g}")
+
+
+def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) pretraining; returns a summary with the checkpoint path, history and kNN accuracy."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from simclr_dist.train import train_loop_per_worker
+
+    cfg = preflight(cfg)
+    _download_data(cfg)
+    connect_ray(cfg.ray_address)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    _check_resources(cfg, use_gpu)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=cfg.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
+            callbacks=callbacks or None),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError and friends: keep the cause, drop Ray's wall of text
+        cause = e.__cause__ or e
+        raise RunError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}") from e
+    wall = time.perf_counter() - t0
+    ret = result.return_value or {}
+    history = ret.get("history", [])
+    summary = {
+        "run": storage.join(cfg.storage_path, cfg.name),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "status": ret.get("status", "ok"), "wall_time_s": wall, "history": history,
+        "epochs_done": ret.get("epochs_done"), "resumed_from_epoch": ret.get("resumed_from_epoch"),
+        "config": cfg.to_dict(),
+    }
+    if summary["status"] == "nonfinite":
+        raise RunError(f"non-finite loss at step {ret['step']} (epoch {ret['epoch'] + 1}); stopped. "
+                       f"Last good checkpoint: {summary['checkpoint'] or 'none'}. Lower --base-lr or raise --temperature")
+    last_knn = next((h for h in reversed(history) if "knn_top1" in h), None)
+    for key in ("knn_top1", "knn_top5", "knn_top1_init"):
+        summary[key] = (last_knn or {}).get(key)
+    if history and "knn_top1_init" in history[0]:
+        summary["knn_top1_init"] = history[0]["knn_top1_init"]
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(argv)
+        summary = run(cfg)
+    except (ConfigError, DatasetError, storage.StorageError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, DatasetError, storage.StorageError)) else 1
+    h = summary["history"][-1] if summary["history"] else {}
+    print(f"\nSimCLR pretraining finished in {summary['wall_time_s']:.0f}s "
+          f"({summary['epochs_done']} epochs; run {summary['run']})")
+    if h:
+        print(f"  last epoch: loss {h['loss']:.4f}, {h['samples_per_s']:.1f} samples/s")
+    print(f"  checkpoint: {summary['checkpoint']}")
+    if summary["knn_top1"] is not None:
+        print(f"  kNN (k={cfg.knn_k}) accuracy of the frozen encoder on the {cfg.dataset} test split: "
+              f"top-1 {summary['knn_top1']:.3f}, top-5 {summary['knn_top5']:.3f}"
+              + (f" (randomly initialised encoder: top-1 {summary['knn_top1_init']:.3f})"
+                 if summary.get("knn_top1_init") is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

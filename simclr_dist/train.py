@@ -1,0 +1,293 @@
+"""The per-worker SimCLR training loop that Ray Train runs in every worker (one readable loop).
+
+Each worker: builds the model from the seed (identical on every rank), wraps it in DDP, restores the latest
+checkpoint Ray hands back (after a restart or a rerun of the same run name), and trains epoch by epoch.
+Both views go through one forward pass (BatchNorm statistics are shared by the two views of a worker's batch;
+``--sync-bn`` shares them across workers too). The NT-Xent loss all-gathers projections, so every anchor sees
+the negatives of all workers with exact gradients. Rank 0 writes the checkpoint; every rank reports metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from simclr_dist import storage
+from simclr_dist.config import ARCH_FIELDS, PretrainConfig
+from simclr_dist.data.augment import build_eval_transform
+from simclr_dist.data.datasets import dataset_info, load_dataset
+from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.knn import extract_features_distributed, knn_accuracy
+from simclr_dist.loss import nt_xent
+from simclr_dist.models import SimCLRModel
+from simclr_dist.optim import WarmupCosine, build_optimizer, scale_lr
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: str, state: dict[str, Any]) -> str:
+    """Write ``checkpoint.pt`` then a manifest with its checksum; the manifest is written last, so a
+    directory without a matching manifest is incomplete and :func:`load_checkpoint` refuses it."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    storage.write_bytes(os.path.join(directory, CHECKPOINT_FILE), data)
+    cfg = state["config"]
+    manifest = {"format_version": FORMAT_VERSION, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                "epoch": state["epoch"], "step": state["step"], "arch": {k: cfg.get(k) for k in ARCH_FIELDS},
+                "dataset": cfg.get("dataset"), "history": state.get("history", [])}
+    storage.write_json(os.path.join(directory, MANIFEST_FILE), manifest)
+    return directory
+
+
+def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint directory (local path or URI)."""
+    manifest_uri, ckpt_uri = storage.join(directory, MANIFEST_FILE), storage.join(directory, CHECKPOINT_FILE)
+    if not storage.exists(manifest_uri):
+        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was not fully written")
+    manifest = storage.read_json(manifest_uri)
+    data = storage.read_bytes(ckpt_uri)
+    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{ckpt_uri}: checksum mismatch with {MANIFEST_FILE}; the checkpoint is corrupt")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+
+def build_model(cfg: PretrainConfig) -> SimCLRModel:
+    return SimCLRModel(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width,
+                       proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> dict:
+    """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
+    Runs on every rank (each embeds a shard) so no worker idles at a barrier."""
+    info = dataset_info(cfg.dataset)
+    bank_split, query_split = _labelled_splits(cfg.dataset)
+    transform = build_eval_transform(cfg.image_size, info.mean, info.std)
+    kw = dict(device=device, channels_last=channels_last)
+    bank = load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size)
+    query = load_dataset(cfg.dataset, query_split, root=cfg.data_root, image_size=cfg.image_size)
+    bank_f, bank_y = extract_features_distributed(encoder, bank, transform, **kw)
+    query_f, query_y = extract_features_distributed(encoder, query, transform, **kw)
+    num_classes = info.num_classes or int(bank_y.max()) + 1
+    return knn_accuracy(bank_f, bank_y, query_f, query_y, num_classes=num_classes,
+                        k=cfg.knn_k, temperature=cfg.knn_temperature)
+
+
+def _labelled_splits(dataset: str) -> tuple[str, str]:
+    return {"imagenet": ("train", "val"), "imagefolder": ("train", "val")}.get(dataset, ("train", "test"))
+
+
+# ---------------------------------------------------------------------------- the loop
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    log = _stdout if rank == 0 else (lambda msg: None)
+
+    # -- model, loss precision, optimizer, schedule
+    model = build_model(cfg)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else on_gpu
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    per_worker = cfg.batch_size // world
+    loader = build_pretrain_loader(LoaderSpec(
+        dataset=cfg.dataset, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size, augment=cfg.augment,
+        jitter_strength=cfg.jitter_strength, batch_size=per_worker, rank=rank, world_size=world, seed=cfg.seed,
+        num_workers=cfg.loader_workers, pin_memory=on_gpu))
+    steps_per_epoch = len(loader)
+    lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
+    optimizer = build_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    schedule = WarmupCosine(optimizer, lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+                            total_steps=cfg.epochs * steps_per_epoch)
+
+    # -- resume
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+        saved = PretrainConfig.from_dict(state["config"])
+        if saved.arch_signature() != cfg.arch_signature():
+            raise ValueError(f"checkpoint architecture {saved.arch_signature()} != requested {cfg.arch_signature()}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            raise ValueError(f"checkpoint has {state['steps_per_epoch']} steps/epoch, this run {steps_per_epoch}: "
+                             "resume with the same --batch-size and dataset")
+        log(f"[simclr] resumed from epoch {start_epoch} (step {step}, lr {schedule.lr_at(step):.5f})")
+
+    if cfg.compile:
+        model = torch.compile(model)
+    ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
+    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
+
+    log(f"[simclr] {cfg.arch} x{cfg.width} on {cfg.dataset}/{cfg.split} {cfg.image_size}px | {world} worker(s) x "
+        f"{per_worker} = batch {cfg.batch_size} | {steps_per_epoch} steps/epoch | lr {lr:.4f} | {precision} on "
+        f"{device.type}")
+
+    node = socket.gethostname()
+    result: dict[str, Any] = {"status": "ok"}
+    init_knn = {}
+    if start_epoch == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
+        init_knn = {f"{k}_init": v for k, v in online_knn(raw.encoder, cfg, device, channels_last).items()}
+        log(f"[simclr] kNN top-1 of the randomly initialised encoder: {init_knn['knn_top1_init']:.3f}")
+    for epoch in range(start_epoch, cfg.epochs):
+        loader.set_epoch(epoch)
+        ddp.train()
+        loss_sum = torch.zeros((), device=device)
+        bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        data_wait = 0.0
+        t_epoch = t_ready = time.perf_counter()
+        for i, (v1, v2, _) in enumerate(loader):
+            data_wait += time.perf_counter() - t_ready
+            cur_lr = schedule.apply(step)
+            x = torch.cat([v1, v2]).to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                _, z = ddp(x)
+            z1, z2 = z.float().chunk(2)
+            loss = nt_xent(z1, z2, cfg.temperature)
+            if step == cfg.chaos_nan_step:
+                loss = loss * float("nan")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # no host sync per step: remember the first non-finite step on the device
+            loss = loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
+            loss_sum += loss
+            step += 1
+            if cfg.chaos_kill_step == step and rank == world - 1:
+                _chaos_kill(cfg)
+            if step % cfg.log_every == 0 or i + 1 == steps_per_epoch:
+                first_bad = _max_across(bad_step)
+                if first_bad >= 0:
+                    result = {"status": "nonfinite", "step": first_bad, "epoch": epoch}
+                    break
+                log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
+                    f"loss {loss.item():.4f} lr {cur_lr:.5f}")
+            t_ready = time.perf_counter()
+        if result["status"] != "ok":
+            log(f"[simclr] non-finite loss at step {result['step']} (epoch {epoch + 1}); stopping, the last good "
+                "checkpoint is kept")
+            ray.train.report({"epoch": epoch, "step": step, "status": "nonfinite", "bad_step": result["step"]})
+            break
+
+        epoch_time = time.perf_counter() - t_epoch
+        mean_loss = _mean_across(loss_sum / steps_per_epoch)
+        metrics = {
+            "epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": schedule.lr_at(step - 1),
+            "samples_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
+            "worker_samples_per_s": steps_per_epoch * per_worker / epoch_time,
+            "epoch_time_s": epoch_time, "data_wait_s": data_wait, "rank": rank, "node": node,
+            "node_id": _ray_node_id(), "world_size": world, "status": "ok", **init_knn,
+        }
+        init_knn = {}
+        last = epoch + 1 == cfg.epochs
+        if (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or (last and cfg.knn_every >= 0):
+            metrics.update(online_knn(raw.encoder, cfg, device, channels_last))
+        history.append({k: v for k, v in metrics.items() if k not in ("rank", "node", "node_id")})
+        log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} done: loss {mean_loss:.4f} | "
+            f"{metrics['samples_per_s']:.1f} samples/s | {epoch_time:.1f}s (data wait {data_wait:.1f}s)"
+            + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else ""))
+
+        if last or (epoch + 1) % cfg.checkpoint_every == 0:
+            t_save = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if rank == 0:
+                    save_checkpoint(tmp, {
+                        "format_version": FORMAT_VERSION, "model": raw.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                        "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history})
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                metrics["checkpoint_save_s"] = time.perf_counter() - t_save
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+    if start_epoch >= cfg.epochs:
+        log(f"[simclr] run already complete ({start_epoch}/{cfg.epochs} epochs): nothing to train")
+    return {**result, "history": history, "resumed_from_epoch": start_epoch,
+            "epochs_done": history[-1]["epoch"] if history else start_epoch}
+
+
+def _stdout(msg: str) -> None:
+    # sys.stdout directly: Ray Train patches print() into its logger, which would show each line twice
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _max_across(t: torch.Tensor) -> int:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _mean_across(t: torch.Tensor) -> float:
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def _ray_node_id() -> str:
+    import ray
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
+
+
+def _chaos_kill(cfg: PretrainConfig) -> None:
+    """Fault drill: the first time only (a marker in the run's storage), SIGKILL this worker process."""
+    marker = storage.join(cfg.storage_path, cfg.name, ".chaos-kill-done")
+    if storage.exists(marker):
+        return
+    import ray.train
+    # Wait until Ray has registered every checkpoint reported so far, so the drill always exercises
+    # "resume from the last checkpoint" rather than racing the controller's 2 s poll.
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    storage.write_bytes(marker, b"killed\n")
+    _stdout(f"[simclr] chaos: killing worker pid {os.getpid()} at step {cfg.chaos_kill_step}")
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,27 @@
+"""Shared fixtures: one real local Ray instance for the whole session (a worker group starts in ~20-40 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to be running on the test machine
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_args(tmp_path):
+    """CLI flags of a seconds-per-epoch digits run: 16 px, ResNet-18 at 1/8 width, batch 64 over 2 workers."""
+    def make(name: str, *extra: str) -> list[str]:
+        return ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batch-size", "64",
+                "--num-workers", "2", "--storage-path", str(tmp_path / "runs"), "--name", name,
+                "--knn-every", "-1", "--log-every", "5", *extra]
+    return make
