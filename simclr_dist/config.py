@@ -56,10 +56,11 @@ class PretrainConfig:
     # objective and optimisation
     temperature: float = _f(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)")
     batch_size: int = _f(128, "global batch size (images per step over all workers; each contributes two views)")
-    epochs: int | None = _f(None, "training epochs (default: 100; 25 for digits)")
+    epochs: int | None = _f(None, "training epochs (default: 100; 20 for digits)")
     optimizer: str = _f("lars", "optimizer: lars, sgd, adamw")
-    base_lr: float = _f(0.3, "learning rate before scaling by --lr-scaling")
-    lr_scaling: str = _f("linear", "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none)")
+    lr_scaling: str | None = _f(None, "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none); "
+                                      "default: sqrt below a global batch of 1024, linear above (SimCLR appendix B.1)")
+    base_lr: float | None = _f(None, "learning rate before scaling (default: 0.3 for linear, 0.075 for sqrt scaling)")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and BatchNorm parameters)")
     momentum: float = _f(0.9, "momentum of lars/sgd")
     warmup_epochs: float | None = _f(None, "linear warm-up epochs before the cosine decay (default: 10% of epochs, at most 10)")
@@ -101,7 +102,10 @@ class PretrainConfig:
         cfg.image_size = cfg.image_size or (24 if tiny else info.image_size)
         cfg.width = cfg.width if cfg.width is not None else (0.25 if tiny else 1.0)
         cfg.cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else cfg.image_size <= 64
-        cfg.epochs = cfg.epochs if cfg.epochs is not None else (25 if tiny else 100)
+        cfg.epochs = cfg.epochs if cfg.epochs is not None else (20 if tiny else 100)
+        cfg.lr_scaling = cfg.lr_scaling or ("sqrt" if cfg.batch_size < 1024 else "linear")
+        if cfg.base_lr is None:
+            cfg.base_lr = {"linear": 0.3, "sqrt": 0.075, "none": 0.3}[cfg.lr_scaling]
         if cfg.warmup_epochs is None:
             cfg.warmup_epochs = min(10.0, 0.1 * cfg.epochs)
         cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
@@ -121,7 +125,7 @@ class PretrainConfig:
             bad("dataset", f"unknown dataset {self.dataset!r}; choose from {', '.join(_dataset_names())}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.lr_scaling not in LR_SCALING:
+        if self.lr_scaling is not None and self.lr_scaling not in LR_SCALING:
             bad("lr_scaling", f"unknown rule {self.lr_scaling!r}; choose from {', '.join(LR_SCALING)}")
         if self.precision not in PRECISIONS:
             bad("precision", f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
@@ -136,7 +140,7 @@ class PretrainConfig:
                               "NT-Xent needs at least 2 per worker")
         if self.epochs is not None and self.epochs < 1:
             bad("epochs", f"must be >= 1, got {self.epochs}")
-        if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
+        if self.base_lr is not None and not (self.base_lr > 0 and math.isfinite(self.base_lr)):
             bad("base_lr", f"must be > 0, got {self.base_lr}")
         if self.weight_decay < 0:
             bad("weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -160,6 +164,8 @@ class PretrainConfig:
             bad("knn_k", f"must be >= 1, got {self.knn_k}")
         if self.loader_workers < 0:
             bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
+        if self.jitter_strength is not None and not 0 <= self.jitter_strength <= 2.5:
+            bad("jitter_strength", f"must be in [0, 2.5] (hue jitter 0.2s must stay <= 0.5), got {self.jitter_strength}")
         if self.augment is not None:
             from simclr_dist.data.augment import parse_components
             try:

@@ -12,7 +12,7 @@ def ray_cluster():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to be running on the test machine
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -59,6 +59,8 @@ def test_defaults_resolve_to_the_fast_digits_run():
     cfg = PretrainConfig().validate().resolved()
     assert (cfg.dataset, cfg.split, cfg.image_size, cfg.width, cfg.cifar_stem) == ("digits", "train", 24, 0.25, True)
     assert cfg.warmup_epochs == pytest.approx(0.1 * cfg.epochs)
+    assert (cfg.batch_size, cfg.lr_scaling, cfg.base_lr) == (128, "sqrt", 0.075)  # paper: sqrt rule for small batches
+    assert PretrainConfig(batch_size=4096).resolved().lr_scaling == "linear"
     big = PretrainConfig(dataset="imagenet", data_root="/x").resolved()
     assert (big.image_size, big.width, big.cifar_stem, big.epochs, big.warmup_epochs) == (224, 1.0, False, 100, 10.0)
     assert big.resolved() == big  # idempotent
