@@ -79,6 +79,7 @@ class PretrainConfig:
     checkpoint_every: int = _f(1, "save a checkpoint every K epochs (and always after the last)")
     num_to_keep: int = _f(2, "checkpoints kept in storage (the newest are kept)")
     max_failures: int = _f(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)")
+    summary_json: str | None = _f(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")
     # monitoring and evaluation
     log_every: int = _f(10, "print progress (and check the loss is finite) every N steps")
     knn_every: int = _f(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
@@ -86,6 +87,7 @@ class PretrainConfig:
     knn_temperature: float = _f(0.1, "temperature of the kNN monitor's weighted vote")
     verbose: bool = _f(False, "show Ray Train's INFO logs (worker placement, every report)")
     chaos_kill_step: int = _f(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
+    chaos_kill_in_upload: int = _f(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
     chaos_nan_step: int = _f(-1, "fault drill: make the loss NaN at this global step to exercise the stop (-1: off)")
 
     # ------------------------------------------------------------------ defaults

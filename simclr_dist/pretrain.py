@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, storage.StorageError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, DatasetError, storage.StorageError)) else 1
+    if cfg.summary_json:
+        storage.write_json(cfg.summary_json, summary)
     h = summary["history"][-1] if summary["history"] else {}
     print(f"\nSimCLR pretraining finished in {summary['wall_time_s']:.0f}s "
           f"({summary['epochs_done']} epochs; run {summary['run']})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -71,6 +72,35 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
 
 
+def make_uploader(cfg: PretrainConfig):
+    """Ray Train ``checkpoint_upload_fn``: upload ``checkpoint.pt`` first and ``manifest.json`` last.
+
+    Ray's default upload (``pyarrow.fs.copy_files``) copies files in no particular order, so a crash mid-upload
+    could leave a manifest beside half the weights. With this order, a directory in storage that has a manifest
+    is complete (and the manifest's checksum proves it); Ray itself only registers the directory for resume
+    after this function returns.
+    """
+    def upload(checkpoint, dir_name: str):
+        import ray.train
+
+        dest = storage.join(cfg.storage_path, cfg.name, dir_name)
+        names = sorted(os.listdir(checkpoint.path), key=lambda n: n == MANIFEST_FILE)  # manifest last
+        for name in names:
+            with open(os.path.join(checkpoint.path, name), "rb") as f:
+                data = f.read()
+            if name == CHECKPOINT_FILE and cfg.chaos_kill_in_upload == _epoch_of(checkpoint.path):
+                _chaos_once(cfg, "upload", lambda: storage.write_bytes(storage.join(dest, name), data[: len(data) // 2]))
+            storage.write_bytes(storage.join(dest, name), data)
+        fs, path = storage.resolve(dest)
+        return ray.train.Checkpoint(path=path, filesystem=fs)
+    return upload
+
+
+def _epoch_of(local_dir: str) -> int:
+    with open(os.path.join(local_dir, MANIFEST_FILE)) as f:
+        return json.load(f)["epoch"]
+
+
 def build_model(cfg: PretrainConfig) -> SimCLRModel:
     return SimCLRModel(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width,
                        proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim)
@@ -81,7 +111,7 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
     Runs on every rank (each embeds a shard) so no worker idles at a barrier."""
     info = dataset_info(cfg.dataset)
-    bank_split, query_split = _labelled_splits(cfg.dataset)
+    bank_split, query_split = labelled_splits(cfg.dataset)
     transform = build_eval_transform(cfg.image_size, info.mean, info.std)
     kw = dict(device=device, channels_last=channels_last)
     bank = load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size)
@@ -93,7 +123,7 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
                         k=cfg.knn_k, temperature=cfg.knn_temperature)
 
 
-def _labelled_splits(dataset: str) -> tuple[str, str]:
+def labelled_splits(dataset: str) -> tuple[str, str]:
     return {"imagenet": ("train", "val"), "imagefolder": ("train", "val")}.get(dataset, ("train", "test"))
 
 
@@ -161,6 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         f"{device.type}")
 
     node = socket.gethostname()
+    node_ids = _all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
     result: dict[str, Any] = {"status": "ok"}
     init_knn = {}
     if start_epoch == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
@@ -217,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "samples_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "worker_samples_per_s": steps_per_epoch * per_worker / epoch_time,
             "epoch_time_s": epoch_time, "data_wait_s": data_wait, "rank": rank, "node": node,
-            "node_id": _ray_node_id(), "world_size": world, "status": "ok", **init_knn,
+            "node_id": _ray_node_id(), "world_size": world, "status": "ok", "node_ids": node_ids, **init_knn,
         }
         init_knn = {}
         last = epoch + 1 == cfg.epochs
@@ -240,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 metrics["checkpoint_save_s"] = time.perf_counter() - t_save
-                ray.train.report(metrics, checkpoint=ckpt)
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=make_uploader(cfg))
         else:
             ray.train.report(metrics)
 
@@ -271,6 +302,14 @@ def _mean_across(t: torch.Tensor) -> float:
     return float(t.item())
 
 
+def _all_node_ids() -> list[str]:
+    ids = [_ray_node_id()]
+    if dist.is_available() and dist.is_initialized():
+        ids = [None] * dist.get_world_size()
+        dist.all_gather_object(ids, _ray_node_id())
+    return ids
+
+
 def _ray_node_id() -> str:
     import ray
     try:
@@ -280,14 +319,21 @@ def _ray_node_id() -> str:
 
 
 def _chaos_kill(cfg: PretrainConfig) -> None:
-    """Fault drill: the first time only (a marker in the run's storage), SIGKILL this worker process."""
-    marker = storage.join(cfg.storage_path, cfg.name, ".chaos-kill-done")
-    if storage.exists(marker):
-        return
+    """Fault drill: SIGKILL this worker at ``--chaos-kill-step`` (once per run)."""
     import ray.train
     # Wait until Ray has registered every checkpoint reported so far, so the drill always exercises
     # "resume from the last checkpoint" rather than racing the controller's 2 s poll.
     ray.train.get_all_reported_checkpoints(timeout_s=120)
-    storage.write_bytes(marker, b"killed\n")
-    _stdout(f"[simclr] chaos: killing worker pid {os.getpid()} at step {cfg.chaos_kill_step}")
+    _chaos_once(cfg, "kill")
+
+
+def _chaos_once(cfg: PretrainConfig, what: str, before=None) -> None:
+    """Kill this process the first time a drill fires; a marker in the run's storage makes it once per run."""
+    marker = storage.join(cfg.storage_path, cfg.name, f".chaos-{what}-done")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"done\n")
+    if before is not None:
+        before()
+    _stdout(f"[simclr] chaos ({what}): killing worker pid {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)
