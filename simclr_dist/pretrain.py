@@ -27,6 +27,9 @@ def preflight(cfg: PretrainConfig) -> PretrainConfig:
     """Every check that needs no Ray: returns the resolved config or raises a one-line error."""
     cfg = cfg.validate().resolved().validate()
     check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    if cfg.loader == "ffcv":  # files exist, complete, image+label fields, >= one global batch (BetonError)
+        from simclr_dist.data.ffcv_loader import check_beton
+        check_beton(cfg.beton, world_size=cfg.num_workers, batch_size=cfg.batch_size // cfg.num_workers)
     storage.check_writable(cfg.storage_path)
     run_uri = storage.join(cfg.storage_path, cfg.name)
     cfg_uri = storage.join(run_uri, RUN_CONFIG_FILE)
@@ -114,6 +117,7 @@ def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "status": ret.get("status", "ok"), "wall_time_s": wall, "history": history,
         "epochs_done": ret.get("epochs_done"), "resumed_from_epoch": ret.get("resumed_from_epoch"),
+        "resumed_from_step": ret.get("resumed_from_step"), "attempt_started_at": ret.get("attempt_started_at"),
         "config": cfg.to_dict(),
     }
     if summary["status"] == "nonfinite":

@@ -181,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                              "resume with the same --batch-size and dataset")
         log(f"[simclr] resumed from epoch {start_epoch} (step {step}, lr {schedule.lr_at(step):.5f})")
 
+    step0 = step
+    attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
     if cfg.compile:
         model = torch.compile(model)
     ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
@@ -277,7 +279,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     if start_epoch >= cfg.epochs:
         log(f"[simclr] run already complete ({start_epoch}/{cfg.epochs} epochs): nothing to train")
-    return {**result, "history": history, "resumed_from_epoch": start_epoch,
+    return {**result, "history": history, "resumed_from_epoch": start_epoch, "resumed_from_step": step0,
+            "attempt_started_at": attempt_started_at,
             "epochs_done": history[-1]["epoch"] if history else start_epoch}
 
 
