@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow clean monitor monitor-stop
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# Local Prometheus on 127.0.0.1 scraping the local Ray (its service-discovery file), with deploy/'s rules;
+# idempotent (a second call reloads the config and prints the URL). State in build/monitor/.
+monitor:
+	bash deploy/install-system-deps.sh
+	bash deploy/monitor.sh start
+
+monitor-stop:
+	bash deploy/monitor.sh stop
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache

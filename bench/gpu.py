@@ -31,7 +31,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
     ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
 )
-CPU_SMOKE = dict(arch="resnet50", image_size=32, width=0.25, batch_sizes=[4], steps=2, warmup=1)
+CPU_SMOKE = dict(arch="resnet50", image_size=32, width=0.125, batch_sizes=[2], steps=2, warmup=1)
 GPU_DEFAULT = dict(arch="resnet50", image_size=224, width=1.0, batch_sizes=[64, 128, 256], steps=30, warmup=5)
 GPU_QUICK = dict(GPU_DEFAULT, batch_sizes=[128], steps=10, warmup=3)
 
@@ -114,7 +114,7 @@ def bench_batch(args: argparse.Namespace, batch: int, device: torch.device, budg
 COLUMNS: list[Column] = [
     ("batch", "batch", "d"), ("compile", "compile", ""), ("status", "status", ""), ("steps", "steps", "d"),
     ("warmup_s", "warmup s", ".1f"), ("step_ms", "step ms", ".1f"), ("samples_per_s", "samples/s", ".1f"),
-    ("gflop_per_sample", "GFLOP/sample", ".2f"), ("tflops", "TFLOP/s", ".2f"), ("of_peak", "of peak", ".3f"),
+    ("gflop_per_sample", "GFLOP/sample", ".2f"), ("tflops", "TFLOP/s", ".4g"), ("of_peak", "of peak", ".3f"),
     ("of_matmul", "of matmul", ".3f"), ("limit_samples_per_s", "limit samples/s", ".0f"),
     ("peak_mem_gib", "mem GiB", ".1f"),
 ]
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true", help="without CUDA, run a tiny smoke test on the CPU")
     parser.add_argument("--arch", default=None, help="default resnet50")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 on CPU)")
-    parser.add_argument("--width", type=float, default=None, help="default 1.0 (0.25 on CPU)")
+    parser.add_argument("--width", type=float, default=None, help="default 1.0 (0.125 on CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="per-step images; default 64 128 256")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per batch size (default 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5)")
@@ -172,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             row["limit_samples_per_s"] = peak * 1e12 / (row["gflop_per_sample"] * 1e9)
         row["of_matmul"] = row["tflops"] / matmul
         rows.append(row)
-        print(f"batch {batch}: {row['samples_per_s']:.1f} samples/s, {row['tflops']:.2f} TFLOP/s", file=sys.stderr,
+        print(f"batch {batch}: {row['samples_per_s']:.1f} samples/s, {row['tflops']:.4g} TFLOP/s", file=sys.stderr,
               flush=True)
     extra: dict[str, Any] = dict(
         arch=args.arch, image_size=args.image_size, width=args.width, loader=args.loader, precision="bf16 autocast",
         memory_format="channels_last", optimizer=args.optimizer, device=name or "cpu", peak_bf16_tflops=peak,
         matmul_bf16_tflops=matmul, elapsed_s=args.time_budget_s - budget.left())
-    print(f"\n{name or 'cpu'}: bf16 matmul probe {matmul:.1f} TFLOP/s, peak {peak or 'unknown'} TFLOP/s")
+    print(f"\n{name or 'cpu'}: bf16 matmul probe {matmul:.4g} TFLOP/s, peak {peak or 'unknown'} TFLOP/s")
     write_report("gpu", args.out, {"rows": (rows, COLUMNS)}, machine=machine, **extra)
     return 0
 

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import simclr_dist.loss as L
-from bench.common import Column, Row, base_parser, interleaved, machine_info, mem_available_bytes, median, \
-    peak_bytes, set_threads, write_report
+from bench.common import (Column, Row, base_parser, interleaved, machine_info, mem_available_bytes, median,
+                          peak_bytes, set_threads, write_report)
 
 DIM, TAU = 128, 0.5
 WORLDS = (1, 2, 8)
 MiB = 2**20
-# Peak bytes per logit measured on this code (CPU, fp32); used only to skip sizes that would not fit.
-NAIVE_BYTES_PER_LOGIT, PROD_BYTES_PER_LOGIT = 20, 14
+# Peak bytes per logit measured at large G (CPU, fp32: naive 23, prod 13); only used to skip what would not fit.
+NAIVE_BYTES_PER_LOGIT, PROD_BYTES_PER_LOGIT = 24, 14
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -101,6 +101,22 @@ def foreign_rows(world: int, b: int, dim: int = DIM, *, seed: int = 1) -> list[t
     return [F.normalize(torch.randn((world - 1) * b, dim, generator=g), dim=1).requires_grad_() for _ in range(2)]
 
 
+def gloo_rank_logits(rank: int, world: int, init_file: str, out_dir: str, z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """``torch.multiprocessing.spawn`` target: this rank's real ``ntxent_logits`` on its slice of (z1, z2) in a gloo
+    group, saved to ``out_dir/rank{rank}.pt``; the tests compare it with ``emulated_ranks`` (kept in this light
+    module so spawned processes import little)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = z1.shape[0] // world
+        logits, targets = L.ntxent_logits(z1[rank * b:(rank + 1) * b], z2[rank * b:(rank + 1) * b], TAU)
+        torch.save({"logits": logits, "targets": targets}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
 def fwd_bwd(loss_fn: LossFn, z1: torch.Tensor, z2: torch.Tensor, *, world: int = 1) -> Callable[[], None]:
     """One forward+backward of ``loss_fn`` on (z1, z2) as rank 0 of ``world`` (no .grad state left behind)."""
     foreign = foreign_rows(world, z1.shape[0]) if world > 1 else []
@@ -129,7 +145,8 @@ def bench_batch(g: int, repeats: int) -> list[Row]:
         if w == 1 and naive_fits:
             fns["naive"] = fwd_bwd(naive_nt_xent, z1, z2)
     peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
-    times = {name: median(ts) * 1e3 for name, ts in interleaved(fns, repeats).items()}
+    raw = interleaved(fns, repeats)
+    times = {name: median(ts) * 1e3 for name, ts in raw.items()}
 
     rows = []
     for w in WORLDS:
@@ -144,6 +161,7 @@ def bench_batch(g: int, repeats: int) -> list[Row]:
             "prod_peak_mib": _mib(peaks.get(f"prod_w{w}")), "naive_peak_mib": _mib(peaks.get("naive")),
             "lean_peak_mib": _mib(peaks.get(f"lean_w{w}")),
             "prod_gflops": flops / (prod * 1e-3) / 1e9 if prod else None,
+            "raw_ms": {k: [t * 1e3 for t in raw[k]] for k in (f"prod_w{w}", f"lean_w{w}", "naive") if k in raw},
         })
     return rows
 

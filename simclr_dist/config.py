@@ -21,6 +21,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("auto", "torch", "ffcv")
+KNN_SPLITS = ("test", "val")
 
 # Fields that change the network's shapes: a run may not be resumed with different values.
 ARCH_FIELDS = ("arch", "width", "cifar_stem", "proj_hidden_dim", "proj_out_dim")
@@ -45,7 +47,13 @@ class PretrainConfig:
     augment: str | None = _f(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
                                    "(default: the paper's recipe adapted to the dataset)")
     jitter_strength: float | None = _f(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)")
-    loader_workers: int = _f(0, "DataLoader worker processes per Ray worker (0: load in the training process)")
+    loader_workers: int = _f(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
+                                "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)")
+    loader: str = _f("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
+                             "when --beton is given or the dataset is embedded (digits: each node converts it once "
+                             "into a cache, ~30%% faster end to end), else torch")
+    beton: str | None = _f(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
+                                 "comma list of shards (local disk)")
     # model
     arch: str = _f("resnet18", "backbone: resnet18, resnet34, resnet50")
     width: float | None = _f(None, "channel width multiplier of every ResNet stage (default 1.0; 0.25 for digits)")
@@ -53,6 +61,11 @@ class PretrainConfig:
     proj_hidden_dim: int | None = _f(None, "projection head hidden size (default: the encoder's feature size)")
     proj_out_dim: int = _f(128, "projection head output size")
     sync_bn: bool = _f(False, "synchronise BatchNorm statistics across workers (the paper's global BN)")
+    pretrained: str | None = _f(None, "initialise the encoder (and a same-layout projection head) from "
+                                      "FORMAT:PATH_OR_URI before the first step, FORMAT one of simclr-v1, spijkervet, "
+                                      "torchvision, simclr-dist (a resumed run restores its own checkpoint instead)")
+    pretrained_strict: bool = _f(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+                                       "mismatch)")
     # objective and optimisation
     temperature: float = _f(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)")
     batch_size: int = _f(128, "global batch size (images per step over all workers; each contributes two views)")
@@ -63,7 +76,7 @@ class PretrainConfig:
     base_lr: float | None = _f(None, "learning rate before scaling (default: 0.3 for linear, 0.075 for sqrt scaling)")
     weight_decay: float = _f(1e-6, "weight decay (not applied to biases and BatchNorm parameters)")
     momentum: float = _f(0.9, "momentum of lars/sgd")
-    warmup_epochs: float | None = _f(None, "linear warm-up epochs before the cosine decay (default: 10% of epochs, at most 10)")
+    warmup_epochs: float | None = _f(None, "linear warm-up epochs before the cosine decay (default: 10%% of epochs, at most 10)")
     precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16")
     channels_last: bool | None = _f(None, "channels_last memory format (default: on for GPU)")
     compile: bool = _f(False, "torch.compile the model")
@@ -85,6 +98,9 @@ class PretrainConfig:
     knn_every: int = _f(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
     knn_k: int = _f(200, "neighbours of the kNN monitor")
     knn_temperature: float = _f(0.1, "temperature of the kNN monitor's weighted vote")
+    knn_split: str = _f("test", "queries of the kNN monitor: test (the held-out test split; metrics knn_top1/5) or val "
+                                "(a fixed class-stratified 20%% of the labelled train split, the other 80%% the bank; "
+                                "metrics val_knn_top1/5): what sweeps select on, never the test split")
     verbose: bool = _f(False, "show Ray Train's INFO logs (worker placement, every report)")
     chaos_kill_step: int = _f(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
     chaos_kill_in_upload: int = _f(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
@@ -111,6 +127,8 @@ class PretrainConfig:
         if cfg.warmup_epochs is None:
             cfg.warmup_epochs = min(10.0, 0.1 * cfg.epochs)
         cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
+        if cfg.loader == "auto":
+            cfg.loader = "ffcv" if cfg.beton or info.embedded else "torch"
         if not _is_uri(cfg.storage_path):
             cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
         return cfg
@@ -164,8 +182,16 @@ class PretrainConfig:
             bad("log_every", f"must be >= 1, got {self.log_every}")
         if self.knn_k < 1:
             bad("knn_k", f"must be >= 1, got {self.knn_k}")
+        if self.knn_split not in KNN_SPLITS:
+            bad("knn_split", f"unknown split {self.knn_split!r}; choose from {', '.join(KNN_SPLITS)}")
         if self.loader_workers < 0:
             bad("loader_workers", f"must be >= 0, got {self.loader_workers}")
+        if self.loader not in LOADERS:
+            bad("loader", f"unknown loader {self.loader!r}; choose from {', '.join(LOADERS)}")
+        if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset):
+            bad("loader", "ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
+        if self.loader == "torch" and self.beton:
+            bad("beton", "is only read by --loader ffcv (or auto); drop it or choose --loader ffcv")
         if self.jitter_strength is not None and not 0 <= self.jitter_strength <= 2.5:
             bad("jitter_strength", f"must be in [0, 2.5] (hue jitter 0.2s must stay <= 0.5), got {self.jitter_strength}")
         if self.augment is not None:
@@ -174,6 +200,12 @@ class PretrainConfig:
                 parse_components(self.augment)
             except ValueError as e:
                 bad("augment", str(e))
+        if self.pretrained is not None:
+            from simclr_dist.pretrained import PretrainedError, parse_spec
+            try:
+                parse_spec(self.pretrained)
+            except PretrainedError as e:
+                raise ConfigError(str(e)) from None
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             bad("name", f"must be a plain directory name, got {self.name!r}")
         return self
@@ -193,6 +225,11 @@ class PretrainConfig:
 
 def _is_uri(path: str) -> bool:
     return "://" in path
+
+
+def _embedded(dataset: str) -> bool:
+    from simclr_dist.data.datasets import DATASETS
+    return dataset in DATASETS and DATASETS[dataset].embedded
 
 
 def _dataset_names() -> tuple[str, ...]:

@@ -13,6 +13,10 @@ Protocol hygiene, because each one is a classic way to inflate numbers:
 - fine-tuning reports the *last* epoch's test accuracy (no early stopping on test), on class-stratified label
   subsets drawn with a fixed seed, whose indices are saved with the results.
 
+``--pretrained FORMAT:PATH_OR_URI`` evaluates an imported encoder instead (:mod:`simclr_dist.pretrained`: SimCLR v1
+converted, Spijkervet/SimCLR, torchvision ImageNet weights, or our own checkpoint) with the same protocols, on
+``--dataset``, with the input normalisation the importer records (SimCLR v1: raw [0, 1] pixels, no mean/std).
+
 The protocol functions are importable (``simclr_dist.experiments`` reuses them for Experiments A/B and the
 supervised baselines): :func:`compute_features`, :func:`linear_probe`, :func:`linear_probe_features`,
 :func:`knn_eval`, :func:`finetune`, :func:`balanced_subset`.
@@ -21,7 +25,9 @@ supervised baselines): :func:`compute_features`, :func:`linear_probe`, :func:`li
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +49,7 @@ from simclr_dist.data.augment import build_eval_transform, build_view_transform,
 from simclr_dist.data.datasets import DatasetError, dataset_info, load_dataset
 from simclr_dist.knn import knn_accuracy
 from simclr_dist.optim import WarmupCosine, scale_lr
+from simclr_dist.pretrained import FORMATS, PretrainedEncoder, PretrainedError, load_pretrained, parse_spec
 from simclr_dist.train import MANIFEST_FILE, labelled_splits, build_model, load_checkpoint
 
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -67,6 +74,17 @@ def _stdout(msg: str) -> None:
 class EvalConfig:
     checkpoint: str | None = _f(None, "one checkpoint directory (local path, s3:// or gs:// URI)")
     run: str | None = _f(None, "a run directory STORAGE/NAME: evaluate its latest complete checkpoint")
+    pretrained: str | None = _f(None, "an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
+                                      f"{', '.join(FORMATS)} (see simclr_dist.pretrained)")
+    strict: bool = _f(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+                            "mismatch); --no-strict loads the matching tensors and warns")
+    dataset: str | None = _f(None, "with --pretrained: dataset to evaluate on (default: a simclr-dist "
+                                   "checkpoint's own; required for the other formats)")
+    image_size: int | None = _f(None, "with --pretrained: evaluation resolution (default: the simclr-dist "
+                                      "checkpoint's, else the dataset's: 224 imagenet, 96 stl10, 32 cifar, 24 digits)")
+    results_dir: str | None = _f(None, "with --pretrained: result files go to RESULTS_DIR/eval/ (default: next to a "
+                                       "simclr-dist checkpoint evaluated on its own data, else "
+                                       "./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px)")
     watch: bool = _f(False, "with --run: poll the run and evaluate every new complete checkpoint once")
     interval: float = _f(60.0, "seconds between polls of --watch")
     watch_until_epoch: int | None = _f(None, "stop --watch once a checkpoint of this epoch (or later) is evaluated")
@@ -99,8 +117,26 @@ class EvalConfig:
         def bad(flag: str, msg: str) -> None:
             raise EvalError(f"--{flag.replace('_', '-')}: {msg}")
 
-        if (self.checkpoint is None) == (self.run is None):
-            bad("checkpoint", "give exactly one of --checkpoint DIR or --run STORAGE/NAME")
+        if sum(x is not None for x in (self.checkpoint, self.run, self.pretrained)) != 1:
+            bad("checkpoint", "give exactly one of --checkpoint DIR, --run STORAGE/NAME or --pretrained FORMAT:PATH")
+        if self.pretrained is not None:
+            try:
+                fmt, _ = parse_spec(self.pretrained)
+            except PretrainedError as e:
+                raise EvalError(str(e)) from None
+            if self.dataset is None and fmt != "simclr-dist":
+                bad("dataset", f"required with --pretrained {fmt}:... (the dataset to evaluate the encoder on)")
+        else:
+            for name in ("dataset", "image_size", "results_dir"):
+                if getattr(self, name) is not None:
+                    bad(name, "only applies with --pretrained (a checkpoint is evaluated on its own data)")
+        if self.dataset is not None:
+            try:
+                dataset_info(self.dataset)
+            except DatasetError as e:
+                bad("dataset", str(e))
+        if self.image_size is not None and self.image_size < 8:
+            bad("image_size", f"must be >= 8 pixels, got {self.image_size}")
         if self.watch and self.run is None:
             bad("watch", "needs --run STORAGE/NAME (it polls a run for new checkpoints)")
         if self.watch_until_epoch is not None and not self.watch:
@@ -366,17 +402,20 @@ def linear_probe_features(features: Features, *, num_classes: int, l2_grid: Sequ
     t0 = time.perf_counter()
     fit_idx, val_idx = stratified_split(features.train_y.numpy(), val_fraction, seed)
     fit_idx, val_idx = torch.as_tensor(fit_idx), torch.as_tensor(val_idx)
-    best, val_acc = select_l2(features.train_x[fit_idx], features.train_y[fit_idx],
-                              features.train_x[val_idx], features.train_y[val_idx], num_classes=num_classes,
-                              l2_grid=l2_grid, max_iter=max_iter, device=device, log=log)
+    if len(val_idx):
+        best, val_acc = select_l2(features.train_x[fit_idx], features.train_y[fit_idx],
+                                  features.train_x[val_idx], features.train_y[val_idx], num_classes=num_classes,
+                                  l2_grid=l2_grid, max_iter=max_iter, device=device, log=log)
+    else:  # one label per class (a 1% subset): no validation data, every L2 ties, the tie rule takes the strongest
+        best, val_acc = max(l2_grid), {}
     clf = fit_logistic(features.train_x, features.train_y, num_classes=num_classes, l2=best, max_iter=max_iter,
                        device=device)
     train_top1 = _topk(clf.logits(features.train_x), features.train_y.to(clf.weight.device))[0]
     top1, top5 = _topk(clf.logits(features.test_x), features.test_y.to(clf.weight.device))
-    log(f"[eval] linear probe: chose L2 {best:g} (validation top-1 {val_acc[f'{best:g}']:.4f}); "
+    log(f"[eval] linear probe: chose L2 {best:g} (validation top-1 {val_acc.get(f'{best:g}', float('nan')):.4f}); "
         f"test top-1 {top1:.4f}")
     return {"top1": top1, "top5": top5, "train_top1": train_top1, "l2": best, "val_top1_by_l2": val_acc,
-            "val_top1": val_acc[f"{best:g}"], "fit_size": len(fit_idx), "val_size": len(val_idx),
+            "val_top1": val_acc.get(f"{best:g}"), "fit_size": len(fit_idx), "val_size": len(val_idx),
             "label_count": len(features.train_y), "test_size": len(features.test_y),
             "feature_dim": int(features.train_x.shape[1]), "wall_time_s": time.perf_counter() - t0,
             "params": {"l2_grid": list(l2_grid), "val_fraction": val_fraction, "seed": seed, "max_iter": max_iter,
@@ -454,6 +493,7 @@ def finetune(encoder: nn.Module, data: EvalData, *, fraction: float, epochs: int
     subset = balanced_subset(data.train_labels, fraction, seed)
     components = finetune_components(data.dataset)
     aug = default_augment(dataset_info(data.dataset), components, image_size=data.image_size)
+    aug = dataclasses.replace(aug, mean=data.mean, std=data.std)  # the encoder's normalisation (an import's)
     batch = min(batch_size, len(subset))
     loader = DataLoader(TransformedSubset(data.train, build_view_transform(aug), subset.tolist()), batch_size=batch,
                         shuffle=True, drop_last=len(subset) > batch, num_workers=num_workers,
@@ -525,18 +565,53 @@ def require_complete(checkpoint_uri: str) -> None:
     raise EvalError(f"--checkpoint {checkpoint_uri}: checkpoint file missing or not fully copied yet")
 
 
+def _cached_results(out_uri: str, ecfg: EvalConfig) -> tuple[list, dict, list]:
+    """(plan, results already on disk, protocols still to run) of the result files under ``out_uri``/eval/."""
+    plan, results, todo = planned_results(ecfg), {}, []
+    for protocol, fraction in plan:
+        uri = result_uri(out_uri, result_name(protocol, fraction))
+        if not ecfg.force and storage.exists(uri):
+            results[(protocol, fraction)] = {**storage.read_json(uri), "cached": True}
+        else:
+            todo.append((protocol, fraction))
+    return plan, results, todo
+
+
+def run_protocols(encoder: nn.Module, data: EvalData, ecfg: EvalConfig, todo: Sequence[tuple[str, float | None]],
+                  *, out_uri: str, common: dict[str, Any], device: torch.device, log: Log = _stdout
+                  ) -> dict[tuple[str, float | None], dict[str, Any]]:
+    """Run ``todo`` on a frozen/fine-tuned ``encoder`` and write each result to ``out_uri``/eval/<name>.json."""
+    results = {}
+    features = None
+    if any(p in ("linear", "knn") for p, _ in todo):
+        features = compute_features(encoder, data, device=device, batch_size=ecfg.batch_size,
+                                    num_workers=ecfg.loader_workers, log=log)
+    for protocol, fraction in todo:
+        if protocol == "linear":
+            out = linear_probe_features(features, num_classes=data.num_classes, l2_grid=ecfg.l2_values(),
+                                        val_fraction=ecfg.val_fraction, seed=ecfg.seed,
+                                        max_iter=ecfg.linear_max_iter, device=device, log=log)
+        elif protocol == "knn":
+            out = knn_eval(features, num_classes=data.num_classes, k=ecfg.knn_k, temperature=ecfg.knn_temperature)
+            log(f"[eval] kNN (k={ecfg.knn_k}): test top-1 {out['top1']:.4f}")
+        else:
+            out = finetune(copy.deepcopy(encoder), data, fraction=fraction,
+                           epochs=ecfg.epochs_for(fraction, data.dataset), batch_size=ecfg.finetune_batch_size,
+                           lr=ecfg.lr_for(data.dataset), seed=ecfg.seed, device=device,
+                           num_workers=ecfg.loader_workers, eval_batch_size=ecfg.batch_size, log=log)
+        result = {**common, "protocol": protocol, **out,
+                  "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        storage.write_json(result_uri(out_uri, result_name(protocol, fraction)), result)
+        results[(protocol, fraction)] = {**result, "cached": False}
+    return results
+
+
 def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
                         log: Log = _stdout) -> list[dict[str, Any]]:
     """Run the config's protocols on one checkpoint and write each result next to it. A result whose file
     already exists is read back instead of recomputed (unless ``force``), which makes watching idempotent."""
     device = torch.device(device)
-    plan, results, todo = planned_results(ecfg), {}, []
-    for protocol, fraction in plan:
-        uri = result_uri(checkpoint_uri, result_name(protocol, fraction))
-        if not ecfg.force and storage.exists(uri):
-            results[(protocol, fraction)] = {**storage.read_json(uri), "cached": True}
-        else:
-            todo.append((protocol, fraction))
+    plan, results, todo = _cached_results(checkpoint_uri, ecfg)
     if not todo:
         log(f"[eval] {checkpoint_uri}: already evaluated ({', '.join(result_name(*p) for p in plan)}); skipping")
         return [results[p] for p in plan]
@@ -552,28 +627,66 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
               "image_size": cfg.image_size, "device": device.type}
     log(f"[eval] {checkpoint_uri}: epoch {state['epoch']} of {cfg.arch} x{cfg.width} on {cfg.dataset}; "
         f"running {', '.join(result_name(*p) for p in todo)} on {device.type}")
+    results.update(run_protocols(encoder, data, ecfg, todo, out_uri=checkpoint_uri, common=common, device=device,
+                                 log=log))
+    return [results[p] for p in plan]
 
-    features = None
-    if any(p in ("linear", "knn") for p, _ in todo):
-        features = compute_features(encoder, data, device=device, batch_size=ecfg.batch_size,
-                                    num_workers=ecfg.loader_workers, log=log)
-    for protocol, fraction in todo:
-        if protocol == "linear":
-            out = linear_probe_features(features, num_classes=data.num_classes, l2_grid=ecfg.l2_values(),
-                                        val_fraction=ecfg.val_fraction, seed=ecfg.seed,
-                                        max_iter=ecfg.linear_max_iter, device=device, log=log)
-        elif protocol == "knn":
-            out = knn_eval(features, num_classes=data.num_classes, k=ecfg.knn_k, temperature=ecfg.knn_temperature)
-            log(f"[eval] kNN (k={ecfg.knn_k}): test top-1 {out['top1']:.4f}")
-        else:
-            out = finetune(copy.deepcopy(encoder), data, fraction=fraction,
-                           epochs=ecfg.epochs_for(fraction, cfg.dataset), batch_size=ecfg.finetune_batch_size,
-                           lr=ecfg.lr_for(cfg.dataset), seed=ecfg.seed, device=device,
-                           num_workers=ecfg.loader_workers, eval_batch_size=ecfg.batch_size, log=log)
-        result = {**common, "protocol": protocol, **out,
-                  "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        storage.write_json(result_uri(checkpoint_uri, result_name(protocol, fraction)), result)
-        results[(protocol, fraction)] = {**result, "cached": False}
+
+# ---------------------------------------------------------------------------- an imported encoder
+def pretrained_eval_data(pre: PretrainedEncoder, ecfg: EvalConfig) -> EvalData:
+    """The labelled splits of ``--dataset`` (default: a simclr-dist checkpoint's own) at ``--image-size``, with
+    the input normalisation the importer recorded instead of the dataset's (SimCLR v1: identity on [0, 1])."""
+    own = (pre.checkpoint or {}).get("config")
+    base = PretrainConfig.from_dict(own) if own else None
+    dataset = ecfg.dataset or base.dataset
+    same = base is not None and dataset == base.dataset
+    cfg = PretrainConfig(dataset=dataset, image_size=ecfg.image_size or (base.image_size if same else None),
+                         data_root=base.data_root if same else None).resolved()
+    mean, std = pre.mean_std()
+    return dataclasses.replace(load_eval_data(cfg, ecfg.data_root), mean=mean, std=std)
+
+
+def pretrained_results_dir(pre: PretrainedEncoder, data: EvalData, ecfg: EvalConfig) -> str:
+    """``--results-dir``; by default a simclr-dist checkpoint evaluated on its own data and resolution keeps its
+    results next to it (the same files as ``--checkpoint``), other data go to ``<checkpoint>/transfer/...``, and
+    external files to ``./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px``."""
+    if ecfg.results_dir:
+        return ecfg.results_dir
+    tag = f"{data.dataset}-{data.image_size}px"
+    own = (pre.checkpoint or {}).get("config")
+    if own is not None:
+        if own.get("dataset") == data.dataset and own.get("image_size") == data.image_size:
+            return pre.uri
+        return storage.join(pre.uri, "transfer", tag)
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in pre.uri.rstrip("/").rsplit("/", 1)[-1])
+    return os.path.abspath(os.path.join("runs", "pretrained-eval", f"{pre.format}-{name}-{tag}"))
+
+
+def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
+                        log: Log = _stdout) -> list[dict[str, Any]]:
+    """Import ``FORMAT:PATH_OR_URI`` (verified; ``ecfg.strict`` refuses partial loads), print what was loaded,
+    and run the config's protocols on ``ecfg.dataset`` with the importer's input normalisation."""
+    device = torch.device(device)
+    pre = load_pretrained(spec, strict=ecfg.strict, log=log)
+    data = pretrained_eval_data(pre, ecfg)
+    out_uri = pretrained_results_dir(pre, data, ecfg)
+    plan, results, todo = _cached_results(out_uri, ecfg)
+    if not todo:
+        log(f"[eval] {pre.source} on {data.dataset}: already evaluated ({', '.join(result_name(*p) for p in plan)}) "
+            f"in {out_uri}; skipping")
+        return [results[p] for p in plan]
+    own = (pre.checkpoint or {}).get("config")
+    arch = (PretrainConfig.from_dict(own).arch_signature() if own else
+            {"arch": pre.arch, "width": pre.width, "cifar_stem": pre.cifar_stem})
+    common = {"format_version": RESULT_FORMAT, "checkpoint": pre.uri if own else pre.source,
+              "checkpoint_epoch": pre.epoch, "checkpoint_step": (pre.checkpoint or {}).get("step"),
+              "dataset": data.dataset, "arch": arch, "image_size": data.image_size, "device": device.type,
+              "pretrained": pre.summary()}
+    log(f"[eval] {pre.source} on {data.dataset} {data.image_size}px (input normalisation: "
+        f"{pre.normalization_text()}): running {', '.join(result_name(*p) for p in todo)} on {device.type}; "
+        f"results in {out_uri}")
+    results.update(run_protocols(pre.encoder.to(device), data, ecfg, todo, out_uri=out_uri, common=common,
+                                 device=device, log=log))
     return [results[p] for p in plan]
 
 
@@ -622,7 +735,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     for name, r in zip(names, results):
         proto = result_name(r["protocol"], r.get("label_fraction"))
         when = "cached" if r.get("cached") else f"{r['wall_time_s']:.1f}s"
-        rows.append(f"{name:<{w}} {r['checkpoint_epoch']:>5} {proto:<14} {r['label_count']:>7} {r['top1']:>7.4f} "
+        epoch = "-" if r.get("checkpoint_epoch") is None else r["checkpoint_epoch"]  # imported: no epoch
+        rows.append(f"{name:<{w}} {epoch:>5} {proto:<14} {r['label_count']:>7} {r['top1']:>7.4f} "
                     f"{r['top5']:>7.4f} {when:>8}")
     return "\n".join(rows)
 
@@ -637,10 +751,12 @@ def main(argv: list[str] | None = None) -> int:
             results = watch_run(ecfg.run, ecfg, device=device)
         elif ecfg.run is not None:
             results = evaluate_latest(ecfg.run, ecfg, device=device)
+        elif ecfg.pretrained is not None:
+            results = evaluate_pretrained(ecfg.pretrained, ecfg, device=device)
         else:
             require_complete(ecfg.checkpoint)
             results = evaluate_checkpoint(ecfg.checkpoint, ecfg, device=device)
-    except (EvalError, ConfigError, DatasetError, storage.StorageError) as e:
+    except (EvalError, ConfigError, DatasetError, storage.StorageError, PretrainedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,13 +23,21 @@ class RunError(RuntimeError):
     """The run could not start or did not finish; one line for the user."""
 
 
-def preflight(cfg: PretrainConfig) -> PretrainConfig:
-    """Every check that needs no Ray: returns the resolved config or raises a one-line error."""
+def check_config(cfg: PretrainConfig) -> PretrainConfig:
+    """The checks that need neither Ray nor writes to storage (flags, data, .beton files): the resolved config or a
+    one-line error. The sweep driver runs it on every trial's config before any trial starts."""
     cfg = cfg.validate().resolved().validate()
-    check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
-    if cfg.loader == "ffcv":  # files exist, complete, image+label fields, >= one global batch (BetonError)
+    if not (cfg.beton and cfg.knn_every < 0):  # training from a .beton without kNN reads no raw dataset
+        check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
+    if cfg.loader == "ffcv" and cfg.beton:  # files exist, complete, image+label fields, >= one global batch
         from simclr_dist.data.ffcv_loader import check_beton
         check_beton(cfg.beton, world_size=cfg.num_workers, batch_size=cfg.batch_size // cfg.num_workers)
+    return cfg
+
+
+def preflight(cfg: PretrainConfig) -> PretrainConfig:
+    """Every check that needs no Ray: returns the resolved config or raises a one-line error."""
+    cfg = check_config(cfg)
     storage.check_writable(cfg.storage_path)
     run_uri = storage.join(cfg.storage_path, cfg.name)
     cfg_uri = storage.join(run_uri, RUN_CONFIG_FILE)
@@ -126,6 +134,8 @@ def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]
     last_knn = next((h for h in reversed(history) if "knn_top1" in h), None)
     for key in ("knn_top1", "knn_top5", "knn_top1_init"):
         summary[key] = (last_knn or {}).get(key)
+    last_val = next((h for h in reversed(history) if "val_knn_top1" in h), {})  # --knn-split val
+    summary.update({k: last_val.get(k) for k in ("val_knn_top1", "val_knn_top5")})
     if history and "knn_top1_init" in history[0]:
         summary["knn_top1_init"] = history[0]["knn_top1_init"]
     return summary
@@ -151,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
               f"top-1 {summary['knn_top1']:.3f}, top-5 {summary['knn_top5']:.3f}"
               + (f" (randomly initialised encoder: top-1 {summary['knn_top1_init']:.3f})"
                  if summary.get("knn_top1_init") is not None else ""))
+    if summary.get("val_knn_top1") is not None:
+        print(f"  kNN (k={cfg.knn_k}) accuracy on the validation split (20% of {cfg.dataset} train): "
+              f"top-1 {summary['val_knn_top1']:.3f}, top-5 {summary['val_knn_top5']:.3f}")
     return 0
 
 

@@ -32,6 +32,7 @@ from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
 from simclr_dist.knn import extract_features_distributed, knn_accuracy
 from simclr_dist.loss import nt_xent
+from simclr_dist.metrics import WorkerMetrics
 from simclr_dist.models import SimCLRModel
 from simclr_dist.optim import WarmupCosine, build_optimizer, scale_lr
 
@@ -109,18 +110,35 @@ def build_model(cfg: PretrainConfig) -> SimCLRModel:
 # ---------------------------------------------------------------------------- evaluation
 def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> dict:
     """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
+    With ``--knn-split val`` the queries are a fixed class-stratified 20% of the labelled train split and the bank
+    the rest (metrics ``val_knn_top1/5``): a held-out signal for model selection that never touches the test split.
     Runs on every rank (each embeds a shard) so no worker idles at a barrier."""
     info = dataset_info(cfg.dataset)
     bank_split, query_split = labelled_splits(cfg.dataset)
     transform = build_eval_transform(cfg.image_size, info.mean, info.std)
     kw = dict(device=device, channels_last=channels_last)
     bank = load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size)
-    query = load_dataset(cfg.dataset, query_split, root=cfg.data_root, image_size=cfg.image_size)
+    if cfg.knn_split == "val":
+        bank, query = validation_split(bank)
+    else:
+        query = load_dataset(cfg.dataset, query_split, root=cfg.data_root, image_size=cfg.image_size)
     bank_f, bank_y = extract_features_distributed(encoder, bank, transform, **kw)
     query_f, query_y = extract_features_distributed(encoder, query, transform, **kw)
     num_classes = info.num_classes or int(bank_y.max()) + 1
-    return knn_accuracy(bank_f, bank_y, query_f, query_y, num_classes=num_classes,
-                        k=cfg.knn_k, temperature=cfg.knn_temperature)
+    acc = knn_accuracy(bank_f, bank_y, query_f, query_y, num_classes=num_classes,
+                       k=cfg.knn_k, temperature=cfg.knn_temperature)
+    return {f"val_{k}": v for k, v in acc.items()} if cfg.knn_split == "val" else acc
+
+
+VAL_FRACTION, VAL_SEED = 0.2, 0  # the kNN monitor's validation split: fixed, so every trial of a sweep shares it
+
+
+def validation_split(labelled: torch.utils.data.Dataset) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
+    """(bank, queries) of a labelled split: a fixed class-stratified VAL_FRACTION held out as queries (labels read
+    from ``.targets``, no image decoded)."""
+    from simclr_dist.evaluate import stratified_split  # lazy: evaluate imports this module
+    fit_idx, val_idx = stratified_split(torch.as_tensor(labelled.targets).numpy(), VAL_FRACTION, VAL_SEED)
+    return (torch.utils.data.Subset(labelled, fit_idx.tolist()), torch.utils.data.Subset(labelled, val_idx.tolist()))
 
 
 def labelled_splits(dataset: str) -> tuple[str, str]:
@@ -143,6 +161,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # -- model, loss precision, optimizer, schedule
     model = build_model(cfg)
+    if cfg.pretrained and ray.train.get_checkpoint() is None:  # a fresh run's init; a resume restores its own
+        from simclr_dist.pretrained import init_from_pretrained
+        init_from_pretrained(model, cfg.pretrained, strict=cfg.pretrained_strict, log=log)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = cfg.channels_last if cfg.channels_last is not None else on_gpu
@@ -156,7 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     loader = build_pretrain_loader(LoaderSpec(
         dataset=cfg.dataset, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size, augment=cfg.augment,
         jitter_strength=cfg.jitter_strength, batch_size=per_worker, rank=rank, world_size=world, seed=cfg.seed,
-        num_workers=cfg.loader_workers, pin_memory=on_gpu))
+        num_workers=cfg.loader_workers, pin_memory=on_gpu, backend=cfg.loader, beton=cfg.beton))
     steps_per_epoch = len(loader)
     lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
@@ -193,12 +214,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         f"{device.type}")
 
     node = socket.gethostname()
+    mon = WorkerMetrics(cfg.name, rank, node, samples_per_step=per_worker, device=device, model=raw,
+                        image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
     node_ids = _all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
     result: dict[str, Any] = {"status": "ok"}
     init_knn = {}
     if start_epoch == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
         init_knn = {f"{k}_init": v for k, v in online_knn(raw.encoder, cfg, device, channels_last).items()}
-        log(f"[simclr] kNN top-1 of the randomly initialised encoder: {init_knn['knn_top1_init']:.3f}")
+        init = "imported (--pretrained)" if cfg.pretrained else "randomly initialised"
+        log(f"[simclr] kNN top-1 of the {init} encoder: {next(iter(init_knn.values())):.3f}")
     for epoch in range(start_epoch, cfg.epochs):
         loader.set_epoch(epoch)
         ddp.train()
@@ -206,6 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         data_wait = 0.0
         t_epoch = t_ready = time.perf_counter()
+        mon.start_epoch(epoch, step)
         for i, (v1, v2, _) in enumerate(loader):
             data_wait += time.perf_counter() - t_ready
             cur_lr = schedule.apply(step)
@@ -236,6 +261,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     break
                 log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
                     f"loss {loss.item():.4f} lr {cur_lr:.5f}")
+                mon.observe(step=step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum)
             t_ready = time.perf_counter()
         if result["status"] != "ok":
             log(f"[simclr] non-finite loss at step {result['step']} (epoch {epoch + 1}); stopping, the last good "
@@ -259,7 +285,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         history.append({k: v for k, v in metrics.items() if k not in ("rank", "node", "node_id")})
         log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} done: loss {mean_loss:.4f} | "
             f"{metrics['samples_per_s']:.1f} samples/s | {epoch_time:.1f}s (data wait {data_wait:.1f}s)"
-            + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else ""))
+            + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
+            + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else ""))
 
         if last or (epoch + 1) % cfg.checkpoint_every == 0:
             t_save = time.perf_counter()
@@ -273,6 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history})
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 metrics["checkpoint_save_s"] = time.perf_counter() - t_save
+                mon.checkpoint_saved(metrics["checkpoint_save_s"])
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=make_uploader(cfg))
         else:
             ray.train.report(metrics)

@@ -12,7 +12,10 @@ def ray_cluster():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to be running on the test machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True, logging_level="WARNING")
+    # The dashboard is what writes Prometheus' service-discovery file (test_monitoring scrapes through it), and a
+    # 1 s metrics export (Ray's default: 10 s) gives a short run enough recorded points.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, logging_level="WARNING",
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

@@ -29,8 +29,11 @@ class LoaderSpec:
     rank: int
     world_size: int
     seed: int
-    num_workers: int = 0
+    num_workers: int = 0     # torch: DataLoader processes; ffcv: decode threads (0 = the CPUs Ray gave the worker)
     pin_memory: bool = False
+    backend: str = "torch"       # "torch" | "ffcv" (the resolved --loader)
+    beton: str | None = None     # .beton path, list or glob (ffcv)
+    device: str | None = None    # where ffcv's batched augmentation runs; None: the Ray Train device
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -78,5 +81,11 @@ class TorchPretrainLoader:
         return iter(self.loader)
 
 
-def build_pretrain_loader(spec: LoaderSpec) -> TorchPretrainLoader:
+def build_pretrain_loader(spec: LoaderSpec):
+    """``TorchPretrainLoader`` or ``FFCVPretrainLoader`` (same interface) by ``spec.backend``."""
+    if spec.backend == "ffcv":
+        from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
+        return FFCVPretrainLoader(spec)
+    if spec.backend != "torch":
+        raise ValueError(f"unknown loader backend {spec.backend!r}; choose torch or ffcv")
     return TorchPretrainLoader(spec)

@@ -1,0 +1,596 @@
+"""Two-view SimCLR loader over FFCV ``.beton`` file(s), behind the same interface as the torch loader.
+
+Pipeline per batch: FFCV reads pages through the OS cache (``os_cache=True``) and, in numba-compiled parallel
+code, decodes each image and crops + resizes it **twice** - two decoder pipelines on the one ``image`` field
+(``image`` and ``image2``) - so a view costs one decode of the stored image. The rest of the recipe runs as
+batched tensor ops on the training device (:mod:`simclr_dist.data.gpu_augment`; why: README "FFCV data path").
+
+Reproducibility (a resumed epoch is replayed exactly): the order is a permutation drawn from (seed, epoch),
+sharded by rank like ``DistributedSampler(drop_last=True)``; crop boxes come from a counter-based hash of
+(seed, epoch, sample, view), so they do not depend on which numba thread decodes which sample; the tensor
+ops draw from a ``torch.Generator`` reseeded from (seed, rank, epoch). ``set_epoch`` sets all three.
+
+Several shards (``x-0000k-of-0000N.beton``, a list or a glob) are read as one dataset: their metadata and
+allocation tables are concatenated with per-file address offsets and a memory manager maps each address to its
+file, so shuffling is global and the pipeline is compiled once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from simclr_dist.data.datasets import DatasetError
+
+if TYPE_CHECKING:
+    from simclr_dist.data.loaders import LoaderSpec
+
+IMAGE_FIELD, LABEL_FIELD, IMAGE2 = "image", "label", "image2"
+CROP_RATIO = (3 / 4, 4 / 3)
+_SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.beton$")
+
+
+class BetonError(DatasetError):
+    """A missing, unreadable or unsuitable .beton; one line naming the file and the fix."""
+
+
+# ---------------------------------------------------------------------------- finding and checking files
+def resolve_betons(beton: str | Sequence[str]) -> list[str]:
+    """A path, a comma-separated list, a glob, or ``x.beton`` written with ``--shards`` -> existing files.
+
+    A complete shard set is required (``-of-N`` names all N files) so a half-copied dataset fails here.
+    """
+    items = [p.strip() for p in beton.split(",")] if isinstance(beton, str) else [str(p) for p in beton]
+    items = [p for p in items if p]
+    if not items:
+        raise BetonError("--beton: no file given")
+    files: list[str] = []
+    for item in items:
+        if "://" in item:
+            raise BetonError(f"--beton {item}: FFCV memory-maps its input, so it must be a local path; "
+                             "copy the file to node-local disk first")
+        path = os.path.expanduser(item)
+        if glob.has_magic(path):
+            found = sorted(glob.glob(path))
+        elif os.path.exists(path):
+            found = [path]
+        else:  # x.beton converted with --shards N
+            found = sorted(glob.glob(glob.escape(path[: -len(".beton")]) + "-[0-9]*-of-[0-9]*.beton")
+                           if path.endswith(".beton") else [])
+        if not found:
+            raise BetonError(f"--beton {item}: no such file; create it with python -m simclr_dist.data.convert")
+        files += [os.path.abspath(f) for f in found]
+    files = list(dict.fromkeys(files))
+    for f in files:
+        if not os.path.isfile(f):
+            raise BetonError(f"--beton {f}: not a file")
+    _check_shard_sets(files)
+    return files
+
+
+def _check_shard_sets(files: list[str]) -> None:
+    sets: dict[tuple[str, int], set[int]] = {}
+    for f in files:
+        if m := _SHARD_RE.match(f):
+            sets.setdefault((m["stem"], int(m["n"])), set()).add(int(m["k"]))
+    for (stem, n), have in sets.items():
+        if missing := sorted(set(range(n)) - have):
+            raise BetonError(f"--beton: shard {missing[0]} of {n} is missing ({stem}-{missing[0]:05d}-of-{n:05d}.beton"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}); "
+                             "was the conversion or copy interrupted?")
+
+
+@dataclass(frozen=True)
+class BetonInfo:
+    files: tuple[str, ...]
+    num_samples: int
+    min_side: int            # smallest stored image side (crops upsample smaller images)
+    max_side: int
+    num_labels: int          # distinct labels >= 0 (0 for an unlabeled split)
+
+
+def _read_header(path: str) -> Any:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+
+    def unreadable(reason: str) -> BetonError:
+        return BetonError(f"--beton {path}: not a readable FFCV .beton ({reason}); was it fully written?")
+
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not a usable FFCV file"
+        raise unreadable(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    kinds = {n: type(h).__name__ for n, h in reader.handlers.items()}
+    if not (isinstance(reader.handlers.get(IMAGE_FIELD), RGBImageField)
+            and isinstance(reader.handlers.get(LABEL_FIELD), IntField)):
+        have = ", ".join(f"{n} ({k})" for n, k in kinds.items()) or "none"
+        raise BetonError(f"--beton {path}: has fields {have}; expected {IMAGE_FIELD} (RGBImageField) and "
+                         f"{LABEL_FIELD} (IntField): convert with python -m simclr_dist.data.convert")
+    table, size = reader.alloc_table, os.path.getsize(path)
+    if len(reader.metadata) != reader.num_samples or len(table) < reader.num_samples:
+        raise unreadable(f"{len(reader.metadata)} metadata rows, {len(table)} allocations for "
+                         f"{reader.num_samples} samples")
+    if len(table) and int((table["ptr"] + table["size"]).max()) > size:
+        raise unreadable(f"image data extends past the end of the {size}-byte file")
+    return reader
+
+
+def inspect_beton(files: Sequence[str]) -> BetonInfo:
+    """Header, fields and metadata only (no image is decoded): cheap enough for the preflight."""
+    readers = [_read_header(f) for f in files]
+    n = sum(int(r.num_samples) for r in readers)
+    if n == 0:
+        raise BetonError(f"--beton {files[0]}: contains no samples")
+    fields = [{k: r.field_names.index(k) for k in (IMAGE_FIELD, LABEL_FIELD)} for r in readers]
+    meta = [r.metadata[f"f{fx[IMAGE_FIELD]}"] for r, fx in zip(readers, fields)]
+    sides = np.concatenate([np.minimum(m["height"], m["width"]) for m in meta])
+    longs = np.concatenate([np.maximum(m["height"], m["width"]) for m in meta])
+    labels = np.concatenate([r.metadata[f"f{fx[LABEL_FIELD]}"] for r, fx in zip(readers, fields)])
+    return BetonInfo(tuple(files), n, int(sides.min()), int(longs.max()), int(np.unique(labels[labels >= 0]).size))
+
+
+def check_beton(beton: str | Sequence[str], *, world_size: int, batch_size: int) -> BetonInfo:
+    """Preflight: the files exist, are complete FFCV files with image+label, and hold >= one global batch."""
+    info = inspect_beton(resolve_betons(beton))
+    if info.num_samples < world_size * batch_size:
+        raise BetonError(f"--beton {info.files[0]}: {info.num_samples} samples is fewer than one global batch "
+                         f"({world_size} workers x {batch_size} = {world_size * batch_size}); lower --batch-size")
+    return info
+
+
+# ---------------------------------------------------------------------------- several files as one dataset
+class ShardedReader:
+    """The attributes FFCV's Loader reads from a ``Reader``, for several files concatenated.
+
+    File k's addresses are offset by ``bases[k]`` (page-aligned running sizes) so every address stays unique
+    and the allocation table still maps address -> size; sample ids are offset by the preceding counts.
+    """
+
+    def __init__(self, files: Sequence[str]):
+        readers = [_read_header(f) for f in files]
+        first = readers[0]
+        for f, r in zip(files[1:], readers[1:]):
+            if r.field_names != first.field_names or r.metadata_type != first.metadata_type:
+                raise BetonError(f"--beton {f}: fields differ from {files[0]}; shards must come from one conversion")
+        self.page_size = int(max(r.page_size for r in readers))
+        sizes = [os.path.getsize(f) for f in files]
+        self.bases = np.zeros(len(files), np.uint64)
+        for k in range(1, len(files)):
+            end = int(self.bases[k - 1]) + sizes[k - 1]
+            self.bases[k] = -(-end // self.page_size) * self.page_size
+        self.files = list(files)
+        self.file_name = files[0]
+        self.handlers, self.field_names = first.handlers, first.field_names
+        self.metadata_type = first.metadata_type
+        self.num_samples = sum(int(r.num_samples) for r in readers)
+        metas, tables, offset = [], [], 0
+        for base, r in zip(self.bases, readers):
+            m, t = r.metadata.copy(), r.alloc_table.copy()
+            for name in m.dtype.names:
+                if m.dtype[name].names and "data_ptr" in m.dtype[name].names:
+                    m[name]["data_ptr"] += base
+            t["ptr"] += base
+            t["sample_id"] += np.uint64(offset)
+            metas.append(m)
+            tables.append(t)
+            offset += int(r.num_samples)
+        self.metadata, self.alloc_table = np.concatenate(metas), np.concatenate(tables)
+        self.metadata.setflags(write=False)
+
+
+def _sharded_manager(reader: Any) -> Any:
+    """An ``OSCacheManager`` whose reader finds the file of an address: mmaps as a tuple, one per shard."""
+    import numba as nb
+    from ffcv.memory_managers.base import MemoryContext, MemoryManager
+    from ffcv.pipeline.compiler import Compiler
+
+    class Context(MemoryContext):
+        def __init__(self, manager: Any):
+            self.manager, self.mmaps = manager, None
+
+        @property
+        def state(self) -> tuple:
+            return (self.mmaps, self.manager.ptrs, self.manager.sizes, self.manager.reader.bases)
+
+        def __enter__(self) -> Any:
+            if self.mmaps is None:
+                self.mmaps = tuple(np.memmap(f, "uint8", mode="c") for f in self.manager.reader.files)  # "c": typed writable like FFCV's, never written
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+    class Manager(MemoryManager):
+        def __init__(self, reader: Any):
+            super().__init__(reader)
+            self.context = Context(self)
+
+        def schedule_epoch(self, schedule: Any) -> Any:
+            return self.context
+
+        @property
+        def state_type(self) -> Any:  # typed like FFCV's OSCacheManager, with one mmap per file
+            u64 = nb.uint64[::1]
+            return nb.types.Tuple([nb.types.UniTuple(nb.uint8[::1], len(self.reader.files)), u64, u64, u64])
+
+        def compile_reader(self) -> Any:
+            def read(address, state):
+                mmaps, ptrs, sizes, bases = state
+                size = sizes[np.searchsorted(ptrs, address)]
+                shard = np.searchsorted(bases, address, side="right") - 1
+                local = address - bases[shard]
+                return mmaps[shard][local:local + size]
+
+            return Compiler.compile(read, nb.uint8[::1](nb.uint64, self.state_type))
+
+    return Manager(reader)
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _sharded_sources(files: Sequence[str]) -> Iterator[None]:
+    """FFCV's Loader builds its Reader and memory manager from module globals; swap in the sharded ones."""
+    import ffcv.loader.loader as ffl
+
+    if len(files) == 1:
+        yield
+        return
+    with _PATCH_LOCK:
+        saved = ffl.Reader, ffl.OSCacheManager
+        ffl.Reader = lambda fname, custom_fields=None: ShardedReader(files)
+        ffl.OSCacheManager = _sharded_manager
+        try:
+            yield
+        finally:
+            ffl.Reader, ffl.OSCacheManager = saved
+
+
+# ---------------------------------------------------------------------------- order and crops
+def _mix64(*xs: int) -> int:
+    """splitmix64 over the arguments: well-spread 64-bit seeds from (seed, rank, epoch, ...)."""
+    z = 0x9E3779B97F4A7C15
+    for x in xs:
+        z = (z ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z
+
+
+def _rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
+    """FFCV instantiates ``order(loader)`` when ``order`` is a TraversalOrder instance: this factory is one."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class RankSharded(TraversalOrder):
+        """A permutation of (seed, epoch), cut to a multiple of world_size, then every world_size-th from rank."""
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            n = len(self.indices)
+            perm = np.random.default_rng([seed, epoch]).permutation(n)[: n // world_size * world_size]
+            return self.indices[perm[rank::world_size]]
+
+    class Factory(TraversalOrder):
+        def __init__(self) -> None:  # no loader yet: FFCV calls us with it
+            pass
+
+        def __call__(self, loader: Any) -> RankSharded:
+            return RankSharded(loader)
+
+        def sample_order(self, epoch: int) -> np.ndarray:
+            raise TypeError("factory only")
+
+    return Factory()
+
+
+class EpochSeed:
+    """A 64-bit seed that compiled decoders read at run time (through its address), so ``set_epoch`` takes effect
+    without recompiling (numba freezes closure arrays as constants)."""
+
+    def __init__(self) -> None:
+        self.cell = np.zeros(1, np.uint64)
+        self.address = int(self.cell.ctypes.data)
+
+    def set(self, value: int) -> None:
+        self.cell[0] = np.uint64(value & 0xFFFFFFFFFFFFFFFF)
+
+
+def _load_u64():
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def load_u64(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))))
+        return types.uint64(address), codegen
+
+    return load_u64
+
+
+def _seeded_crop_decoder(output_size: int, scale: tuple[float, float], seed: EpochSeed, salt: int) -> Any:
+    """FFCV's RandomResizedCrop decoder with crop boxes hashed from (epoch seed, sample id, view)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+        def __init__(self) -> None:
+            super().__init__((output_size, output_size))
+            self.scale, self.ratio = scale, CROP_RATIO
+
+        @property
+        def get_crop_generator(self) -> Any:
+            raise NotImplementedError  # generate_code below draws the crop itself
+
+        def generate_code(self) -> Any:
+            jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+            crop_c = Compiler.compile(_make_crop_fn(scale, CROP_RATIO))
+            load_u64, address, view = _load_u64(), seed.address, np.uint64(salt)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp_storage = my_storage
+                epoch_seed = load_u64(address)
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j, h, w = crop_c(epoch_seed, np.uint64(source_ix), view, height, width)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return SeededRandomResizedCrop()
+
+
+def _make_crop_fn(scale: tuple[float, float], ratio: tuple[float, float]) -> Any:
+    """torchvision's RandomResizedCrop.get_params (10 tries, then the centre crop), drawing from splitmix64."""
+    s0, s1 = float(scale[0]), float(scale[1])
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    golden, m1, m2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+    r30, r27, r31, r11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+
+    from ffcv.pipeline.compiler import Compiler
+
+    def mix(z):
+        z = (z ^ (z >> r30)) * m1
+        z = (z ^ (z >> r27)) * m2
+        return z ^ (z >> r31)
+
+    mix = Compiler.compile(mix)
+
+    def crop(epoch_seed, sample, view, height, width):
+        state = mix(epoch_seed ^ mix(sample * golden + view))
+        area = np.float64(height) * np.float64(width)
+        for _ in range(10):
+            state = state + golden
+            u1 = np.float64(mix(state) >> r11) * 2.0 ** -53
+            state = state + golden
+            u2 = np.float64(mix(state) >> r11) * 2.0 ** -53
+            target_area = area * (s0 + (s1 - s0) * u1)
+            aspect = np.exp(lr0 + (lr1 - lr0) * u2)
+            w = int(round(np.sqrt(target_area * aspect)))
+            h = int(round(np.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                state = state + golden
+                u3 = np.float64(mix(state) >> r11) * 2.0 ** -53
+                state = state + golden
+                u4 = np.float64(mix(state) >> r11) * 2.0 ** -53
+                return int(u3 * (height - h + 1)), int(u4 * (width - w + 1)), h, w
+        in_ratio = np.float64(width) / np.float64(height)
+        if in_ratio < ratio[0]:
+            w = int(width)
+            h = int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            h = int(height)
+            w = int(round(h * ratio[1]))
+        else:
+            w, h = int(width), int(height)
+        return (int(height) - h) // 2, (int(width) - w) // 2, h, w
+
+    return crop
+
+
+# ---------------------------------------------------------------------------- the loader
+def cpu_budget(requested: int = 0) -> int:
+    """FFCV decode threads: ``requested`` if > 0, else the CPUs Ray reserved for this worker, else torch's threads.
+
+    Never more than numba's thread pool (it is sized at import) nor the usable cores.
+    """
+    import numba
+
+    n = requested
+    ray = sys.modules.get("ray")  # only a process that imported Ray can be a Ray worker
+    if n <= 0 and ray is not None:
+        with contextlib.suppress(Exception):
+            if ray.is_initialized():
+                n = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    if n <= 0:
+        n = torch.get_num_threads()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n, usable, numba.config.NUMBA_NUM_THREADS))
+
+
+def _default_device(spec: "LoaderSpec") -> torch.device:
+    if spec.device:
+        return torch.device(spec.device)
+    if "ray.train" in sys.modules:
+        with contextlib.suppress(Exception):  # outside a Ray Train worker get_context() raises
+            import ray.train
+            import ray.train.torch
+            ray.train.get_context()
+            return ray.train.torch.get_device()
+    return torch.device("cuda" if spec.pin_memory and torch.cuda.is_available() else "cpu")
+
+
+class FFCVPretrainLoader:
+    """``len()``, ``set_epoch(epoch)`` and iteration over ``(view1, view2, label)`` like ``TorchPretrainLoader``."""
+
+    def __init__(self, spec: "LoaderSpec", batches_ahead: int = 3):
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToDevice, ToTensor
+
+        from simclr_dist.data.augment import default_augment
+        from simclr_dist.data.datasets import dataset_info
+        from simclr_dist.data.gpu_augment import BatchedViewAugment
+
+        if not spec.beton:
+            if not dataset_info(spec.dataset).embedded:
+                raise BetonError("--loader ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
+            from simclr_dist.data.convert import embedded_beton
+            spec = replace(spec, beton=embedded_beton(spec.dataset, spec.split, spec.image_size))
+        self.spec = spec
+        self.files = resolve_betons(spec.beton)
+        self.info = check_beton(self.files, world_size=spec.world_size, batch_size=spec.batch_size)
+        self.augment = default_augment(dataset_info(spec.dataset), spec.augment, image_size=spec.image_size,
+                                       jitter_strength=spec.jitter_strength)
+        self.device = _default_device(spec)
+        self.threads = cpu_budget(spec.num_workers)
+        self.views = BatchedViewAugment(self.augment, self.device)
+        self.generator = torch.Generator(device=self.device)
+        self.seed = EpochSeed()
+        size = self.augment.image_size
+
+        def view_pipeline(salt: int) -> list:
+            if "crop" in self.augment.components:
+                decoder = _seeded_crop_decoder(size, self.augment.crop_scale, self.seed, salt)
+            else:  # the torch path's Resize(shorter side) + CenterCrop, in one decode
+                decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0)
+            to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+            return [decoder, ToTensor(), *to_device]
+
+        first, second = view_pipeline(0), view_pipeline(1)
+        pipelines = {IMAGE_FIELD: first, LABEL_FIELD: [IntDecoder(), ToTensor()],
+                     IMAGE2: PipelineSpec(IMAGE_FIELD, decoder=second[0], transforms=second[1:])}
+        with _sharded_sources(self.files):
+            self.loader = Loader(self.files[0], batch_size=spec.batch_size, num_workers=self.threads, os_cache=True,
+                                 order=_rank_sharded_order(spec.rank, spec.world_size, spec.seed),
+                                 distributed=spec.world_size > 1, seed=spec.seed, pipelines=pipelines,
+                                 drop_last=True, batches_ahead=batches_ahead)
+        self.outputs = {name: i for i, name in enumerate(self.loader.pipeline_specs)}
+        self.epoch = 0
+        self._live: Any = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _apply_epoch(self, epoch: int) -> None:
+        s = self.spec
+        self.loader.next_epoch = epoch                     # the order: (seed, epoch)
+        self.seed.set(_mix64(s.seed, epoch))               # the crops: (seed, epoch, sample, view)
+        self.generator.manual_seed(_mix64(s.seed, s.rank, epoch) >> 1)  # the tensor ops: (seed, rank, epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _close_live(self) -> None:
+        """Stop a previous epoch's decode thread before reseeding (it would read the new seed)."""
+        if self._live is not None:
+            self._live.close()
+            self._live.join()
+            self._live = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._close_live()
+        _record_thread_errors()
+        self._apply_epoch(self.epoch)
+        self.epoch += 1  # iterating again without set_epoch gives the next epoch, as FFCV does
+        self._live = iter(self.loader)
+        return self._batches(self._live)
+
+    def _batches(self, it: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        o = self.outputs
+        try:
+            for batch in _drain(it):
+                # FFCV reuses its output buffers a few batches later: the views are fresh tensors, the label a copy.
+                with _single_threaded(self.device.type == "cpu"):
+                    v1 = self.views(batch[o[IMAGE_FIELD]], self.generator)
+                    v2 = self.views(batch[o[IMAGE2]], self.generator)
+                yield v1, v2, batch[o[LABEL_FIELD]].reshape(-1).clone()
+        finally:
+            if self._live is it:
+                self._close_live()
+
+
+@contextlib.contextmanager
+def _single_threaded(enabled: bool) -> Iterator[None]:
+    """Run the CPU tensor ops on one thread while FFCV's decode threads run beside them: torch's OpenMP team
+    spin-waits at every barrier for threads whose cores the decoders hold (measured at 96 px, 2 CPUs: 20 views/s
+    with 2 threads, ~400 with 1). Restores the caller's (training) thread count."""
+    n = torch.get_num_threads()
+    if not enabled or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+_THREAD_ERRORS: dict[int, BaseException] = {}
+
+
+def _record_thread_errors() -> None:
+    """Keep the exception of a dying FFCV decode thread so the training thread can raise it (once per process)."""
+    previous = threading.excepthook
+    if getattr(previous, "records_ffcv_errors", False):
+        return
+
+    def hook(args: Any) -> None:
+        if args.thread is not None and args.exc_value is not None:
+            _THREAD_ERRORS[args.thread.ident] = args.exc_value
+        previous(args)
+
+    hook.records_ffcv_errors = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _drain(it: Any) -> Iterator[tuple]:
+    """``EpochIterator.__next__`` plus a liveness check: FFCV's decode thread has no error handling, so if it
+    dies (a numba error, a bad file) its consumer would otherwise wait on the queue forever."""
+    import queue
+
+    from ffcv.loader.epoch_iterator import IS_CUDA
+
+    while True:
+        try:
+            item = it.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if it.is_alive() or not it.output_queue.empty():
+                continue
+            err = _THREAD_ERRORS.pop(it.ident, None)
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}" if err else "no batch and no error"
+            raise RuntimeError(f"FFCV decode thread stopped ({reason})") from err
+        if item is None:
+            it.close()
+            return
+        slot, batch = item
+        if IS_CUDA:
+            it.current_stream.wait_stream(it.cuda_streams[slot])
+        yield batch

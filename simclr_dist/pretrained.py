@@ -1,0 +1,504 @@
+"""Import published encoders: ``--pretrained FORMAT:PATH_OR_URI`` -> the project's :class:`ResNetEncoder`.
+
+So that the evaluation code can be checked against published numbers, and our runs compared with published
+checkpoints by the same code, four weight layouts load into the same encoder (torchvision key names, every stage
+widened by ``width``):
+
+=============  ==================================================================  =====================
+format         file                                                                input normalisation
+=============  ==================================================================  =====================
+simclr-v1      google-research SimCLR v1 R50-1x/2x/4x converted by tonylins/        none: pixels in [0, 1]
+               simclr-converter: ``{'state_dict': <ResNet-50, all channels          (the TF models were
+               widened 1x/2x/4x>}``; width read from conv1 (64/128/256 channels);   trained that way)
+               ``fc.*`` (the supervised linear head) is dropped
+spijkervet     Spijkervet/SimCLR ``checkpoint_*.tar``: ``encoder.*`` (torchvision  none: pixels in [0, 1]
+               ResNet, ``encoder.fc.*`` dropped if present) + ``projector.0.weight``  (its transforms end in
+               / ``projector.2.weight`` (no biases, no BN) -> :class:`BNFreeProjec-  ``ToTensor()``)
+               tionHead`
+torchvision    torchvision ImageNet ResNet-18/34/50 weights: a local file, or a      ImageNet mean/std
+               model/weights name looked up in the torch hub cache (never
+               downloaded); ``fc.*`` dropped
+simclr-dist    our own checkpoint directory (or a run directory: its latest complete  the pretraining
+               checkpoint), local path or ``s3://``/``gs://`` URI                    dataset's mean/std
+=============  ==================================================================  =====================
+
+Architecture (resnet18/34/50), width and stem are inferred from the tensors, never from the file name. Every
+import is verified against the model it builds: key coverage and shapes, reported as *one line* naming the first
+missing key, unexpected key and shape mismatch. ``strict=True`` (the default) refuses a partial load; with
+``strict=False`` the matching tensors are loaded and the rest keeps its random initialisation (the line is still
+printed). After loading, :meth:`PretrainedEncoder.describe` gives architecture, width, parameter count and the
+input normalisation in force; the evaluation pipeline applies that normalisation instead of the dataset's.
+
+External files are read with ``torch.load(weights_only=True)``: a weight file is data and must not run code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from simclr_dist import storage
+from simclr_dist.models import ResNetEncoder, build_backbone, count_parameters
+
+FORMATS: tuple[str, ...] = ("simclr-v1", "spijkervet", "torchvision", "simclr-dist")
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+# (block type, blocks per stage) -> architecture; the stem's kernel (7 or 3) and channels give stem and width.
+_LAYOUTS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
+            ("bottleneck", (3, 4, 6, 3)): "resnet50"}
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
+
+Log = Callable[[str], None]
+
+
+class PretrainedError(ValueError):
+    """The weight file cannot be imported (unreadable, wrong layout, partial under --strict); one line."""
+
+
+# ---------------------------------------------------------------------------- verification
+@dataclass
+class LoadReport:
+    """How a state dict covers a model: what matched, what is missing, unexpected, or of another shape."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # key, file, model
+    dropped: list[str] = field(default_factory=list)  # deliberately ignored (supervised fc head)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def problems(self) -> str:
+        """``2 missing keys (first: a), 1 shape mismatch (first: b file [..] vs model [..])``; '' when complete."""
+        parts = []
+        if self.missing:
+            parts.append(f"{_n(len(self.missing), 'missing key')} (first: {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{_n(len(self.unexpected), 'unexpected key')} (first: {self.unexpected[0]})")
+        if self.mismatched:
+            k, got, want = self.mismatched[0]
+            parts.append(f"{_n(len(self.mismatched), 'shape mismatch', 'shape mismatches')} "
+                         f"(first: {k} file {list(got)} vs model {list(want)})")
+        return ", ".join(parts)
+
+
+def _n(count: int, singular: str, plural: str | None = None) -> str:
+    return f"{count} {singular if count == 1 else (plural or singular + 's')}"
+
+
+def compare_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> LoadReport:
+    """Key coverage and shapes of ``state`` against ``model`` (works on meta-device models: shapes only).
+    A missing BatchNorm ``num_batches_tracked`` counter is not a problem: it never affects the forward pass
+    (momentum is set) and older exports omit it."""
+    expected = model.state_dict()
+    report = LoadReport()
+    for key, want in expected.items():
+        if key not in state:
+            if not key.endswith("num_batches_tracked"):
+                report.missing.append(key)
+        elif tuple(state[key].shape) != tuple(want.shape):
+            report.mismatched.append((key, tuple(state[key].shape), tuple(want.shape)))
+        else:
+            report.loaded.append(key)
+    report.unexpected = [k for k in state if k not in expected]
+    return report
+
+
+def _load_verified(model: nn.Module, state: Mapping[str, Tensor], report: LoadReport, *, strict: bool,
+                   where: str, what: str) -> None:
+    """Load ``state`` into ``model`` after :func:`compare_state_dict`: strict -> complete or
+    :class:`PretrainedError`; non-strict -> the matching tensors only (at least one must match)."""
+    if not report.complete and (strict or not report.loaded):
+        hint = (f"; --no-strict loads the {len(report.loaded)} matching tensors" if strict and report.loaded
+                else "; nothing matches")
+        raise PretrainedError(f"{where}: does not match {what}: {report.problems()}{hint}")
+    if report.complete:
+        full = dict(state)
+        for key, t in model.state_dict().items():  # fill num_batches_tracked counters the file omits
+            full.setdefault(key, torch.zeros_like(t, device="cpu") if t.is_meta else t)
+        model.load_state_dict(full, strict=True, assign=True)
+    else:
+        model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+
+
+# ---------------------------------------------------------------------------- the imported encoder
+@dataclass
+class PretrainedEncoder:
+    """An imported encoder (``(N, 3, H, W) -> (N, feat_dim)``) and what the evaluation pipeline must know."""
+
+    encoder: ResNetEncoder
+    head: nn.Module | None  # projection head g(.) when the file has one
+    arch: str
+    width: float
+    cifar_stem: bool
+    feat_dim: int
+    normalization: Normalization | None  # (mean, std) the encoder expects; None: raw pixels in [0, 1]
+    source: str  # the spec as given, FORMAT:PATH_OR_URI
+    format: str
+    uri: str  # the file or checkpoint directory actually read
+    report: LoadReport
+    checkpoint: dict[str, Any] | None = None  # simclr-dist: epoch, step, config of the checkpoint
+
+    @property
+    def num_params(self) -> int:
+        return count_parameters(self.encoder)
+
+    @property
+    def epoch(self) -> int | None:
+        return None if self.checkpoint is None else self.checkpoint.get("epoch")
+
+    def mean_std(self) -> Normalization:
+        """The (mean, std) to put in ``Normalize``: the identity (0, 1) when the encoder wants [0, 1] pixels."""
+        return self.normalization or ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    def normalization_text(self) -> str:
+        if self.normalization is None:
+            return "none (pixels in [0, 1], no mean/std)"
+        mean, std = self.normalization
+        return f"mean {_fmt3(mean)} std {_fmt3(std)}"
+
+    def describe(self) -> str:
+        """One line: architecture, width, parameter count, features, head and the input normalisation."""
+        head = "none" if self.head is None else f"{type(self.head).__name__} ({count_parameters(self.head) / 1e6:.2f}M)"
+        dropped = f", dropped {', '.join(self.report.dropped)}" if self.report.dropped else ""
+        coverage = ("all" if self.report.complete else "PARTIAL") + f" {len(self.report.loaded)} tensors loaded"
+        return (f"[pretrained] {self.source}: {self.arch} width {self.width:g}x "
+                f"({'CIFAR 3x3' if self.cifar_stem else 'ImageNet 7x7'} stem), {self.num_params / 1e6:.2f}M encoder "
+                f"parameters ({self.num_params:,}), {self.feat_dim}-d features, head: {head}; input normalisation: "
+                f"{self.normalization_text()}; {coverage}{dropped}")
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts for result files."""
+        return {"format": self.format, "source": self.source, "uri": self.uri, "arch": self.arch,
+                "width": self.width, "cifar_stem": self.cifar_stem, "feat_dim": self.feat_dim,
+                "encoder_params": self.num_params, "head": None if self.head is None else type(self.head).__name__,
+                "normalization": None if self.normalization is None else {"mean": list(self.normalization[0]),
+                                                                           "std": list(self.normalization[1])},
+                "complete": self.report.complete, "tensors_loaded": len(self.report.loaded),
+                "dropped": list(self.report.dropped)}
+
+
+def _fmt3(v: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+
+
+class BNFreeProjectionHead(nn.Sequential):
+    """Spijkervet/SimCLR's projector ``Linear(no bias) -> ReLU -> Linear(no bias)``, without the BatchNorm of our
+    :class:`~simclr_dist.models.ProjectionHead`; its child names ``0``/``2`` are the file's ``projector.0/2``."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_dim, bias=False), nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+# ---------------------------------------------------------------------------- spec and file reading
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"simclr-v1:/w/r50-2x.pth"`` -> ``("simclr-v1", "/w/r50-2x.pth")``; URIs keep their ``s3://``."""
+    fmt, sep, path = spec.partition(":")
+    fmt = fmt.strip().lower()
+    if not sep or not path.strip():
+        raise PretrainedError(f"--pretrained {spec!r}: expected FORMAT:PATH_OR_URI with FORMAT one of "
+                              f"{', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise PretrainedError(f"--pretrained {spec!r}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt, path.strip()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    m = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)", text)
+    if m:  # torch's weights_only refusal: keep the reason, not its advice to disable the safety
+        reason = m.group(1).strip()
+        if reason.startswith("Unsupported operand"):  # not a pickle torch.load understands: corrupt or foreign
+            reason = f"corrupt or not written by torch.save ({reason})"
+        return f"{type(e).__name__}: {reason}; only tensors and containers are read (weights_only=True)"
+    lines = text.splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def read_weights(uri: str, where: str) -> Any:
+    """``torch.load(weights_only=True)`` of a local file (memory-mapped when possible) or an object in storage."""
+    try:
+        if "://" not in uri:
+            path = os.path.abspath(os.path.expanduser(uri))
+            if not os.path.isfile(path):
+                raise PretrainedError(f"{where}: no such file")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (pre-zip) serialisation cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+        if not storage.exists(uri):
+            raise PretrainedError(f"{where}: no such object")
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except PretrainedError:
+        raise
+    except storage.StorageError as e:
+        raise PretrainedError(f"{where}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # UnpicklingError, EOFError, zip errors, ...: one line, the reason kept
+        raise PretrainedError(f"{where}: cannot read as a PyTorch weight file ({_first_line(e)})") from e
+
+
+def _state_dict_of(obj: Any, where: str, containers: tuple[str, ...] = ("state_dict",)) -> dict[str, Tensor]:
+    """The tensor dict of a loaded file (unwrapping ``{'state_dict': ...}``-style containers and DataParallel /
+    DDP / torch.compile key prefixes)."""
+    for key in containers:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        kind = type(obj).__name__ if not isinstance(obj, Mapping) else "an empty or non-string-keyed dict"
+        raise PretrainedError(f"{where}: not a state dict (got {kind})")
+    state = {}
+    for k, v in obj.items():
+        if not isinstance(v, Tensor):
+            raise PretrainedError(f"{where}: not a state dict ({k!r} holds a {type(v).__name__}, not a tensor)")
+        for p in _WRAPPER_PREFIXES:
+            k = k.removeprefix(p)
+        state[k] = v.float() if v.is_floating_point() and v.dtype != torch.float32 else v
+    return state
+
+
+# ---------------------------------------------------------------------------- ResNet encoders
+def infer_resnet(state: Mapping[str, Tensor], where: str) -> tuple[str, float, bool]:
+    """(arch, width, cifar_stem) of a torchvision-layout ResNet state dict, from its tensors alone."""
+    w = state.get("conv1.weight")
+    if w is None or w.dim() != 4 or w.shape[1] != 3:
+        first = ", ".join(list(state)[:3])
+        raise PretrainedError(f"{where}: not a ResNet encoder (no 3-channel 'conv1.weight'; keys start {first})")
+    kind = "bottleneck" if "layer1.0.conv3.weight" in state else "basic"
+    blocks = []
+    for stage in range(1, 5):
+        idx = [int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))]
+        blocks.append(max(idx) + 1 if idx else 0)
+    arch = _LAYOUTS.get((kind, tuple(blocks)))
+    if arch is None:
+        raise PretrainedError(f"{where}: unsupported ResNet layout ({kind} blocks per stage {blocks}); supported: "
+                              + ", ".join(f"{a} {list(b)}" for (_, b), a in _LAYOUTS.items()))
+    width = w.shape[0] / 64
+    if not 0 < width <= 8:
+        raise PretrainedError(f"{where}: conv1 has {w.shape[0]} channels (width {width:g}x); supported up to 8x")
+    return arch, width, w.shape[-1] == 3
+
+
+def import_encoder(state: Mapping[str, Tensor], *, strict: bool, where: str,
+                   dropped: list[str] | None = None) -> tuple[ResNetEncoder, LoadReport, str, float, bool]:
+    """Build the encoder the tensors describe and load them, verified.
+
+    A complete load builds the encoder on the meta device and adopts the file's tensors (no random init, no
+    second copy: a 375M-parameter R50-4x costs its own size once); a partial (non-strict) load builds it
+    normally so the missing part keeps torchvision's initialisation.
+    """
+    arch, width, cifar_stem = infer_resnet(state, where)
+    with torch.device("meta"):
+        meta, _ = build_backbone(arch, cifar_stem=cifar_stem, width=width)
+    report = compare_state_dict(meta, state)
+    report.dropped = list(dropped or [])
+    what = f"{arch} width {width:g}x"
+    encoder = meta if report.complete else build_backbone(arch, cifar_stem=cifar_stem, width=width)[0]
+    _load_verified(encoder, state, report, strict=strict, where=where, what=what)
+    return encoder, report, arch, width, cifar_stem
+
+
+def _split_fc(state: Mapping[str, Tensor], prefix: str = "") -> tuple[dict[str, Tensor], list[str]]:
+    """(encoder tensors without ``prefix``, dropped ``fc.*`` keys)."""
+    enc, dropped = {}, []
+    for k, v in state.items():
+        if k.startswith(prefix + "fc."):
+            dropped.append(k)
+        elif k.startswith(prefix):
+            enc[k[len(prefix):]] = v
+    return enc, dropped
+
+
+def _load_simclr_v1(path: str, where: str, strict: bool) -> dict[str, Any]:
+    state = _state_dict_of(read_weights(path, where), where)
+    enc_state, dropped = _split_fc(state)
+    encoder, report, arch, width, stem = import_encoder(enc_state, strict=strict, where=where, dropped=dropped)
+    return dict(encoder=encoder, head=None, arch=arch, width=width, cifar_stem=stem, normalization=None,
+                report=report, uri=path)
+
+
+def _load_spijkervet(path: str, where: str, strict: bool) -> dict[str, Any]:
+    state = _state_dict_of(read_weights(path, where), where, containers=("state_dict", "model"))
+    if not any(k.startswith("encoder.") for k in state):
+        raise PretrainedError(f"{where}: not a Spijkervet/SimCLR checkpoint (no 'encoder.*' keys; keys start "
+                              f"{', '.join(list(state)[:3])})")
+    enc_state, dropped = _split_fc(state, "encoder.")
+    head_state = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
+    others = {k: v for k, v in state.items() if not k.startswith(("encoder.", "projector."))}
+    encoder, report, arch, width, stem = import_encoder({**enc_state, **others}, strict=strict, where=where,
+                                                        dropped=dropped)
+    # the projector: Linear(d, d, bias=False) -> ReLU -> Linear(d, p, bias=False), no BN
+    w0, w2 = head_state.get("0.weight"), head_state.get("2.weight")
+    head_report = LoadReport()
+    head = None
+    if w0 is not None and w2 is not None and w0.dim() == 2 and w2.dim() == 2:
+        head = BNFreeProjectionHead(w0.shape[1], w0.shape[0], w2.shape[0])
+        head_report = compare_state_dict(head, head_state)
+        if w0.shape[1] != encoder.feat_dim:
+            head_report.mismatched.insert(0, ("projector.0.weight", tuple(w0.shape),
+                                              (w0.shape[0], encoder.feat_dim)))
+    else:
+        head_report.missing = [f"projector.{i}.weight" for i, w in ((0, w0), (2, w2)) if w is None or w.dim() != 2]
+        head_report.unexpected = [k for k in head_state if k not in ("0.weight", "2.weight")]
+    head_report.missing = [k if k.startswith("projector.") else "projector." + k for k in head_report.missing]
+    head_report.unexpected = ["projector." + k for k in head_report.unexpected]
+    head_report.mismatched = [(k if k.startswith("projector.") else "projector." + k, a, b)
+                              for k, a, b in head_report.mismatched]
+    if not head_report.complete:
+        if strict:
+            raise PretrainedError(f"{where}: projection head does not match Linear-ReLU-Linear (no bias, no BN): "
+                                  f"{head_report.problems()}; --no-strict imports the encoder alone")
+        head = None
+    elif head is not None:
+        head.load_state_dict(head_state, strict=True)
+    report.missing += head_report.missing
+    report.unexpected += head_report.unexpected
+    report.mismatched += head_report.mismatched
+    report.loaded += ["projector." + k for k in head_report.loaded] if head is not None else []
+    return dict(encoder=encoder, head=head, arch=arch, width=width, cifar_stem=stem, normalization=None,
+                report=report, uri=path)
+
+
+def torchvision_hub_file(name: str) -> tuple[str | None, list[str]]:
+    """(cached file, candidate URLs) of a torchvision ResNet weights name such as ``resnet50`` (any cached
+    ImageNet weights of that model, DEFAULT first) or ``ResNet50_Weights.IMAGENET1K_V1``. Never downloads."""
+    import torchvision.models as tvm
+
+    m = re.fullmatch(r"(?i)(?:resnet(18|34|50))(?:_weights)?(?:\.(\w+))?", name.strip())
+    if m is None:
+        return None, []
+    enum = getattr(tvm, f"ResNet{m.group(1)}_Weights")
+    tag = (m.group(2) or "DEFAULT").upper()
+    if tag == "DEFAULT":
+        members = [enum.DEFAULT, *[w for w in enum if w is not enum.DEFAULT]]
+    elif tag in enum.__members__:
+        members = [enum[tag]]
+    else:
+        return None, []
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+    for w in members:
+        path = os.path.join(hub, os.path.basename(w.url))
+        if os.path.isfile(path):
+            return path, [w.url for w in members]
+    return None, [w.url for w in members]
+
+
+def _load_torchvision(path: str, where: str, strict: bool) -> dict[str, Any]:
+    if "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        cached, urls = torchvision_hub_file(path)
+        if cached is None and urls:
+            raise PretrainedError(f"{where}: no such file, and {path} is not in the torch hub cache "
+                                  f"({os.path.join(torch.hub.get_dir(), 'checkpoints')}); no download is attempted: "
+                                  f"fetch {urls[0]} on a connected machine and pass its path")
+        path = cached or path
+    state = _state_dict_of(read_weights(path, where), where)
+    enc_state, dropped = _split_fc(state)
+    encoder, report, arch, width, stem = import_encoder(enc_state, strict=strict, where=where, dropped=dropped)
+    return dict(encoder=encoder, head=None, arch=arch, width=width, cifar_stem=stem,
+                normalization=IMAGENET_MEAN_STD, report=report, uri=path)
+
+
+def _load_simclr_dist(uri: str, where: str, strict: bool) -> dict[str, Any]:
+    # imported here: train pulls in the data/Ray-side modules, not needed by the external formats
+    from simclr_dist.checkpoints import latest_checkpoint, read_complete
+    from simclr_dist.config import PretrainConfig
+    from simclr_dist.data.datasets import dataset_info
+    from simclr_dist.train import MANIFEST_FILE, build_model, load_checkpoint
+
+    try:
+        if read_complete(uri) is None:
+            latest = latest_checkpoint(uri)  # a run directory: its newest complete checkpoint
+            if latest is None:
+                what = "incomplete checkpoint" if storage.exists(storage.join(uri, MANIFEST_FILE)) else (
+                    "no complete checkpoint (checkpoint dir with manifest.json, or a run dir holding one)")
+                raise PretrainedError(f"{where}: {what}")
+            uri = latest
+        state = load_checkpoint(uri, map_location="cpu")
+    except PretrainedError:
+        raise
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # checksum mismatch, unreadable pickle, storage
+        raise PretrainedError(f"{where}: cannot load checkpoint ({_first_line(e)})") from e
+    if not isinstance(state, Mapping) or "model" not in state or "config" not in state:
+        raise PretrainedError(f"{where}: not a simclr-dist checkpoint (no 'model'/'config' entries)")
+    cfg = PretrainConfig.from_dict(state["config"])
+    model = build_model(cfg)
+    model_state = _state_dict_of(state["model"], where)
+    report = compare_state_dict(model, model_state)
+    _load_verified(model, model_state, report, strict=strict, where=where,
+                   what=f"{cfg.arch} width {cfg.width:g}x (the checkpoint's config)")
+    info = dataset_info(cfg.dataset)
+    return dict(encoder=model.encoder, head=model.head, arch=cfg.arch, width=float(cfg.width),
+                cifar_stem=bool(cfg.cifar_stem), normalization=(tuple(info.mean), tuple(info.std)), report=report,
+                uri=uri, checkpoint={"epoch": state.get("epoch"), "step": state.get("step"), "config": cfg.to_dict()})
+
+
+_LOADERS = {"simclr-v1": _load_simclr_v1, "spijkervet": _load_spijkervet, "torchvision": _load_torchvision,
+            "simclr-dist": _load_simclr_dist}
+
+
+def load_pretrained(spec: str, *, strict: bool = True, log: Log | None = None) -> PretrainedEncoder:
+    """Import ``FORMAT:PATH_OR_URI`` (see the module docstring), verified; the encoder is returned in eval mode.
+
+    Raises :class:`PretrainedError` with one line for an unreadable file, a layout that is not the format's, or
+    (``strict``) any missing/unexpected key or shape mismatch. ``log`` receives the partial-load warning (non-
+    strict) and the :meth:`PretrainedEncoder.describe` line.
+    """
+    fmt, path = parse_spec(spec)
+    where = f"--pretrained {fmt}:{path}"
+    out = _LOADERS[fmt](path, where, strict)
+    encoder = out.pop("encoder").eval()
+    head = out.pop("head")
+    if head is not None:
+        head.eval()
+    pre = PretrainedEncoder(encoder=encoder, head=head, feat_dim=encoder.feat_dim, source=f"{fmt}:{path}",
+                            format=fmt, **out)
+    if log is not None:
+        if not pre.report.complete:
+            log(f"[pretrained] warning: partial load (--no-strict) of {pre.source}: {pre.report.problems()}; "
+                "the rest keeps its random initialisation")
+        log(pre.describe())
+    return pre
+
+
+# ---------------------------------------------------------------------------- init of a training run
+def init_from_pretrained(model: nn.Module, spec: str, *, strict: bool = True, log: Log | None = None
+                         ) -> PretrainedEncoder:
+    """Initialise a :class:`~simclr_dist.models.SimCLRModel` (``.encoder``, ``.head``) from ``spec`` before the
+    first step of a pretraining run (``--pretrained``; a resumed run restores its own checkpoint instead).
+
+    The run's encoder must have the import's architecture (same keys and shapes: choose ``--arch``/``--width``/
+    ``--cifar-stem`` to match), else :class:`PretrainedError` in one line. The projection head is copied when the
+    file has one of the same layout and shapes (our own checkpoints); otherwise (SimCLR v1: no head; Spijkervet:
+    a BN-free head) the run's head keeps its fresh initialisation, which is logged.
+    """
+    pre = load_pretrained(spec, strict=strict, log=log)
+    src = pre.encoder.state_dict()
+    report = compare_state_dict(model.encoder, src)
+    if not report.complete:
+        raise PretrainedError(f"--pretrained {pre.source}: the run's encoder differs from the import "
+                              f"({pre.arch} width {pre.width:g}x, {'CIFAR' if pre.cifar_stem else 'ImageNet'} stem): "
+                              f"{report.problems()}; pass the matching --arch/--width/--cifar-stem")
+    model.encoder.load_state_dict(src, strict=True)
+    head_note = "fresh (the import has no projection head)"
+    if pre.head is not None and getattr(model, "head", None) is not None:
+        head_report = compare_state_dict(model.head, pre.head.state_dict())
+        if head_report.complete:
+            model.head.load_state_dict(pre.head.state_dict(), strict=True)
+            head_note = "copied from the import"
+        else:
+            head_note = f"fresh (the import's {type(pre.head).__name__} differs: {head_report.problems()})"
+    if log is not None:
+        log(f"[pretrained] initialised the run's encoder from {pre.source}; projection head {head_note}")
+    return pre
