@@ -43,30 +43,46 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from simclr_dist import storage
-from simclr_dist.checkpoints import latest_checkpoint, list_complete_checkpoints, read_complete
+from simclr_dist.checkpoints import (
+    latest_checkpoint,
+    list_complete_checkpoints,
+    read_complete,
+)
 from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
-from simclr_dist.data.augment import build_eval_transform, build_view_transform, default_augment
+from simclr_dist.console import Log, emit
+from simclr_dist.data.augment import (
+    build_eval_transform,
+    build_view_transform,
+    default_augment,
+)
 from simclr_dist.data.datasets import DatasetError, dataset_info, load_dataset
 from simclr_dist.knn import knn_accuracy
 from simclr_dist.optim import WarmupCosine, scale_lr
-from simclr_dist.pretrained import FORMATS, PretrainedEncoder, PretrainedError, load_pretrained, parse_spec
-from simclr_dist.train import MANIFEST_FILE, labelled_splits, build_model, load_checkpoint
+from simclr_dist.pretrained import (
+    FORMATS,
+    PretrainedEncoder,
+    PretrainedError,
+    load_pretrained,
+    parse_spec,
+)
+from simclr_dist.train import (
+    MANIFEST_FILE,
+    build_model,
+    labelled_splits,
+    load_checkpoint,
+)
 
 PROTOCOLS = ("linear", "knn", "finetune")
 RESULTS_DIR = "eval"
 RESULT_FORMAT = 1
 DEFAULT_L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 
-Log = Callable[[str], None]
 
 
 class EvalError(ValueError):
     """Bad input for the evaluator (flags, missing checkpoint, empty run); one line for the user."""
 
 
-def _stdout(msg: str) -> None:
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -176,10 +192,10 @@ class EvalConfig:
         return tuple(p for p in PROTOCOLS if p in names)
 
     def label_fractions_list(self) -> tuple[float, ...]:
-        return _floats("label_fractions", self.label_fractions)
+        return parse_floats("label_fractions", self.label_fractions)
 
     def l2_values(self) -> tuple[float, ...]:
-        return _floats("l2_grid", self.l2_grid)
+        return parse_floats("l2_grid", self.l2_grid)
 
     def epochs_for(self, fraction: float, dataset: str) -> int:
         """The paper fine-tunes 60 epochs on 1% of ImageNet and 30 on 10%; digits is tiny: 30 throughout."""
@@ -195,13 +211,14 @@ class EvalConfig:
         return 0.4 if dataset == "digits" else 0.05
 
 
-def _floats(flag: str, text: str) -> tuple[float, ...]:
+def parse_floats(flag: str, text: str, error: type[Exception] = EvalError) -> tuple[float, ...]:
+    """A comma-separated list of numbers from flag ``--flag``; ``error`` names the culprit in one line."""
     out = []
     for part in (p.strip() for p in text.split(",")):
         try:
             out.append(float(part))
         except ValueError:
-            raise EvalError(f"--{flag.replace('_', '-')}: {part!r} is not a number") from None
+            raise error(f"--{flag.replace('_', '-')}: {part!r} is not a number") from None
     return tuple(out)
 
 
@@ -326,7 +343,7 @@ def embed(encoder: nn.Module, dataset: Dataset, transform: Callable, *, device: 
 
 
 def compute_features(encoder: nn.Module, data: EvalData, *, device: torch.device | str = "cpu",
-                     batch_size: int = 256, num_workers: int = 0, log: Log = _stdout) -> Features:
+                     batch_size: int = 256, num_workers: int = 0, log: Log = emit) -> Features:
     t0 = time.perf_counter()
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers)
     train_x, train_y = embed(encoder, data.train, data.eval_transform(), **kw)
@@ -383,7 +400,7 @@ def fit_logistic(x: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter:
 
 def select_l2(fit_x: Tensor, fit_y: Tensor, val_x: Tensor, val_y: Tensor, *, num_classes: int,
               l2_grid: Sequence[float] = DEFAULT_L2_GRID, max_iter: int = 300,
-              device: torch.device | str = "cpu", log: Log = _stdout) -> tuple[float, dict[str, float]]:
+              device: torch.device | str = "cpu", log: Log = emit) -> tuple[float, dict[str, float]]:
     """(best L2, validation top-1 of every L2). It sees only the labelled train split's fit/val parts, by
     signature: test data cannot leak into the choice. Ties go to the stronger regularisation."""
     val_acc: dict[str, float] = {}
@@ -397,7 +414,7 @@ def select_l2(fit_x: Tensor, fit_y: Tensor, val_x: Tensor, val_y: Tensor, *, num
 
 def linear_probe_features(features: Features, *, num_classes: int, l2_grid: Sequence[float] = DEFAULT_L2_GRID,
                           val_fraction: float = 0.2, seed: int = 0, max_iter: int = 300,
-                          device: torch.device | str = "cpu", log: Log = _stdout) -> dict[str, Any]:
+                          device: torch.device | str = "cpu", log: Log = emit) -> dict[str, Any]:
     """Choose L2 on a stratified validation split of train, refit on all of train, report test top-1/top-5."""
     t0 = time.perf_counter()
     fit_idx, val_idx = stratified_split(features.train_y.numpy(), val_fraction, seed)
@@ -423,7 +440,7 @@ def linear_probe_features(features: Features, *, num_classes: int, l2_grid: Sequ
 
 
 def linear_probe(encoder: nn.Module, data: EvalData, *, device: torch.device | str = "cpu", batch_size: int = 256,
-                 num_workers: int = 0, log: Log = _stdout, **probe_kw: Any) -> dict[str, Any]:
+                 num_workers: int = 0, log: Log = emit, **probe_kw: Any) -> dict[str, Any]:
     """Linear evaluation of a frozen encoder: its features (eval transform, no gradient) feed a logistic
     regression; the encoder itself is never updated."""
     features = compute_features(encoder, data, device=device, batch_size=batch_size, num_workers=num_workers,
@@ -482,7 +499,7 @@ def classify(model: nn.Module, dataset: Dataset, transform: Callable, *, device:
 
 def finetune(encoder: nn.Module, data: EvalData, *, fraction: float, epochs: int, batch_size: int = 64,
              lr: float = 0.05, momentum: float = 0.9, seed: int = 0, device: torch.device | str = "cpu",
-             num_workers: int = 0, eval_batch_size: int = 256, log: Log = _stdout) -> dict[str, Any]:
+             num_workers: int = 0, eval_batch_size: int = 256, log: Log = emit) -> dict[str, Any]:
     """Fine-tune the whole network (``encoder`` in place + a new linear head) on a class-stratified ``fraction``
     of the train labels: SGD with Nesterov momentum, no weight decay, per-step cosine decay from
     ``lr * batch / 256`` (the paper's recipe). Pass a copy to keep the original encoder. Reports the last
@@ -578,7 +595,7 @@ def _cached_results(out_uri: str, ecfg: EvalConfig) -> tuple[list, dict, list]:
 
 
 def run_protocols(encoder: nn.Module, data: EvalData, ecfg: EvalConfig, todo: Sequence[tuple[str, float | None]],
-                  *, out_uri: str, common: dict[str, Any], device: torch.device, log: Log = _stdout
+                  *, out_uri: str, common: dict[str, Any], device: torch.device, log: Log = emit
                   ) -> dict[tuple[str, float | None], dict[str, Any]]:
     """Run ``todo`` on a frozen/fine-tuned ``encoder`` and write each result to ``out_uri``/eval/<name>.json."""
     results = {}
@@ -607,7 +624,7 @@ def run_protocols(encoder: nn.Module, data: EvalData, ecfg: EvalConfig, todo: Se
 
 
 def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
-                        log: Log = _stdout) -> list[dict[str, Any]]:
+                        log: Log = emit) -> list[dict[str, Any]]:
     """Run the config's protocols on one checkpoint and write each result next to it. A result whose file
     already exists is read back instead of recomputed (unless ``force``), which makes watching idempotent."""
     device = torch.device(device)
@@ -663,7 +680,7 @@ def pretrained_results_dir(pre: PretrainedEncoder, data: EvalData, ecfg: EvalCon
 
 
 def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
-                        log: Log = _stdout) -> list[dict[str, Any]]:
+                        log: Log = emit) -> list[dict[str, Any]]:
     """Import ``FORMAT:PATH_OR_URI`` (verified; ``ecfg.strict`` refuses partial loads), print what was loaded,
     and run the config's protocols on ``ecfg.dataset`` with the importer's input normalisation."""
     device = torch.device(device)
@@ -692,14 +709,14 @@ def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | s
 
 # ---------------------------------------------------------------------------- a run
 def evaluate_latest(run_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
-                    log: Log = _stdout) -> list[dict[str, Any]]:
+                    log: Log = emit) -> list[dict[str, Any]]:
     latest = latest_checkpoint(run_uri)
     if latest is None:
         raise EvalError(f"--run {run_uri}: no complete checkpoint (checkpoint_*/ with {MANIFEST_FILE}) yet")
     return evaluate_checkpoint(latest, ecfg, device=device, log=log)
 
 
-def watch_run(run_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu", log: Log = _stdout,
+def watch_run(run_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu", log: Log = emit,
               sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
     """Poll the run every ``ecfg.interval`` s and evaluate each complete checkpoint once, oldest first, until one
     of epoch >= ``watch_until_epoch`` is evaluated (or forever: stop with Ctrl-C). A checkpoint that fails to
@@ -760,9 +777,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _stdout("\n[eval] interrupted; every result completed so far is saved next to its checkpoint")
+        emit("\n[eval] interrupted; every result completed so far is saved next to its checkpoint")
         return 130
-    _stdout("\n" + format_table(results))
+    emit("\n" + format_table(results))
     return 0
 
 

@@ -42,7 +42,6 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -54,11 +53,33 @@ from simclr_dist import storage
 from simclr_dist import supervised as sup
 from simclr_dist.checkpoints import latest_checkpoint
 from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
+from simclr_dist.console import Log, emit
 from simclr_dist.data.datasets import DatasetError, check_available, dataset_info
-from simclr_dist.evaluate import (DEFAULT_L2_GRID, EvalError, Features, balanced_subset, compute_features,
-                                  linear_probe_features, load_eval_data, require_complete, select_device)
-from simclr_dist.pretrained import FORMATS, PretrainedEncoder, PretrainedError, load_pretrained, parse_spec
-from simclr_dist.train import MANIFEST_FILE, build_model, labelled_splits, load_checkpoint
+from simclr_dist.evaluate import (
+    DEFAULT_L2_GRID,
+    EvalError,
+    Features,
+    balanced_subset,
+    compute_features,
+    linear_probe_features,
+    parse_floats,
+    load_eval_data,
+    require_complete,
+    select_device,
+)
+from simclr_dist.pretrained import (
+    FORMATS,
+    PretrainedEncoder,
+    PretrainedError,
+    load_pretrained,
+    parse_spec,
+)
+from simclr_dist.train import (
+    MANIFEST_FILE,
+    build_model,
+    labelled_splits,
+    load_checkpoint,
+)
 
 ARMS = ("linear", "finetune", "supervised")
 ARM_TITLES = {"linear": "SimCLR + linear head", "finetune": "SimCLR fine-tuned", "supervised": "supervised from scratch"}
@@ -66,16 +87,12 @@ ARM_COLORS = {"linear": "tab:blue", "finetune": "tab:green", "supervised": "tab:
 DEFAULT_FRACTIONS = "0.01,0.02,0.05,0.1,0.2,0.5,1"
 RESULT_FORMAT = 1
 
-Log = Callable[[str], None]
 
 
 class ExperimentError(ValueError):
     """Bad input for the experiments driver; one line for the user."""
 
 
-def _stdout(msg: str) -> None:
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -197,13 +214,7 @@ class ExperimentsConfig:
 
 
 def _floats(flag: str, text: str) -> tuple[float, ...]:
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            out.append(float(part))
-        except ValueError:
-            raise ExperimentError(f"--{flag.replace('_', '-')}: {part!r} is not a number") from None
-    return tuple(out)
+    return parse_floats(flag, text, ExperimentError)
 
 
 def parse_args(argv: list[str] | None = None) -> ExperimentsConfig:
@@ -470,7 +481,7 @@ def _load_encoder(checkpoint: str, cfg: PretrainConfig) -> torch.nn.Module:
     return model.encoder
 
 
-def execute(plan: Plan, *, log: Log = _stdout) -> dict[str, Any]:
+def execute(plan: Plan, *, log: Log = emit) -> dict[str, Any]:
     """Pretrain if the plan says so, then run every (arm, fraction) in :func:`_order`, checking each arm trained on
     the drawn subset; results.json is rewritten after every arm, the report and plots at the end."""
     t_start = time.perf_counter()
@@ -854,10 +865,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _stdout(f"\n[exp] interrupted; finished arms are kept in {plan.out} and reused by a rerun")
+        emit(f"\n[exp] interrupted; finished arms are kept in {plan.out} and reused by a rerun")
         return 130
-    _stdout("\n" + format_table(summary))
-    _stdout(f"\n[exp] done in {summary['elapsed_s']:.0f}s: {storage.join(plan.out, 'report.md')}")
+    emit("\n" + format_table(summary))
+    emit(f"\n[exp] done in {summary['elapsed_s']:.0f}s: {storage.join(plan.out, 'report.md')}")
     return 0
 
 

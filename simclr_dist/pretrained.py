@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from simclr_dist import storage
+from simclr_dist.console import Log
 from simclr_dist.models import ResNetEncoder, build_backbone, count_parameters
 
 FORMATS: tuple[str, ...] = ("simclr-v1", "spijkervet", "torchvision", "simclr-dist")
@@ -56,7 +57,6 @@ _LAYOUTS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resne
             ("bottleneck", (3, 4, 6, 3)): "resnet50"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
-Log = Callable[[str], None]
 
 
 class PretrainedError(ValueError):

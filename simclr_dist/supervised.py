@@ -32,7 +32,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -46,14 +45,47 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from simclr_dist import storage
 from simclr_dist.checkpoints import latest_checkpoint, list_complete_checkpoints
 from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
-from simclr_dist.data.augment import build_view_transform, default_augment, parse_components
-from simclr_dist.data.datasets import DatasetError, check_available, dataset_info, load_dataset
-from simclr_dist.evaluate import (Classifier, EvalConfig, EvalData, TransformedSubset, _autocast, balanced_subset,
-                                  classify, finetune_components, load_eval_data, require_complete, select_device)
+from simclr_dist.console import Log, emit
+from simclr_dist.data.augment import (
+    build_view_transform,
+    default_augment,
+    parse_components,
+)
+from simclr_dist.data.datasets import (
+    DatasetError,
+    check_available,
+    dataset_info,
+    load_dataset,
+)
+from simclr_dist.evaluate import (
+    Classifier,
+    EvalConfig,
+    EvalData,
+    TransformedSubset,
+    _autocast,
+    balanced_subset,
+    classify,
+    finetune_components,
+    load_eval_data,
+    require_complete,
+    select_device,
+)
 from simclr_dist.optim import WarmupCosine, scale_lr
-from simclr_dist.pretrained import (FORMATS, Normalization, PretrainedEncoder, PretrainedError, init_from_pretrained,
-                                    load_pretrained, parse_spec)
-from simclr_dist.train import build_model, labelled_splits, load_checkpoint, save_checkpoint
+from simclr_dist.pretrained import (
+    FORMATS,
+    Normalization,
+    PretrainedEncoder,
+    PretrainedError,
+    init_from_pretrained,
+    load_pretrained,
+    parse_spec,
+)
+from simclr_dist.train import (
+    build_model,
+    labelled_splits,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 RUN_CONFIG_FILE = "supervised_config.json"
 RESULTS_FILE = "results.json"
@@ -65,13 +97,8 @@ CLUSTER_FIELDS = ("ray", "num_workers", "use_gpu", "cpus_per_worker", "ray_addre
                   # a complete import is the same under --strict and --no-strict (a partial one fails --strict)
                   "init_strict")
 
-Log = Callable[[str], None]
 
 
-def _stdout(msg: str) -> None:
-    # sys.stdout directly: Ray Train patches print() into its logger, which would show each line twice
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -461,7 +488,7 @@ def initial_encoder(scfg: SupervisedConfig, mcfg: PretrainConfig) -> torch.nn.Mo
 
 
 def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: LocalSession | RaySession,
-                     log: Log = _stdout) -> dict[str, Any]:
+                     log: Log = emit) -> dict[str, Any]:
     """Train encoder + linear head on the label subset; report and checkpoint every epoch; resume if the session
     has a checkpoint. Returns rank 0's view: history, subset indices and the last epoch's test accuracy."""
     rank, world, device = session.rank, session.world, torch.device(session.device)
@@ -612,7 +639,7 @@ def cached_result(scfg: SupervisedConfig) -> dict[str, Any] | None:
     return {**saved, "cached": True}
 
 
-def run(scfg: SupervisedConfig, *, log: Log = _stdout) -> dict[str, Any]:
+def run(scfg: SupervisedConfig, *, log: Log = emit) -> dict[str, Any]:
     """Train (or resume, or read back a finished) supervised run; returns its results, also written to
     ``STORAGE/NAME/results.json`` with the label subset's indices."""
     scfg, mcfg = preflight(scfg)

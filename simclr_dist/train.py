@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simclr_dist import storage
 from simclr_dist.config import ARCH_FIELDS, PretrainConfig
+from simclr_dist.console import emit
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
@@ -136,7 +136,9 @@ VAL_FRACTION, VAL_SEED = 0.2, 0  # the kNN monitor's validation split: fixed, so
 def validation_split(labelled: torch.utils.data.Dataset) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
     """(bank, queries) of a labelled split: a fixed class-stratified VAL_FRACTION held out as queries (labels read
     from ``.targets``, no image decoded)."""
-    from simclr_dist.evaluate import stratified_split  # lazy: evaluate imports this module
+    from simclr_dist.evaluate import (
+        stratified_split,  # lazy: evaluate imports this module
+    )
     fit_idx, val_idx = stratified_split(torch.as_tensor(labelled.targets).numpy(), VAL_FRACTION, VAL_SEED)
     return (torch.utils.data.Subset(labelled, fit_idx.tolist()), torch.utils.data.Subset(labelled, val_idx.tolist()))
 
@@ -157,7 +159,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    log = _stdout if rank == 0 else (lambda msg: None)
+    log = emit if rank == 0 else (lambda msg: None)
 
     # -- model, loss precision, optimizer, schedule
     model = build_model(cfg)
@@ -312,10 +314,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "epochs_done": history[-1]["epoch"] if history else start_epoch}
 
 
-def _stdout(msg: str) -> None:
-    # sys.stdout directly: Ray Train patches print() into its logger, which would show each line twice
-    sys.stdout.write(msg + "\n")
-    sys.stdout.flush()
 
 
 def _max_across(t: torch.Tensor) -> int:
@@ -366,5 +364,5 @@ def _chaos_once(cfg: PretrainConfig, what: str, before=None) -> None:
     storage.write_bytes(marker, b"done\n")
     if before is not None:
         before()
-    _stdout(f"[simclr] chaos ({what}): killing worker pid {os.getpid()}")
+    emit(f"[simclr] chaos ({what}): killing worker pid {os.getpid()}")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -17,13 +17,7 @@ from simclr_dist.config import PretrainConfig
 from simclr_dist.train import CHECKPOINT_FILE, MANIFEST_FILE, build_model, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one torch thread is ~10x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg() -> PretrainConfig:

@@ -23,13 +23,7 @@ from simclr_dist.train import build_model, load_checkpoint, save_checkpoint
 TINY = dict(image_size=16, width=0.125)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core box: one torch thread is much faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_simclr_checkpoint(directory) -> str:

@@ -22,12 +22,7 @@ from simclr_dist.pretrained import IMAGENET_MEAN_STD
 from simclr_dist.train import build_model, save_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_torchvision_file(path, seed: int = 1) -> dict[str, torch.Tensor]:
