@@ -77,6 +77,32 @@ def test_gpu_allow_cpu_smoke_report(tmp_path: Path, keep_threads: None) -> None:
     for key in ("step_ms", "samples_per_s", "tflops", "of_matmul", "gflop_per_sample"):
         assert _positive(row[key]), (key, row)
     assert report["loader"] == "synthetic" and _positive(report["matmul_bf16_tflops"])
+    assert row["loader"] == "synthetic" and "beton" not in report
+
+
+def test_gpu_ffcv_loader_against_synthetic(tmp_path: Path, keep_threads: None) -> None:
+    """--loaders synthetic,ffcv: per batch size a synthetic row and an FFCV row (a generated .beton, FFCV's first
+    batch in the warm-up) with its data wait and its samples/s relative to the synthetic row of the same run."""
+    out = tmp_path / "gpu.json"
+    argv = ["--quick", "--threads", "1", "--loaders", "ffcv,synthetic", "--out", str(out)]
+    assert gpu.main(argv + ([] if torch.cuda.is_available() else ["--allow-cpu"])) == 0
+    report = _report(out)
+    assert report["loaders"] == ["synthetic", "ffcv"] and report["loader"] == "synthetic,ffcv"
+    rows = {(r["batch"], r["loader"]): r for r in report["rows"]}
+    batch = report["rows"][0]["batch"]
+    synth, ffcv = rows[(batch, "synthetic")], rows[(batch, "ffcv")]
+    for r in (synth, ffcv):
+        assert r["status"] == "ok", r
+        for key in ("step_ms", "samples_per_s", "tflops", "vs_synthetic", "warmup_s"):
+            assert _positive(r[key]), (key, r)
+    assert synth["vs_synthetic"] == 1.0 and "data_wait_ms" not in synth
+    assert ffcv["vs_synthetic"] == pytest.approx(ffcv["samples_per_s"] / synth["samples_per_s"])
+    assert ffcv["data_wait_ms"] >= 0 and 0 <= ffcv["data_wait_share"] <= 1
+    assert ffcv["steps"] == synth["steps"] and ffcv["warmup_s"] >= ffcv["first_batch_s"] > 0  # compile untimed
+    assert ffcv["epochs_started"] == 0  # the default .beton holds warm-up + timed steps in one epoch
+    beton = report["beton"]
+    assert beton["built"] and beton["temporary"] and beton["images"] >= batch * (ffcv["steps"] + 1)
+    assert _positive(beton["bytes_per_image"]) and not Path(beton["path"]).exists()  # the temp dir is gone
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the skip path is for machines without CUDA")

@@ -216,6 +216,17 @@ def test_each_component_acts_and_is_reproducible(component):
         assert ((out == 0).all(1).flatten(1).sum(1) > 0).all()  # every image has an erased (mean-valued) square
 
 
+
+def test_sync_free_gpu_path_equals_subset_path():
+    """The GPU path (every sample computed, blended with torch.where: no host sync) must give the CPU path's values."""
+    x = torch.randint(0, 256, (32, 24, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    cfg = AugmentConfig(("crop", "flip", "color", "gray", "blur", "rotate"), 24, mean=(0.5,) * 3, std=(0.25,) * 3)
+    subset, sync_free = BatchedViewAugment(cfg), BatchedViewAugment(cfg)
+    sync_free.sync_free = True
+    assert not subset.sync_free  # CPU default
+    a, b = subset(x, torch.Generator().manual_seed(5)), sync_free(x, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
 # ---------------------------------------------------------------------------- preflight and CLI
 def test_preflight_rejects_bad_betons_before_training(shards, tmp_path, capsys):
     from ffcv.fields import IntField

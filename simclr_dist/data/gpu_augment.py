@@ -14,6 +14,8 @@ size. Output: float32 normalised ``(B, 3, S, S)``, contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,7 @@ class BatchedViewAugment:
         self.jitter = [(max(0.0, 1 - 0.8 * j), 1 + 0.8 * j)] * 3 + [(-0.2 * j, 0.2 * j)]
         self.jitter_on = [0.8 * j > 0] * 3 + [0.2 * j > 0]
         self.sobel = Sobel().to(self.device) if "sobel" in self.on else None
+        self.sync_free = self.device.type == "cuda"  # see _masked
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({','.join(self.cfg.components)}, device={self.device})"
@@ -118,9 +121,19 @@ class BatchedViewAugment:
     def _rand(self, g: torch.Generator, *shape: int) -> Tensor:
         return torch.rand(shape, generator=g, device=self.device)
 
-    def _subset(self, mask: Tensor) -> Tensor | None:
+    def _masked(self, x: Tensor, mask: Tensor, fn: Callable[..., Tensor], *params: Tensor) -> Tensor:
+        """``fn(x, *params)`` on the samples where ``mask`` holds (``params``: per-sample values, sliced alike).
+
+        Why two ways: on a CPU only the chosen samples are computed (compute is the cost); on a GPU every sample is
+        computed and blended with ``torch.where``, because indexing by a data-dependent mask (``nonzero``) blocks
+        the host until the device catches up, which would stall the queueing of the training step and show the
+        previous step's GPU time as data wait. Both give the same values for the same generator."""
+        if self.sync_free:
+            return torch.where(mask.view(-1, 1, 1, 1), fn(x, *params), x)
         idx = mask.nonzero().flatten()
-        return idx if idx.numel() else None
+        if idx.numel():
+            x[idx] = fn(x[idx], *(p[idx] for p in params))
+        return x
 
     def __call__(self, images: Tensor, g: torch.Generator) -> Tensor:
         cfg, on = self.cfg, self.on
@@ -128,28 +141,27 @@ class BatchedViewAugment:
             images = images.permute(0, 3, 1, 2)
         x = images.to(self.device, non_blocking=True).to(torch.float32).div_(255).contiguous()
         n, s = x.shape[0], x.shape[-1]
-        if "flip" in on and (idx := self._subset(self._rand(g, n) < 0.5)) is not None:
-            x[idx] = x[idx].flip(-1)
+        if "flip" in on:
+            x = self._masked(x, self._rand(g, n) < 0.5, lambda t: t.flip(-1))
         if "color" in on:
             apply = self._rand(g, n) < cfg.color_p
             factors = torch.stack([lo + (hi - lo) * self._rand(g, n) for lo, hi in self.jitter], 1)
             order = self._rand(g, n, 4).argsort(1)  # torchvision: a fresh randperm(4) per image
             for pos in range(4):
                 for op in range(4):
-                    if self.jitter_on[op] and (idx := self._subset(apply & (order[:, pos] == op))) is not None:
-                        f = factors[idx, op]
-                        x[idx] = _JITTER[op](x[idx], f if op == 3 else f.view(-1, 1, 1, 1))
-        if "gray" in on and (idx := self._subset(self._rand(g, n) < cfg.gray_p)) is not None:
-            x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
+                    if self.jitter_on[op]:
+                        x = self._masked(x, apply & (order[:, pos] == op),
+                                         lambda t, f, op=op: _JITTER[op](t, f if op == 3 else f.view(-1, 1, 1, 1)),
+                                         factors[:, op])
+        if "gray" in on:
+            x = self._masked(x, self._rand(g, n) < cfg.gray_p, lambda t: _gray(t).expand(-1, 3, -1, -1))
         if "blur" in on:
             apply, sigma = self._rand(g, n) < cfg.blur_p, 0.1 + 1.9 * self._rand(g, n)
-            if (idx := self._subset(apply)) is not None:
-                x[idx] = gaussian_blur(x[idx], sigma[idx], _blur_kernel(s))
+            x = self._masked(x, apply, lambda t, sd: gaussian_blur(t, sd, _blur_kernel(s)), sigma)
         if "rotate" in on:
             k = (self._rand(g, n) * 4).long().clamp_(max=3)
             for r in (1, 2, 3):
-                if (idx := self._subset(k == r)) is not None:
-                    x[idx] = torch.rot90(x[idx], r, dims=(-2, -1))
+                x = self._masked(x, k == r, lambda t, r=r: torch.rot90(t, r, dims=(-2, -1)))
         if self.sobel is not None:
             x = self.sobel(x)
         if "noise" in on:
