@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -160,6 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     log = emit if rank == 0 else (lambda msg: None)
+    if not cfg.verbose:
+        _quiet_report_log()
 
     # -- model, loss precision, optimizer, schedule
     model = build_model(cfg)
@@ -329,6 +332,17 @@ def _mean_across(t: torch.Tensor) -> float:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return float(t.item())
+
+
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every report (metrics dict included) at INFO through ``logging.getLogger(__file__)`` of
+    its worker context module, a logger outside the ``ray.train`` tree that ``LoggingConfig`` sets; without
+    ``--verbose`` that is two lines per epoch of noise around our own progress lines."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _all_node_ids() -> list[str]:
