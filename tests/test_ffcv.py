@@ -86,6 +86,20 @@ def epoch_labels(loader, epoch: int) -> list[int]:
     return [int(y) for _, _, labels in loader for y in labels]
 
 
+
+def test_sharded_betons_decode_with_parallel_threads(shards):
+    """Two decode threads compile FFCV's parallel (prange) decoder, which takes the sharded memory state through a
+    numba parfor; it must decode the same epoch, bit for bit, as one thread."""
+    views = {}
+    for threads in (1, 2):
+        ld = build_pretrain_loader(spec(",".join(shards.files), num_workers=threads))
+        assert ld.threads == threads
+        ld.set_epoch(3)
+        views[threads] = [(v1.clone(), v2.clone(), y.clone()) for v1, v2, y in ld]
+    assert len(views[1]) == len(views[2]) > 0
+    for (a1, a2, ay), (b1, b2, by) in zip(views[1], views[2]):
+        assert torch.equal(ay, by) and torch.equal(a1, b1) and torch.equal(a2, b2)
+
 # ---------------------------------------------------------------------------- conversion
 def test_convert_writes_complete_shards_atomically(shards, folder):
     d = os.path.dirname(shards.files[0])

@@ -190,22 +190,28 @@ class ShardedReader:
 
 
 def _sharded_manager(reader: Any) -> Any:
-    """An ``OSCacheManager`` whose reader finds the file of an address: mmaps as a tuple, one per shard."""
+    """An ``OSCacheManager`` whose reader finds the file of an address: one mmap per shard, reached by address.
+
+    Why addresses and not a tuple of the mmap arrays: FFCV's parallel decoders (``prange``, any run with more than
+    one decode thread) hand the memory state to a numba parfor, whose gufunc wrapper accepts a flat tuple of
+    arrays (FFCV's own state) but rejects a nested tuple of arrays. So the state is four flat ``uint64`` arrays,
+    the last holding each mmap's start address; the context keeps the mmaps alive while the loader exists."""
     import numba as nb
     from ffcv.memory_managers.base import MemoryContext, MemoryManager
     from ffcv.pipeline.compiler import Compiler
 
     class Context(MemoryContext):
         def __init__(self, manager: Any):
-            self.manager, self.mmaps = manager, None
+            self.manager, self.mmaps, self.starts = manager, None, None
 
         @property
         def state(self) -> tuple:
-            return (self.mmaps, self.manager.ptrs, self.manager.sizes, self.manager.reader.bases)
+            return (self.manager.ptrs, self.manager.sizes, self.manager.reader.bases, self.starts)
 
         def __enter__(self) -> Any:
             if self.mmaps is None:
-                self.mmaps = tuple(np.memmap(f, "uint8", mode="c") for f in self.manager.reader.files)  # "c": typed writable like FFCV's, never written
+                self.mmaps = [np.memmap(f, "uint8", mode="c") for f in self.manager.reader.files]  # "c": never written; a stray write stays private
+                self.starts = np.array([m.ctypes.data for m in self.mmaps], np.uint64)
             return self
 
         def __exit__(self, *exc: Any) -> None:
@@ -220,21 +226,36 @@ def _sharded_manager(reader: Any) -> Any:
             return self.context
 
         @property
-        def state_type(self) -> Any:  # typed like FFCV's OSCacheManager, with one mmap per file
-            u64 = nb.uint64[::1]
-            return nb.types.Tuple([nb.types.UniTuple(nb.uint8[::1], len(self.reader.files)), u64, u64, u64])
+        def state_type(self) -> Any:
+            return nb.types.UniTuple(nb.uint64[::1], 4)
 
         def compile_reader(self) -> Any:
+            u8_ptr = _u8_pointer()
+
             def read(address, state):
-                mmaps, ptrs, sizes, bases = state
+                ptrs, sizes, bases, starts = state
                 size = sizes[np.searchsorted(ptrs, address)]
                 shard = np.searchsorted(bases, address, side="right") - 1
-                local = address - bases[shard]
-                return mmaps[shard][local:local + size]
+                return nb.carray(u8_ptr(starts[shard] + (address - bases[shard])), size)
 
             return Compiler.compile(read, nb.uint8[::1](nb.uint64, self.state_type))
 
     return Manager(reader)
+
+
+def _u8_pointer():
+    """A numba intrinsic: uint64 address -> ``uint8*`` (for ``numba.carray``)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def u8_ptr(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], ir.PointerType(ir.IntType(8)))
+        return types.CPointer(types.uint8)(address), codegen
+
+    return u8_ptr
 
 
 _PATCH_LOCK = threading.Lock()
