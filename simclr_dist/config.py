@@ -17,10 +17,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+from simclr_dist.core.models import ARCHS
+from simclr_dist.core.precision import PRECISIONS
+
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LOADERS = ("auto", "torch", "ffcv")
 KNN_SPLITS = ("test", "val")
 
@@ -32,79 +33,99 @@ class ConfigError(ValueError):
     """A bad flag or flag combination; the message is one line naming the culprit."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def flag(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field that is also a command-line flag (``--field-name``) with this help text."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+FORMATS: tuple[str, ...] = ("simclr-v1", "spijkervet", "torchvision", "simclr-dist")
+
+
+class PretrainedError(ConfigError):
+    """A weight file cannot be imported (bad spec, unreadable, wrong layout, partial under --strict); one line."""
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"simclr-v1:/w/r50-2x.pth"`` -> ``("simclr-v1", "/w/r50-2x.pth")``; URIs keep their ``s3://``."""
+    fmt, sep, path = spec.partition(":")
+    fmt = fmt.strip().lower()
+    if not sep or not path.strip():
+        raise PretrainedError(f"--pretrained {spec!r}: expected FORMAT:PATH_OR_URI with FORMAT one of "
+                              f"{', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise PretrainedError(f"--pretrained {spec!r}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return fmt, path.strip()
 
 
 @dataclass
 class PretrainConfig:
     # data
-    dataset: str = _f("digits", "dataset: digits (embedded, no download), cifar10, cifar100, stl10, imagenet, imagefolder")
-    data_root: str | None = _f(None, "directory holding the dataset (not needed for digits)")
-    download: bool = _f(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
-    split: str | None = _f(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
-    image_size: int | None = _f(None, "training resolution in pixels (default: the dataset's, 24 for digits)")
-    augment: str | None = _f(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
+    dataset: str = flag("digits", "dataset: digits (embedded, no download), cifar10, cifar100, stl10, imagenet, imagefolder")
+    data_root: str | None = flag(None, "directory holding the dataset (not needed for digits)")
+    download: bool = flag(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
+    split: str | None = flag(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
+    image_size: int | None = flag(None, "training resolution in pixels (default: the dataset's, 24 for digits)")
+    augment: str | None = flag(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
                                    "(default: the paper's recipe adapted to the dataset)")
-    jitter_strength: float | None = _f(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)")
-    loader_workers: int = _f(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
+    jitter_strength: float | None = flag(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)")
+    loader_workers: int = flag(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
                                 "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)")
-    loader: str = _f("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
+    loader: str = flag("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
                              "when --beton is given or the dataset is embedded (digits: each node converts it once "
                              "into a cache, ~30%% faster end to end), else torch")
-    beton: str | None = _f(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
+    beton: str | None = flag(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
                                  "comma list of shards (local disk)")
     # model
-    arch: str = _f("resnet18", "backbone: resnet18, resnet34, resnet50")
-    width: float | None = _f(None, "channel width multiplier of every ResNet stage (default 1.0; 0.25 for digits)")
-    cifar_stem: bool | None = _f(None, "3x3 stride-1 first conv and no max-pool (default: on for images <= 64 px)")
-    proj_hidden_dim: int | None = _f(None, "projection head hidden size (default: the encoder's feature size)")
-    proj_out_dim: int = _f(128, "projection head output size")
-    sync_bn: bool = _f(False, "synchronise BatchNorm statistics across workers (the paper's global BN)")
-    pretrained: str | None = _f(None, "initialise the encoder (and a same-layout projection head) from "
+    arch: str = flag("resnet18", "backbone: resnet18, resnet34, resnet50")
+    width: float | None = flag(None, "channel width multiplier of every ResNet stage (default 1.0; 0.25 for digits)")
+    cifar_stem: bool | None = flag(None, "3x3 stride-1 first conv and no max-pool (default: on for images <= 64 px)")
+    proj_hidden_dim: int | None = flag(None, "projection head hidden size (default: the encoder's feature size)")
+    proj_out_dim: int = flag(128, "projection head output size")
+    sync_bn: bool = flag(False, "synchronise BatchNorm statistics across workers (the paper's global BN)")
+    pretrained: str | None = flag(None, "initialise the encoder (and a same-layout projection head) from "
                                       "FORMAT:PATH_OR_URI before the first step, FORMAT one of simclr-v1, spijkervet, "
                                       "torchvision, simclr-dist (a resumed run restores its own checkpoint instead)")
-    pretrained_strict: bool = _f(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+    pretrained_strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
                                        "mismatch)")
     # objective and optimisation
-    temperature: float = _f(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)")
-    batch_size: int = _f(128, "global batch size (images per step over all workers; each contributes two views)")
-    epochs: int | None = _f(None, "training epochs (default: 100; 20 for digits)")
-    optimizer: str = _f("lars", "optimizer: lars, sgd, adamw")
-    lr_scaling: str | None = _f(None, "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none); "
+    temperature: float = flag(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)")
+    batch_size: int = flag(128, "global batch size (images per step over all workers; each contributes two views)")
+    epochs: int | None = flag(None, "training epochs (default: 100; 20 for digits)")
+    optimizer: str = flag("lars", "optimizer: lars, sgd, adamw")
+    lr_scaling: str | None = flag(None, "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none); "
                                       "default: sqrt below a global batch of 1024, linear above (SimCLR appendix B.1)")
-    base_lr: float | None = _f(None, "learning rate before scaling (default: 0.3 for linear, 0.075 for sqrt scaling)")
-    weight_decay: float = _f(1e-6, "weight decay (not applied to biases and BatchNorm parameters)")
-    momentum: float = _f(0.9, "momentum of lars/sgd")
-    warmup_epochs: float | None = _f(None, "linear warm-up epochs before the cosine decay (default: 10%% of epochs, at most 10)")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16")
-    channels_last: bool | None = _f(None, "channels_last memory format (default: on for GPU)")
-    compile: bool = _f(False, "torch.compile the model")
-    seed: int = _f(0, "seed of model init, data order and augmentation")
+    base_lr: float | None = flag(None, "learning rate before scaling (default: 0.3 for linear, 0.075 for sqrt scaling)")
+    weight_decay: float = flag(1e-6, "weight decay (not applied to biases and BatchNorm parameters)")
+    momentum: float = flag(0.9, "momentum of lars/sgd")
+    warmup_epochs: float | None = flag(None, "linear warm-up epochs before the cosine decay (default: 10%% of epochs, at most 10)")
+    precision: str = flag("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16")
+    channels_last: bool | None = flag(None, "channels_last memory format (default: on for GPU)")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(0, "seed of model init, data order and augmentation")
     # cluster
-    num_workers: int = _f(2, "Ray Train workers (one process each, DDP)")
-    use_gpu: bool | None = _f(None, "one GPU per worker (default: when the cluster has GPUs)")
-    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
-    ray_address: str | None = _f(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    num_workers: int = flag(2, "Ray Train workers (one process each, DDP)")
+    use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
+    cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
+    ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     # checkpoints and fault tolerance
-    storage_path: str = _f("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
-    name: str | None = _f(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
-    checkpoint_every: int = _f(1, "save a checkpoint every K epochs (and always after the last)")
-    num_to_keep: int = _f(2, "checkpoints kept in storage (the newest are kept)")
-    max_failures: int = _f(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)")
-    summary_json: str | None = _f(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")
+    storage_path: str = flag("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
+    name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
+    checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last)")
+    num_to_keep: int = flag(2, "checkpoints kept in storage (the newest are kept)")
+    max_failures: int = flag(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)")
+    summary_json: str | None = flag(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")
     # monitoring and evaluation
-    log_every: int = _f(10, "print progress (and check the loss is finite) every N steps")
-    knn_every: int = _f(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
-    knn_k: int = _f(200, "neighbours of the kNN monitor")
-    knn_temperature: float = _f(0.1, "temperature of the kNN monitor's weighted vote")
-    knn_split: str = _f("test", "queries of the kNN monitor: test (the held-out test split; metrics knn_top1/5) or val "
+    log_every: int = flag(10, "print progress (and check the loss is finite) every N steps")
+    knn_every: int = flag(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
+    knn_k: int = flag(200, "neighbours of the kNN monitor")
+    knn_temperature: float = flag(0.1, "temperature of the kNN monitor's weighted vote")
+    knn_split: str = flag("test", "queries of the kNN monitor: test (the held-out test split; metrics knn_top1/5) or val "
                                 "(a fixed class-stratified 20%% of the labelled train split, the other 80%% the bank; "
                                 "metrics val_knn_top1/5): what sweeps select on, never the test split")
-    verbose: bool = _f(False, "show Ray Train's INFO logs (worker placement, every report)")
-    chaos_kill_step: int = _f(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
-    chaos_kill_in_upload: int = _f(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
-    chaos_nan_step: int = _f(-1, "fault drill: make the loss NaN at this global step to exercise the stop (-1: off)")
+    verbose: bool = flag(False, "show Ray Train's INFO logs (worker placement, every report)")
+    chaos_kill_step: int = flag(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
+    chaos_kill_in_upload: int = flag(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
+    chaos_nan_step: int = flag(-1, "fault drill: make the loss NaN at this global step to exercise the stop (-1: off)")
 
     # ------------------------------------------------------------------ defaults
     def resolved(self) -> "PretrainConfig":
@@ -129,7 +150,7 @@ class PretrainConfig:
         cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
         if cfg.loader == "auto":
             cfg.loader = "ffcv" if cfg.beton or info.embedded else "torch"
-        if not _is_uri(cfg.storage_path):
+        if not is_uri(cfg.storage_path):
             cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
         return cfg
 
@@ -201,11 +222,7 @@ class PretrainConfig:
             except ValueError as e:
                 bad("augment", str(e))
         if self.pretrained is not None:
-            from simclr_dist.pretrained import PretrainedError, parse_spec
-            try:
-                parse_spec(self.pretrained)
-            except PretrainedError as e:
-                raise ConfigError(str(e)) from None
+            parse_spec(self.pretrained)
         if self.name is not None and (not self.name or "/" in self.name or self.name.startswith(".")):
             bad("name", f"must be a plain directory name, got {self.name!r}")
         return self
@@ -223,7 +240,7 @@ class PretrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str) -> bool:
     return "://" in path
 
 
@@ -238,7 +255,7 @@ def _dataset_names() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------- CLI generation
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) of ``X | None``."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -252,7 +269,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(hints[f.name])
+        tp, _ = base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         helptext = f.metadata.get("help", "")
         if tp is bool:
