@@ -7,7 +7,6 @@ checked first, so a bad input costs one line and no cluster time.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any

@@ -18,10 +18,9 @@ from simclr_dist import evaluate as ev
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.core.models import build_backbone, count_parameters
-from simclr_dist.run.pretrained import (
-    IMAGENET_MEAN_STD, BNFreeProjectionHead, PretrainedError, compare_state_dict, import_encoder, infer_resnet,
-    load_pretrained, parse_spec,
-)
+from simclr_dist.config import PretrainedError, parse_spec
+from simclr_dist.run.pretrained import IMAGENET_MEAN_STD, BNFreeProjectionHead, load_pretrained
+from simclr_dist.run.weights import compare_state_dict, import_encoder, infer_resnet
 from simclr_dist.run.checkpoint import save_checkpoint
 from simclr_dist.run.step import build_model
 
