@@ -3,7 +3,7 @@
     python -m bench.gpu [--quick] [--out PATH.json] [--compile] [--loaders synthetic[,ffcv]] [--beton PATH]
                         [--time-budget-s 420]
 
-The production step (both views in one forward, ``nt_xent``, backward, LARS) with bf16 autocast and
+The production step ``run.step.pretrain_step`` (both views in one forward, ``nt_xent``, backward, LARS) with bf16 autocast and
 channels_last, fed by one or more input pipelines (``--loaders``, run in this order per batch size, each
 leg from the same initial weights and a fresh optimizer):
 
@@ -52,9 +52,10 @@ from bench.common import (
     sync,
     write_report,
 )
-from simclr_dist.core.loss import nt_xent
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import build_optimizer, scale_lr
+from simclr_dist.core.precision import Precision
+from simclr_dist.run.step import pretrain_step
 
 TAU = 0.1
 LOADERS = ("synthetic", "ffcv")
@@ -254,15 +255,13 @@ def bench_batch(args: argparse.Namespace, batch: int, device: torch.device, budg
     model = torch.compile(raw) if args.compile else raw
     opt: Any = None
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            _, z = model(x)
-        z1, z2 = z.float().chunk(2)
-        loss = nt_xent(z1, z2, TAU)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+    precision = Precision.of("bf16", device)
+    scaler = precision.scaler()
+
+    def step(x: torch.Tensor) -> torch.Tensor:  # x: [view 1; view 2], already on the device, channels_last
+        v1, v2 = x.chunk(2)
+        return pretrain_step(model, opt, scaler, v1, v2, temperature=TAU, precision=precision, device=device,
+                             channels_last=True)
 
     def to_model(v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:  # as train.py feeds the model
         return torch.cat([v1, v2]).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)

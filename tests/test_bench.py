@@ -188,3 +188,18 @@ def test_gloo_per_rank_logits_match_emulation(tmp_path: Path) -> None:
             logits, targets = ntxent_logits(z1[sl], z2[sl], bench_loss.TAU)
         torch.testing.assert_close(logits, real["logits"])
         assert targets.tolist() == real["targets"].tolist()
+
+
+def test_gpu_check_cpu_smoke_runs_every_check(tmp_path: Path, keep_threads: None) -> None:
+    """The prepared GPU check runs end to end here (CUDA-only checks say so), so a lent GPU gets a working script."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--allow-cpu", "--skip", "compile", "--out", str(out)]) == 0
+    rows = {r["check"]: r for r in json.loads(out.read_text())["checks"]}
+    assert set(rows) == {"eager", "compile", "syncbn", "augment", "metrics", "torch-loader"}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["samples_per_s"] > 0
+    assert math.isfinite(rows["eager"]["loss"])
+    assert rows["torch-loader"]["status"] == "ok" and 0 <= rows["torch-loader"]["data_wait_share"] <= 1
+    assert rows["compile"]["status"] == "skipped: --skip"
+    assert all(rows[c]["status"].startswith("skipped: no CUDA") for c in ("syncbn", "augment", "metrics"))
