@@ -290,7 +290,7 @@ def _mix64(*xs: int) -> int:
     return z
 
 
-def _rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
+def rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
     """FFCV instantiates ``order(loader)`` when ``order`` is a TraversalOrder instance: this factory is one."""
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -510,7 +510,7 @@ class FFCVPretrainLoader:
                      IMAGE2: PipelineSpec(IMAGE_FIELD, decoder=second[0], transforms=second[1:])}
         with _sharded_sources(self.files):
             self.loader = Loader(self.files[0], batch_size=spec.batch_size, num_workers=self.threads, os_cache=True,
-                                 order=_rank_sharded_order(spec.rank, spec.world_size, spec.seed),
+                                 order=rank_sharded_order(spec.rank, spec.world_size, spec.seed),
                                  distributed=spec.world_size > 1, seed=spec.seed, pipelines=pipelines,
                                  drop_last=True, batches_ahead=batches_ahead)
         self.outputs = {name: i for i, name in enumerate(self.loader.pipeline_specs)}
