@@ -7,8 +7,12 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
+# The container image: its name lives in deploy/image.env only (IMAGE=...); the cluster configs carry a copy.
+include deploy/image.env
+IMAGE_NOW   := $(shell sed -n 's/^IMAGE=//p' deploy/image.env)
+IMAGE_FILES := deploy/image.env cluster/aws-gpu.yaml cluster/kuberay/raycluster.yaml cluster/kuberay/rayjob.yaml
 
-.PHONY: setup demo test test-slow clean monitor monitor-stop
+.PHONY: setup demo test test-slow clean monitor monitor-stop image image-push set-image
 
 setup: $(STAMP)
 
@@ -37,6 +41,20 @@ monitor:
 
 monitor-stop:
 	bash deploy/monitor.sh stop
+
+# The image every cluster config runs (deploy/Dockerfile), under the name in deploy/image.env.
+image:
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+image-push: image
+	docker push $(IMAGE)
+
+# Rename the image everywhere: make set-image IMAGE=registry.example.com/team/simclr-dist:0.2.0
+set-image:
+	@echo '$(IMAGE)' | grep -Eq '^[a-z0-9]([a-z0-9._/-]*[a-z0-9])?(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$$' \
+	    || { echo "error: IMAGE=$(IMAGE) is not a valid image reference (lower-case repository[:tag])"; exit 2; }
+	sed -i 's|$(IMAGE_NOW)|$(IMAGE)|g' $(IMAGE_FILES)
+	@echo "image: $(IMAGE) (was $(IMAGE_NOW)) in $(IMAGE_FILES)"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache
