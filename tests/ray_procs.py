@@ -27,12 +27,12 @@ def free_port() -> int:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int) -> None:
+    def __init__(self, num_cpus: int, **env_vars: str) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")   # short: socket paths must stay < 108 chars
         self.port, self.dashboard_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS of another Ray
         env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=str(ROOT))
+                   RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=str(ROOT), **env_vars)
         self.env = env
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"

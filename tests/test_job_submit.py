@@ -25,17 +25,22 @@ TINY = ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batc
 
 @pytest.fixture(scope="module")
 def head():
-    """A token-authenticated head with 2 CPUs on loopback, started like the README does; stopped afterwards."""
-    head = RayHead(num_cpus=2)
+    """A token-authenticated head with 2 CPUs on loopback, started like the README does (and stating, as the
+    shipped cluster configs do, what the cluster can grow to); stopped afterwards."""
+    head = RayHead(num_cpus=2, SIMCLR_MAX_CLUSTER_CPUS="3")
     yield head
     head.stop()
+
+
+def submit_cmd(head: RayHead, sid: str, *entrypoint: str) -> list[str]:
+    return ["job", "submit", "--address", head.dashboard, "--submission-id", sid, "--working-dir", ".",
+            "--runtime-env-json", EXCLUDES, "--", *entrypoint]
 
 
 def submit(head: RayHead, *entrypoint: str, timeout: float = 600) -> str:
     """`ray job submit` as in the README (blocks, streams the job's log); returns the job's status line."""
     sid = f"simclr-test-{secrets.token_hex(4)}"
-    out = head.cli("job", "submit", "--address", head.dashboard, "--submission-id", sid,
-                   "--working-dir", ".", "--runtime-env-json", EXCLUDES, "--", *entrypoint, timeout=timeout)
+    out = head.cli(*submit_cmd(head, sid, *entrypoint), timeout=timeout)
     status = head.cli("job", "status", "--address", head.dashboard, sid)
     log = (out.stdout + out.stderr)[-4000:]
     assert out.returncode == 0, f"job {sid} failed:\n{log}"
@@ -89,3 +94,13 @@ def test_sweep_as_a_job_records_the_trial_and_its_checkpoint(head, tmp_path):
     assert 0.0 < float(rows[0]["val_knn_top1"]) <= 1.0 and rows[0]["epochs_done"] == "1", rows
     trials = list((study / "train").iterdir())
     assert len(trials) == 1 and complete_checkpoints(trials[0]), trials
+
+
+def test_a_job_beyond_what_the_cluster_can_grow_to_fails_at_once(head, tmp_path):
+    """The head's SIMCLR_MAX_CLUSTER_CPUS (set on `ray start`, as the shipped configs do) reaches the job's driver."""
+    sid = f"simclr-test-{secrets.token_hex(4)}"
+    out = head.cli(*submit_cmd(head, sid, "python", "-m", "simclr_dist.pretrain", *TINY, "--num-workers", "4",
+                               "--storage-path", str(tmp_path / "runs"), "--name", "too-big"), timeout=300)
+    assert out.returncode != 0
+    assert ("--num-workers 4 x --cpus-per-worker 1 needs 4 CPUs; the Ray cluster has 2 and can grow to 3 "
+            "(SIMCLR_MAX_CLUSTER_CPUS)") in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
