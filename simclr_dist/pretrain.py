@@ -14,7 +14,8 @@ from typing import Any
 from simclr_dist.config import ConfigError, PretrainConfig, parse_config
 from simclr_dist.data.datasets import DatasetError, check_available
 from simclr_dist.run import storage
-from simclr_dist.run.launch import RunError, fit
+from simclr_dist.run.capacity import CapacityError, Growth
+from simclr_dist.run.launch import Placement, RunError, fit, place
 
 RUN_CONFIG_FILE = "simclr_config.json"
 
@@ -59,14 +60,28 @@ def _download_data(cfg: PretrainConfig) -> None:
         load_dataset(cfg.dataset, cfg.split, root=cfg.data_root, download=True, image_size=cfg.image_size)
 
 
+def check_placement(cfg: PretrainConfig, where: Placement) -> None:
+    """What only the cluster decides: with CPU workers (gloo), --sync-bn would crash at the first forward."""
+    if cfg.sync_bn and cfg.num_workers > 1 and not where.use_gpu:
+        raise ConfigError("--sync-bn: needs GPU workers (SyncBatchNorm synchronises over NCCL) and this cluster has "
+                          "none (CPU workers use gloo): drop --sync-bn, or pass --use-gpu / --max-cluster-gpus when "
+                          "an autoscaler adds GPU nodes")
+
+
 def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the checkpoint path, history and kNN accuracy."""
     from simclr_dist.run.pretrain_loop import train_loop_per_worker
 
     cfg = preflight(cfg)
+    try:
+        growth = Growth.resolve(cfg.max_cluster_cpus, cfg.max_cluster_gpus, cfg.resource_timeout)
+    except CapacityError as e:
+        raise ConfigError(str(e)) from None
     _download_data(cfg)
+    where = place(cfg, growth)
+    check_placement(cfg, where)
     t0 = time.perf_counter()
-    result = fit(train_loop_per_worker, cfg.to_dict(), cfg, callbacks=callbacks)
+    result = fit(train_loop_per_worker, cfg.to_dict(), cfg, where=where, callbacks=callbacks)
     wall = time.perf_counter() - t0
     ret = result.return_value or {}
     history = ret.get("history", [])

@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from simclr_dist.run import storage
+from simclr_dist.run.capacity import Capacity, CapacityError, Growth, capacity
 from simclr_dist.config import ConfigError, PretrainConfig, base_type, is_uri
 from simclr_dist.data.augment import COMPONENTS, parse_components
 from simclr_dist.data.datasets import DatasetError
@@ -421,35 +422,46 @@ def check_spec(spec: SweepSpec) -> list[PretrainConfig]:
     return cfgs
 
 
-def trial_resources(cfg: PretrainConfig, cluster_gpus: float | None) -> dict[str, float]:
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else bool(cluster_gpus)
+def trial_resources(cfg: PretrainConfig, gpus: bool) -> dict[str, float]:
+    """What one trial's Train run claims; ``gpus``: whether the cluster has (or is stated to grow) GPUs."""
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus
     need = {"CPU": cfg.num_workers * cfg.cpus_per_worker}
     if use_gpu:
         need["GPU"] = float(cfg.num_workers)
     return need
 
 
-def plan_concurrency(spec: SweepSpec, cfgs: list[PretrainConfig], cluster: dict[str, float] | None,
+def plan_concurrency(spec: SweepSpec, cfgs: list[PretrainConfig], cap: Capacity | None,
                      max_concurrent: int | None) -> tuple[int, list[str]]:
-    """(trials at once, notes); raises :class:`SweepError` when a trial needs more than the cluster has."""
+    """(trials at once, notes). Planned against what the cluster can grow to (an autoscaling cluster adds nodes as
+    the trials ask for them); raises :class:`SweepError` when a trial needs more than it can ever reach."""
     limit = min(spec.concurrency, max_concurrent or spec.concurrency)
     notes = [f"sweep file {spec.concurrency}" + (f", --max-concurrent {max_concurrent}" if max_concurrent else "")]
-    if cluster is None:
+    if cap is None:
         return limit, notes + ["cluster not checked (no Ray connection: pass --ray-address or set RAY_ADDRESS)"]
-    fits = math.inf
+    fits, fits_now = math.inf, math.inf
     for i, cfg in enumerate(cfgs):
-        need = trial_resources(cfg, cluster.get("GPU", 0))
+        need = trial_resources(cfg, cap.gpus_possible())
+        if cfg.sync_bn and cfg.num_workers > 1 and "GPU" not in need:
+            raise SweepError(f"{spec.source}: trial {i + 1}: --sync-bn needs GPU workers (SyncBatchNorm synchronises "
+                             "over NCCL) and this cluster has none: drop sync_bn")
         for res, amount in need.items():
-            have = cluster.get(res, 0.0)
-            if amount > have:
+            have, most = cap.now.get(res, 0.0), cap.ceiling.get(res, 0.0)
+            if amount > most:
+                grow = f" and can grow to {most:g}" if most > have else ""
                 raise SweepError(
                     f"{spec.source}: trial {i + 1} needs {amount:g} {res} ({cfg.num_workers} Ray Train worker(s) x "
                     f"{cfg.cpus_per_worker:g} CPU{' + 1 GPU' if 'GPU' in need else ''}); the Ray cluster has "
-                    f"{have:g} {res}: lower resources.num_workers/cpus_per_worker or use a bigger cluster")
-            fits = min(fits, int(have // amount) if amount else math.inf)
+                    f"{have:g} {res}{grow} ({cap.why[res]}): lower resources.num_workers/cpus_per_worker or use a "
+                    "bigger cluster")
+            if amount:
+                fits = min(fits, math.inf if math.isinf(most) else int(most // amount))
+                fits_now = min(fits_now, int(have // amount))
     if fits < limit:
         notes.append(f"the cluster fits {fits} at once")
         limit = int(fits)
+    if fits_now < limit:
+        notes.append(f"{fits_now} fit today, the others start as the autoscaler adds nodes")
     return max(1, limit), notes
 
 
@@ -642,7 +654,7 @@ def write_results(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, str]
 
 # ----------------------------------------------------------------------------------------------- the driver
 def describe(spec: SweepSpec, cfgs: list[PretrainConfig], concurrency: int, notes: list[str],
-             cluster: dict[str, float] | None) -> str:
+             cap: Capacity | None) -> str:
     points = spec.trial_configs()
     sch = spec.scheduler
     lines = [f"sweep {spec.study!r} ({spec.source}): {len(points)} trial(s); objective {spec.metric} ({spec.mode}) "
@@ -655,9 +667,9 @@ def describe(spec: SweepSpec, cfgs: list[PretrainConfig], concurrency: int, note
     cols = list(dict.fromkeys(cols))
     rows = []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
-        need = trial_resources(cfg, (cluster or {}).get("GPU", 0))
+        need = trial_resources(cfg, cap is not None and cap.gpus_possible())
         res = f"{cfg.num_workers} worker(s) x {cfg.cpus_per_worker:g} CPU" + (" + 1 GPU" if "GPU" in need else "") \
-            + (" (+1 GPU each if the cluster has GPUs)" if cfg.use_gpu is None and cluster is None else "")
+            + (" (+1 GPU each if the cluster has GPUs)" if cfg.use_gpu is None and cap is None else "")
         vals = {**{k: getattr(cfg, k) for k in ("epochs", "batch_size")},
                 **{k: (v.describe() if isinstance(v, Dimension) else v) for k, v in point.items()}, "resources": res}
         rows.append([str(i + 1)] + [str(vals[c]) for c in cols])
@@ -668,14 +680,20 @@ def describe(spec: SweepSpec, cfgs: list[PretrainConfig], concurrency: int, note
     return "\n".join(lines)
 
 
-def _cluster_resources(address: str | None, connect: bool) -> dict[str, float] | None:
+def cluster_capacity(cfgs: list[PretrainConfig], address: str | None, connect: bool) -> Capacity | None:
+    """The cluster's capacity (None without a Ray connection); the stated maximum comes from the trials' common
+    ``max_cluster_cpus/gpus`` (``--set``), else SIMCLR_MAX_CLUSTER_CPUS/GPUS."""
     import ray
     if not ray.is_initialized():
         if not connect:
             return None
         from simclr_dist.run.launch import connect_ray
         connect_ray(address)
-    return dict(ray.cluster_resources())
+    first = cfgs[0]
+    try:
+        return capacity(Growth.resolve(first.max_cluster_cpus, first.max_cluster_gpus, first.resource_timeout))
+    except CapacityError as e:
+        raise SweepError(str(e)) from None
 
 
 def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = False, dry_run: bool = False,
@@ -686,9 +704,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = Fal
     Everything that can fail on bad input fails here, before any trial starts."""
     cfgs = check_spec(spec)
     address = ray_address or os.environ.get("RAY_ADDRESS")
-    cluster = _cluster_resources(address, connect=not dry_run or bool(address))
-    concurrency, notes = plan_concurrency(spec, cfgs, cluster, max_concurrent)
-    log(describe(spec, cfgs, concurrency, notes, cluster))
+    cap = cluster_capacity(cfgs, address, connect=not dry_run or bool(address))
+    concurrency, notes = plan_concurrency(spec, cfgs, cap, max_concurrent)
+    log(describe(spec, cfgs, concurrency, notes, cap))
     if dry_run:
         return {"rows": [], "files": {}, "experiment": spec.experiment_uri, "concurrency": concurrency}
 

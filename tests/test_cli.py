@@ -27,6 +27,8 @@ def run_cli(capsys, args):
     (["--optimizer", "adam"], "--optimizer: unknown optimizer 'adam'"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], "--download"),
     (["--dataset", "imagenet"], "imagenet"),
+    (["--no-use-gpu", "--sync-bn"], "--sync-bn: needs GPU workers"),   # gloo has no SyncBatchNorm
+    (["--max-cluster-gpus", "-1"], "--max-cluster-gpus: must be >= 0"),
 ])
 def test_bad_input_one_line_error(capsys, tmp_path, args, needle):
     rc, err = run_cli(capsys, [*args, "--storage-path", str(tmp_path / "runs")])

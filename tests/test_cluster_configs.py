@@ -103,7 +103,7 @@ def test_no_credentials(path):
 def test_launcher_token_auth_and_loopback_dashboard():
     doc = load(LAUNCHER)
     starts = [c for c in doc["head_start_ray_commands"] + doc["worker_start_ray_commands"] if "ray start" in c]
-    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts)
+    assert len(starts) == 2 and all(re.match(r"RAY_AUTH_MODE=token (\w+=\S+ )*ray start", c) for c in starts)
     assert flag(doc["head_start_ray_commands"][-1], "--dashboard-host") == "127.0.0.1"
     assert doc["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert doc["available_node_types"]["head"]["resources"] == {"CPU": 0}
@@ -127,6 +127,37 @@ def test_kuberay_token_everywhere_and_dashboard_inside_the_cluster_only(path):
     assert head["serviceType"] == "ClusterIP"
     assert not re.search(r"LoadBalancer|NodePort|Ingress|hostNetwork|hostPort", yaml.safe_dump(doc))  # comments aside
     assert head["rayStartParams"]["num-cpus"] == "0"
+
+
+# ------------------------------------------------------------------------------------------------ growth
+def test_launcher_states_what_its_workers_add_up_to():
+    """SIMCLR_MAX_CLUSTER_* on the head = max_workers x resources of the worker types (+ the head's own): a job
+    larger than today's nodes then waits for the autoscaler, and one larger than this fails at once."""
+    doc = load(LAUNCHER)
+    env = dict(re.findall(r"(SIMCLR_MAX_CLUSTER_\w+)=(\S+)", doc["head_start_ray_commands"][-1]))
+    types = doc["available_node_types"]
+    for res, var in (("CPU", "SIMCLR_MAX_CLUSTER_CPUS"), ("GPU", "SIMCLR_MAX_CLUSTER_GPUS")):
+        most = types["head"]["resources"].get(res, 0) + sum(
+            t["max_workers"] * t["resources"][res] for name, t in types.items() if name != "head")
+        assert float(env[var]) == most, (var, env[var], most)
+    assert sum(t["max_workers"] for n, t in types.items() if n != "head") <= doc["max_workers"]
+
+
+def quantity(value: str) -> float:
+    return float(value[:-1]) / 1000 if str(value).endswith("m") else float(value)
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_states_what_its_workers_add_up_to(path):
+    spec = kuberay_spec(load(path))
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    cpus = float(spec["headGroupSpec"]["rayStartParams"]["num-cpus"]) + sum(
+        g["maxReplicas"] * quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+        for g in spec["workerGroupSpecs"])
+    gpus = sum(g["maxReplicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                        .get("nvidia.com/gpu", 0)) for g in spec["workerGroupSpecs"])
+    assert (float(env["SIMCLR_MAX_CLUSTER_CPUS"]), float(env["SIMCLR_MAX_CLUSTER_GPUS"])) == (cpus, gpus)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -11,74 +11,37 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import secrets
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from ray_procs import RayHead
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent          # not resolved: a venv's python is a symlink to the base one
 EXCLUDES = json.dumps({"excludes": [".venv", "runs", "build"]})   # as in the README
 TINY = ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batch-size", "64",
         "--epochs", "1", "--knn-every", "-1", "--log-every", "5"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ray_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["ray", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A token-authenticated head with 2 CPUs on loopback, started like the README does; stopped afterwards."""
-    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")   # short: Ray's socket paths must stay < 108 chars
-    port, dash = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}   # no RAY_ADDRESS of another cluster
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32), PYTHONPATH=str(ROOT))
-    start = ray_cli(env, "start", "--head", "--num-cpus", "2", "--port", str(port), "--dashboard-host", "127.0.0.1",
-                    "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(free_port()),
-                    "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir,
-                    "--disable-usage-stats", timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
-    address = f"http://127.0.0.1:{dash}"
-    yield {"env": env, "address": address}
-    # `ray stop` would stop every Ray on this machine (the session's `ray_cluster` too); stop only this head:
-    # its processes are the ones whose command line names its temp dir or its GCS port.
-    import psutil
-    mine = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"]
-            and any(temp_dir in a or a.endswith(f":{port}") or a == f"--gcs_server_port={port}"
-                    for a in p.info["cmdline"])]
-    victims = {q.pid: q for p in mine for q in [p, *p.children(recursive=True)] if q.pid != os.getpid()}
-    for p in victims.values():
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=5)
-    for p in alive:
-        p.kill()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    """A token-authenticated head with 2 CPUs on loopback, started like the README does (and stating, as the
+    shipped cluster configs do, what the cluster can grow to); stopped afterwards."""
+    head = RayHead(num_cpus=2, SIMCLR_MAX_CLUSTER_CPUS="3")
+    yield head
+    head.stop()
 
 
-def submit(head: dict, *entrypoint: str, timeout: float = 600) -> str:
+def submit_cmd(head: RayHead, sid: str, *entrypoint: str) -> list[str]:
+    return ["job", "submit", "--address", head.dashboard, "--submission-id", sid, "--working-dir", ".",
+            "--runtime-env-json", EXCLUDES, "--", *entrypoint]
+
+
+def submit(head: RayHead, *entrypoint: str, timeout: float = 600) -> str:
     """`ray job submit` as in the README (blocks, streams the job's log); returns the job's status line."""
     sid = f"simclr-test-{secrets.token_hex(4)}"
-    out = ray_cli(head["env"], "job", "submit", "--address", head["address"], "--submission-id", sid,
-                  "--working-dir", ".", "--runtime-env-json", EXCLUDES, "--", *entrypoint, timeout=timeout)
-    status = ray_cli(head["env"], "job", "status", "--address", head["address"], sid)
+    out = head.cli(*submit_cmd(head, sid, *entrypoint), timeout=timeout)
+    status = head.cli("job", "status", "--address", head.dashboard, sid)
     log = (out.stdout + out.stderr)[-4000:]
     assert out.returncode == 0, f"job {sid} failed:\n{log}"
     assert f"Job '{sid}' succeeded" in status.stdout, status.stdout + status.stderr + log
@@ -98,11 +61,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 def test_token_auth_is_on(head):
     """The negative control: without the token the dashboard refuses the same request."""
-    env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    import subprocess
+    env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["RAY_AUTH_MODE"] = "disabled"
-    refused = ray_cli(env, "job", "list", "--address", head["address"])
-    assert refused.returncode != 0
-    assert ray_cli(head["env"], "job", "list", "--address", head["address"]).returncode == 0
+    refused = subprocess.run(["ray", "job", "list", "--address", head.dashboard], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0 and "Unauthorized" in refused.stderr, refused.stdout + refused.stderr
+    assert head.cli("job", "list", "--address", head.dashboard).returncode == 0
 
 
 def test_pretrain_as_a_job_writes_a_complete_checkpoint(head, tmp_path):
@@ -129,3 +94,13 @@ def test_sweep_as_a_job_records_the_trial_and_its_checkpoint(head, tmp_path):
     assert 0.0 < float(rows[0]["val_knn_top1"]) <= 1.0 and rows[0]["epochs_done"] == "1", rows
     trials = list((study / "train").iterdir())
     assert len(trials) == 1 and complete_checkpoints(trials[0]), trials
+
+
+def test_a_job_beyond_what_the_cluster_can_grow_to_fails_at_once(head, tmp_path):
+    """The head's SIMCLR_MAX_CLUSTER_CPUS (set on `ray start`, as the shipped configs do) reaches the job's driver."""
+    sid = f"simclr-test-{secrets.token_hex(4)}"
+    out = head.cli(*submit_cmd(head, sid, "python", "-m", "simclr_dist.pretrain", *TINY, "--num-workers", "4",
+                               "--storage-path", str(tmp_path / "runs"), "--name", "too-big"), timeout=300)
+    assert out.returncode != 0
+    assert ("--num-workers 4 x --cpus-per-worker 1 needs 4 CPUs; the Ray cluster has 2 and can grow to 3 "
+            "(SIMCLR_MAX_CLUSTER_CPUS)") in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]

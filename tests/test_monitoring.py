@@ -14,6 +14,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+import torch
 import yaml
 
 from simclr_dist import pretrain
 from simclr_dist.config import parse_config
-from simclr_dist.run.metrics import METRICS, exported_names, window_stats
+from simclr_dist.run.metrics import METRICS, NvmlProbe, exported_names, window_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus-rules.yml"
@@ -88,6 +90,19 @@ def test_metric_names_follow_prometheus_conventions():
         assert re.fullmatch(r"simclr_[a-z0-9_]+", m.name), m.name
         assert m.name.endswith("_total") == (m.kind == "counter"), m.name  # only counters, all counters
         assert not re.search(r"_(ms|milliseconds|percent|tflops|mb|gb)(_|$)", m.name), f"{m.name}: use base units"
+
+
+def test_gpu_probe_without_nvml_reads_nothing_and_says_why(monkeypatch):
+    """No NVIDIA driver here: the probe reports why in one line and reads nothing (the GPU series stay absent on such
+    a worker, and training goes on); the same when nvidia-ml-py is missing."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the fallback is for hosts without one")
+    probe = NvmlProbe(torch.device("cuda", 0))
+    assert not probe.available and probe.read() == {}
+    assert probe.reason and "\n" not in probe.reason
+    monkeypatch.setitem(sys.modules, "pynvml", None)          # import pynvml -> ImportError
+    missing = NvmlProbe(torch.device("cuda", 0))
+    assert not missing.available and missing.read() == {} and missing.reason == "nvidia-ml-py (pynvml) is not installed"
 
 
 def test_window_stats_arithmetic():
@@ -162,9 +177,10 @@ def test_dashboard_references_only_exported_metrics():
     dashboard = json.loads(DASHBOARD.read_text())
     used = dashboard_metric_names(dashboard)
     assert used <= exported_names(), f"not exported by simclr_dist.run.metrics: {sorted(used - exported_names())}"
-    wanted = {"samples_per_second", "images_per_second", "data_wait_ratio", "loss", "learning_rate",
-              "gpu_utilization_ratio", "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes"}
+    wanted = {"samples_per_second", "images_per_second", "data_wait_ratio", "loss", "learning_rate"}
     assert {f"ray_simclr_{w}" for w in wanted} <= used
+    gpu = {m.exported for m in METRICS if m.gpu}               # every GPU series has a panel
+    assert gpu <= used, sorted(gpu - used)
 
 
 def test_rules_reference_only_exported_or_recorded_metrics():

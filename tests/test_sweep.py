@@ -16,8 +16,9 @@ import torch
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.loaders import LoaderSpec, TorchPretrainLoader
+from simclr_dist.run.capacity import Capacity, Growth, capacity_of
 from simclr_dist.sweep import (OBJECTIVES, SweepError, check_spec, collect_rows, load_spec, main, make_plots,
-                               parse_spec, plan_concurrency, run_sweep, table_csv, table_markdown)
+                               parse_spec, plan_concurrency, run_sweep, table_csv, table_markdown, trial_resources)
 
 TUNE = Path(__file__).resolve().parents[1] / "tune"
 SHIPPED = {"temperature": 5, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 28}
@@ -124,19 +125,51 @@ def test_bad_sweep_one_line_error_before_any_trial(overrides, match, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def fixed(**resources: float) -> Capacity:
+    """A cluster that will not grow (no autoscaler, no stated maximum)."""
+    return capacity_of(resources, Growth(), autoscaling=False)
+
+
 def test_trial_bigger_than_the_cluster():
     spec = parse_spec(tiny(Path("/tmp")), "big.yaml", ["num_workers=4"])
     cfgs = check_spec(spec)
     with pytest.raises(SweepError, match=r"trial 1 needs 4 CPU \(4 Ray Train worker\(s\) x 1 CPU\); the Ray cluster "
-                                         r"has 2 CPU"):
-        plan_concurrency(spec, cfgs, {"CPU": 2.0}, None)
+                                         r"has 2 CPU \(no autoscaler; .*--max-cluster-cpus"):
+        plan_concurrency(spec, cfgs, fixed(CPU=2.0), None)
     spec = parse_spec(tiny(Path("/tmp")), "gpu.yaml", ["use_gpu=true"])
     with pytest.raises(SweepError, match=r"needs 1 GPU .* the Ray cluster has 0 GPU"):
-        plan_concurrency(spec, check_spec(spec), {"CPU": 8.0}, None)
-    assert plan_concurrency(spec, check_spec(spec), {"CPU": 8.0, "GPU": 1.0}, None)[0] == 1
+        plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0), None)
+    assert plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0, GPU=1.0), None)[0] == 1
     spec = parse_spec(tiny(Path("/tmp")), "ok.yaml")
-    assert plan_concurrency(spec, check_spec(spec), {"CPU": 16.0}, None)[0] == 2  # the file's concurrency
-    assert plan_concurrency(spec, check_spec(spec), {"CPU": 16.0}, 1)[0] == 1     # --max-concurrent
+    assert plan_concurrency(spec, check_spec(spec), fixed(CPU=16.0), None)[0] == 2  # the file's concurrency
+    assert plan_concurrency(spec, check_spec(spec), fixed(CPU=16.0), 1)[0] == 1     # --max-concurrent
+
+
+def test_autoscaling_cluster_plans_against_what_it_can_grow_to():
+    spec = parse_spec(tiny(Path("/tmp")), "grow.yaml", ["num_workers=4"])
+    cfgs = check_spec(spec)
+    # 2 CPUs today, stated to grow to 8: a 4-CPU trial waits for nodes instead of being refused; 2 fit at once
+    grows = capacity_of({"CPU": 2.0}, Growth({"CPU": 8.0}, {"CPU": "--max-cluster-cpus"}), autoscaling=False)
+    concurrency, notes = plan_concurrency(spec, cfgs, grows, None)
+    assert concurrency == 2 and any("0 fit today" in n for n in notes), notes
+    # beyond the stated maximum: refused before any trial, naming the maximum and where it was stated
+    small = capacity_of({"CPU": 2.0}, Growth({"CPU": 3.0}, {"CPU": "SIMCLR_MAX_CLUSTER_CPUS"}), autoscaling=False)
+    with pytest.raises(SweepError, match=r"needs 4 CPU .* has 2 CPU and can grow to 3 \(SIMCLR_MAX_CLUSTER_CPUS\)"):
+        plan_concurrency(spec, cfgs, small, None)
+    # an autoscaler with no stated maximum: nothing is refused, the file's concurrency stands
+    assert plan_concurrency(spec, cfgs, capacity_of({"CPU": 0.0}, Growth(), autoscaling=True), None)[0] == 2
+    # a stated GPU maximum on a cluster with no GPU node yet: trials get GPU workers (use_gpu unset)
+    gpu = capacity_of({"CPU": 4.0}, Growth({"CPU": 64.0, "GPU": 8.0}, {"CPU": "x", "GPU": "y"}), autoscaling=False)
+    spec = parse_spec(tiny(Path("/tmp")), "gpu.yaml")
+    assert plan_concurrency(spec, check_spec(spec), gpu, None)[0] == 2
+    assert trial_resources(check_spec(spec)[0], gpu.gpus_possible()) == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_sync_bn_on_cpu_trials_is_refused_before_any_trial():
+    spec = parse_spec(tiny(Path("/tmp")), "sbn.yaml", ["sync_bn=true", "num_workers=2"])
+    with pytest.raises(SweepError, match=r"--sync-bn needs GPU workers") as e:
+        plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0), None)
+    assert "\n" not in str(e.value)
 
 
 def test_too_big_for_the_real_cluster_fails_before_any_trial(ray_cluster, tmp_path, capsys):

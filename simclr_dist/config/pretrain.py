@@ -90,6 +90,14 @@ class PretrainConfig(JobConfig):
     use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
     cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)", gt=0)
     ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    max_cluster_cpus: float | None = flag(None, "CPUs an autoscaling cluster can grow to: a request up to this waits "
+                                               "for nodes, above it fails at once (default: SIMCLR_MAX_CLUSTER_CPUS, "
+                                               "else unknown if an autoscaler runs, else the CPUs it has)", ge=0)
+    max_cluster_gpus: float | None = flag(None, "GPUs an autoscaling cluster can grow to (default: "
+                                               "SIMCLR_MAX_CLUSTER_GPUS, as --max-cluster-cpus); > 0 also means "
+                                               "GPU workers when --use-gpu is not given", ge=0)
+    resource_timeout: float | None = flag(None, "seconds to wait for the cluster to grow to the request (default: "
+                                               "SIMCLR_RESOURCE_TIMEOUT_S, else 600; 0: fail at once)", ge=0)
     # checkpoints and fault tolerance
     storage_path: str = flag("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
     name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
@@ -165,6 +173,9 @@ class PretrainConfig(JobConfig):
                 bad("augment", str(e))
         if self.pretrained is not None:
             parse_spec(self.pretrained)
+        if self.sync_bn and self.use_gpu is False and self.num_workers > 1:
+            bad("sync_bn", "needs GPU workers (SyncBatchNorm synchronises over NCCL; --no-use-gpu trains on CPU "
+                           "with gloo): drop --sync-bn or --no-use-gpu")
         check_plain_name(self.name)
 
     def arch_signature(self) -> dict[str, Any]:

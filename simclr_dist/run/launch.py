@@ -1,4 +1,5 @@
-"""Start a Ray Train job: join (or start) Ray, check the request fits, run a TorchTrainer, fail in one line.
+"""Start a Ray Train job: join (or start) Ray, place it (CPU or GPU workers, wait for an autoscaling cluster to
+grow: run/capacity.py), run a TorchTrainer, fail in one line.
 
 Why shared: pretraining and classifier training (scratch, supervised, fine-tuning) scale the same way, so they are
 launched by the same code: the same ScalingConfig/RunConfig, resume by rerunning with the same storage path and
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+from simclr_dist.console import Log, emit
+from simclr_dist.run.capacity import Capacity, CapacityError, Growth, capacity, wait_for
 
 
 class RunError(RuntimeError):
@@ -41,25 +46,40 @@ def connect_ray(address: str | None) -> None:
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
 
-def wants_gpu(cfg: ClusterFields) -> bool:
-    """``--use-gpu`` as given, else whether the (connected) cluster has GPUs."""
-    import ray
+@dataclass(frozen=True)
+class Placement:
+    """Where a job runs: CPU or GPU workers, on a cluster of this capacity, waiting this long for it to grow."""
 
-    return cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu: bool
+    capacity: Capacity
+    growth: Growth
 
 
-def check_resources(cfg: ClusterFields, use_gpu: bool) -> None:
-    """One line when the cluster cannot hold the request (every worker's CPUs, one GPU each)."""
-    import ray
+def place(cfg: ClusterFields, growth: Growth | None = None) -> Placement:
+    """Join Ray and choose the workers' device: ``--use-gpu`` as given, else GPUs when the cluster has them or is
+    stated to grow them (an autoscaling GPU cluster often starts with none). ``growth``: the stated maximum and
+    timeout (default: SIMCLR_MAX_CLUSTER_CPUS/GPUS, SIMCLR_RESOURCE_TIMEOUT_S)."""
+    connect_ray(cfg.ray_address)
+    try:
+        growth = growth or Growth.resolve()
+    except CapacityError as e:
+        raise RunError(str(e)) from None
+    cap = capacity(growth)
+    return Placement(cfg.use_gpu if cfg.use_gpu is not None else cap.gpus_possible(), cap, growth)
 
-    res = ray.cluster_resources()
-    need_cpu = cfg.num_workers * cfg.cpus_per_worker
-    if need_cpu > res.get("CPU", 0):
-        raise RunError(f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker} needs "
-                       f"{need_cpu:g} CPUs; the Ray cluster has {res.get('CPU', 0):g}")
-    if use_gpu and cfg.num_workers > res.get("GPU", 0):
-        raise RunError(f"--num-workers {cfg.num_workers} with --use-gpu needs {cfg.num_workers} GPUs; "
-                       f"the Ray cluster has {res.get('GPU', 0):g}")
+
+def worker_bundle(cfg: ClusterFields, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+
+
+def ensure_resources(cfg: ClusterFields, where: Placement, log: Log = emit) -> None:
+    """One line when the cluster can never hold the workers; a wait (with progress lines) while it grows to them."""
+    what = (f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker:g}"
+            + (" + 1 GPU each" if where.use_gpu else ""))
+    try:
+        wait_for([worker_bundle(cfg, where.use_gpu)] * cfg.num_workers, where.capacity, where.growth, what, log=log)
+    except CapacityError as e:
+        raise RunError(str(e)) from None
 
 
 def one_line(e: BaseException) -> str:
@@ -69,22 +89,22 @@ def one_line(e: BaseException) -> str:
 
 
 def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg: ClusterFields, *,
-        callbacks: list | None = None) -> Any:
+        where: Placement | None = None, callbacks: list | None = None) -> Any:
     """Run ``loop`` on ``cfg.num_workers`` Ray Train workers (DDP over gloo, or NCCL with GPUs); returns Ray's
-    ``Result``. Resumes from ``STORAGE/NAME`` when it holds a checkpoint."""
+    ``Result``. Resumes from ``STORAGE/NAME`` when it holds a checkpoint. ``where``: from :func:`place`, when the
+    caller checks the placement first (default: placed here)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    connect_ray(cfg.ray_address)
-    use_gpu = wants_gpu(cfg)
-    check_resources(cfg, use_gpu)
+    where = where or place(cfg)
+    use_gpu = where.use_gpu
+    ensure_resources(cfg, where)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                                     **({"GPU": 1} if use_gpu else {})}),
+                                               resources_per_worker=worker_bundle(cfg, use_gpu)),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=cfg.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

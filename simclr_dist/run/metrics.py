@@ -60,6 +60,10 @@ METRICS: tuple[MetricSpec, ...] = (
                "Seconds this worker process spent blocked on its data loader."),
     MetricSpec("simclr_gpu_utilization_ratio", "gauge",
                "GPU utilisation (0..1) reported by NVML at the log point.", gpu=True),
+    MetricSpec("simclr_gpu_memory_used_bytes", "gauge",
+               "Bytes in use on the whole GPU as NVML reports them (CUDA context, NCCL buffers, other processes).",
+               gpu=True),
+    MetricSpec("simclr_gpu_memory_total_bytes", "gauge", "The GPU's memory, as NVML reports it.", gpu=True),
     MetricSpec("simclr_gpu_memory_allocated_bytes", "gauge", "Bytes held by live tensors on the GPU.", gpu=True),
     MetricSpec("simclr_gpu_memory_reserved_bytes", "gauge",
                "Bytes reserved by PyTorch's caching allocator on the GPU.", gpu=True),
@@ -115,7 +119,9 @@ class WorkerMetrics:
                 self.flops_per_sample = 3 * 2 * forward_flops(model, (3, image_size, image_size))
             except Exception as e:
                 print(f"[simclr] metrics: no FLOP count ({type(e).__name__}: {e}); FLOP/s not exported")
-        self._nvml_ok = self.on_gpu
+        self.nvml = NvmlProbe(device) if self.on_gpu else None
+        if self.nvml is not None and not self.nvml.available:
+            print(f"[simclr] metrics: no GPU utilisation ({self.nvml.reason}); its series are not exported")
         self._t0, self._step0, self._wait0, self._loss0 = time.perf_counter(), 0, 0.0, 0.0
 
     def start_epoch(self, epoch: int, step: int) -> None:
@@ -153,9 +159,48 @@ class WorkerMetrics:
     def _gpu_stats(self) -> dict[str, float]:
         stats = {"simclr_gpu_memory_allocated_bytes": float(torch.cuda.memory_allocated(self.device)),
                  "simclr_gpu_memory_reserved_bytes": float(torch.cuda.memory_reserved(self.device))}
-        if self._nvml_ok:
-            try:
-                stats["simclr_gpu_utilization_ratio"] = torch.cuda.utilization(self.device) / 100.0
-            except Exception:  # no pynvml / NVML on this host: leave the series absent rather than fail training
-                self._nvml_ok = False
+        if self.nvml is not None:
+            stats.update(self.nvml.read())
         return stats
+
+
+class NvmlProbe:
+    """Utilisation and memory of one CUDA device as NVML sees it, through nvidia-ml-py (``pynvml``).
+
+    NVML numbers the machine's GPUs, CUDA only the visible ones (Ray sets CUDA_VISIBLE_DEVICES per worker), so the
+    device is matched by UUID, not index. Without pynvml, without an NVIDIA driver, or for a device NVML cannot match,
+    ``available`` is False, ``reason`` says why in one line, and :meth:`read` returns nothing: the series stay
+    absent and training goes on.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.handle = None
+        self.reason = ""
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "nvidia-ml-py (pynvml) is not installed"
+            return
+        self._nvml = pynvml
+        try:
+            pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception as e:  # no driver (NVMLError_LibraryNotFound), no CUDA device, unknown UUID
+            self.reason = f"NVML unavailable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+
+    @property
+    def available(self) -> bool:
+        return self.handle is not None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        try:
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        except Exception as e:  # the driver went away mid-run: stop asking, keep training
+            self.handle, self.reason = None, f"NVML read failed: {type(e).__name__}"
+            return {}
+        return {"simclr_gpu_utilization_ratio": util.gpu / 100.0, "simclr_gpu_memory_used_bytes": float(mem.used),
+                "simclr_gpu_memory_total_bytes": float(mem.total)}
