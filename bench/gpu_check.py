@@ -14,7 +14,8 @@ neither Ray nor FFCV. Each check is one row: ``ok`` or the reason it failed, and
 3. ``augment``: the batched view augmentation (flip, colour, gray, blur) on CUDA against the same operations on
    the CPU with equal parameters (max abs difference), and its claim to be sync-free checked by
    ``torch.cuda.set_sync_debug_mode("error")``; its images/s.
-4. ``metrics``: GPU utilisation and memory read through NVML while the model trains.
+4. ``metrics``: GPU utilisation and memory read by the production NVML probe (``run.metrics.NvmlProbe``) while
+   the model trains.
 5. ``torch-loader``: the torchvision input path (JPEG decode + crops + CPU augmentation in DataLoader workers) on
    generated 256-500 px JPEGs feeding the same step; samples/s and the share of time spent waiting for data.
 
@@ -187,19 +188,22 @@ def check_augment(p: dict[str, Any], device: torch.device) -> Row:
 
 
 def check_metrics(p: dict[str, Any], device: torch.device) -> Row:
+    """The production probe (``run.metrics.NvmlProbe``, what the Grafana GPU panels show) read while training."""
+    from simclr_dist.run.metrics import NvmlProbe
+
     if device.type != "cuda":
         return {"status": "skipped: no CUDA"}
-    import pynvml
-
-    pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    trainer, batches, util = Trainer(p, device), synthetic(p, device), []
+    probe = NvmlProbe(device)
+    if not probe.available:
+        return {"status": f"FAILED: {probe.reason}"}
+    trainer, batches, reads = Trainer(p, device), synthetic(p, device), []
     for _ in range(p["steps"]):
         trainer.step(*batches())
-        util.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    return {"status": "ok" if max(util) > 0 else "FAILED: utilisation read as 0", "gpu_util_pct_median":
-            median(util), "gpu_mem_used_gib": mem.used / 2**30, "gpu_mem_total_gib": mem.total / 2**30}
+        reads.append(probe.read())
+    util = [r["simclr_gpu_utilization_ratio"] for r in reads]
+    return {"status": "ok" if max(util) > 0 else "FAILED: utilisation read as 0", "gpu_util_median": median(util),
+            "gpu_mem_used_gib": reads[-1]["simclr_gpu_memory_used_bytes"] / 2**30,
+            "gpu_mem_total_gib": reads[-1]["simclr_gpu_memory_total_bytes"] / 2**30}
 
 
 def check_torch_loader(p: dict[str, Any], device: torch.device, tmp: Path) -> Row:
