@@ -47,6 +47,10 @@ class CheckpointError(ValueError):
     """A checkpoint that must not or cannot be loaded (incomplete, corrupt, unsafe); one line naming the file."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding pickled objects (anything but data): refused by ``weights_only=True``, never retried."""
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     """A complete checkpoint directory and the facts its manifest gives without loading the weights."""
@@ -164,7 +168,7 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{ckpt_uri}: refused to load: {_refusal(e)}") from None
+        raise UnsafeCheckpointError(f"{ckpt_uri}: refused to load: {_refusal(e)}") from None
     except RuntimeError as e:  # not a torch zip/pickle at all
         raise CheckpointError(f"{ckpt_uri}: not a torch checkpoint ({str(e).strip().splitlines()[0]})") from None
 
