@@ -2,9 +2,10 @@
 
 Why these three: the linear probe on frozen features is the paper's headline metric; kNN needs no training and
 matches the online monitor of pretraining; fine-tuning on 1%/10%/100% of the labels answers the project's
-question (self-supervised pretraining vs. a supervised model on few labels). Results are JSON files written next
-to the checkpoint (``<checkpoint>/eval/<protocol>.json``, atomically), so an evaluator that watches a run is
-idempotent: it can be stopped and restarted, and never evaluates a checkpoint twice.
+question (self-supervised pretraining vs. a supervised model on few labels). Results are JSON files written beside
+the run's checkpoints (``RUN/eval/<checkpoint>/<protocol>.json``, atomically, where ``--num-to-keep`` pruning does
+not reach) and listed in the run's append-only ``RUN/eval/index.jsonl`` (:mod:`simclr_dist.run.eval_store`), so an
+evaluator that watches a run is idempotent: it can be stopped and restarted, and never evaluates a checkpoint twice.
 
 Protocol hygiene, because each one is a classic way to inflate numbers:
 - the encoder of the linear probe and kNN is frozen (eval mode, no gradient) and its features are computed once;
@@ -42,8 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_dist.run import storage
+from simclr_dist.run import eval_store, storage
 from simclr_dist.run.checkpoint import (
+    UnsafeCheckpointError,
     latest_checkpoint,
     list_complete_checkpoints,
     read_complete,
@@ -92,8 +94,8 @@ class EvalConfig:
                                    "checkpoint's own; required for the other formats)")
     image_size: int | None = flag(None, "with --pretrained: evaluation resolution (default: the simclr-dist "
                                       "checkpoint's, else the dataset's: 224 imagenet, 96 stl10, 32 cifar, 24 digits)")
-    results_dir: str | None = flag(None, "with --pretrained: result files go to RESULTS_DIR/eval/ (default: next to a "
-                                       "simclr-dist checkpoint evaluated on its own data, else "
+    results_dir: str | None = flag(None, "with --pretrained: result files go to RESULTS_DIR/eval/ (default: with the "
+                                       "results of a simclr-dist checkpoint evaluated on its own data, else "
                                        "./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px)")
     watch: bool = flag(False, "with --run: poll the run and evaluate every new complete checkpoint once")
     interval: float = flag(60.0, "seconds between polls of --watch")
@@ -505,8 +507,9 @@ def result_name(protocol: str, fraction: float | None = None) -> str:
     return f"finetune-{fraction:g}" if protocol == "finetune" else protocol
 
 
-def result_uri(checkpoint_uri: str, name: str) -> str:
-    return storage.join(checkpoint_uri, RESULTS_DIR, f"{name}.json")
+def result_uri(out_dir: str, name: str) -> str:
+    """A result file in ``out_dir``: a checkpoint's ``RUN/eval/<checkpoint>/`` or ``--results-dir``'s ``eval/``."""
+    return storage.join(out_dir, f"{name}.json")
 
 
 def planned_results(ecfg: EvalConfig) -> list[tuple[str, float | None]]:
@@ -530,7 +533,7 @@ def require_complete(checkpoint_uri: str) -> None:
 
 
 def _cached_results(out_uri: str, ecfg: EvalConfig) -> tuple[list, dict, list]:
-    """(plan, results already on disk, protocols still to run) of the result files under ``out_uri``/eval/."""
+    """(plan, results already on disk, protocols still to run) of the result files in ``out_uri``."""
     plan, results, todo = planned_results(ecfg), {}, []
     for protocol, fraction in plan:
         uri = result_uri(out_uri, result_name(protocol, fraction))
@@ -544,7 +547,7 @@ def _cached_results(out_uri: str, ecfg: EvalConfig) -> tuple[list, dict, list]:
 def run_protocols(encoder: nn.Module, data: EvalData, ecfg: EvalConfig, todo: Sequence[tuple[str, float | None]],
                   *, out_uri: str, common: dict[str, Any], device: torch.device, log: Log = emit
                   ) -> dict[tuple[str, float | None], dict[str, Any]]:
-    """Run ``todo`` on a frozen/fine-tuned ``encoder`` and write each result to ``out_uri``/eval/<name>.json."""
+    """Run ``todo`` on a frozen/fine-tuned ``encoder`` and write each result to ``out_uri``/<name>.json."""
     results = {}
     features = None
     if any(p in ("linear", "knn") for p, _ in todo):
@@ -572,12 +575,15 @@ def run_protocols(encoder: nn.Module, data: EvalData, ecfg: EvalConfig, todo: Se
 
 def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
                         log: Log = emit) -> list[dict[str, Any]]:
-    """Run the config's protocols on one checkpoint and write each result next to it. A result whose file
-    already exists is read back instead of recomputed (unless ``force``), which makes watching idempotent."""
+    """Run the config's protocols on one checkpoint, write each result to ``RUN/eval/<checkpoint>/`` and list it in
+    the run's index. A result whose file already exists is read back instead of recomputed (unless ``force``),
+    which makes watching idempotent."""
     device = torch.device(device)
-    plan, results, todo = _cached_results(checkpoint_uri, ecfg)
+    out_dir = eval_store.results_dir(checkpoint_uri)
+    plan, results, todo = _cached_results(out_dir, ecfg)
     if not todo:
         log(f"[eval] {checkpoint_uri}: already evaluated ({', '.join(result_name(*p) for p in plan)}); skipping")
+        eval_store.record(checkpoint_uri, {result_name(*p): results[p] for p in plan})  # after a crash in between
         return [results[p] for p in plan]
 
     state = load_checkpoint(checkpoint_uri, map_location="cpu")
@@ -591,8 +597,9 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
               "image_size": cfg.image_size, "device": device.type}
     log(f"[eval] {checkpoint_uri}: epoch {state['epoch']} of {cfg.arch} x{cfg.width} on {cfg.dataset}; "
         f"running {', '.join(result_name(*p) for p in todo)} on {device.type}")
-    results.update(run_protocols(encoder, data, ecfg, todo, out_uri=checkpoint_uri, common=common, device=device,
+    results.update(run_protocols(encoder, data, ecfg, todo, out_uri=out_dir, common=common, device=device,
                                  log=log))
+    eval_store.record(checkpoint_uri, {result_name(*p): results[p] for p in plan})
     return [results[p] for p in plan]
 
 
@@ -611,19 +618,21 @@ def pretrained_eval_data(pre: PretrainedEncoder, ecfg: EvalConfig) -> EvalData:
 
 
 def pretrained_results_dir(pre: PretrainedEncoder, data: EvalData, ecfg: EvalConfig) -> str:
-    """``--results-dir``; by default a simclr-dist checkpoint evaluated on its own data and resolution keeps its
-    results next to it (the same files as ``--checkpoint``), other data go to ``<checkpoint>/transfer/...``, and
-    external files to ``./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px``."""
+    """The directory of the result files: ``--results-dir``/eval; by default a simclr-dist checkpoint evaluated on
+    its own data and resolution shares the results of ``--checkpoint`` (``RUN/eval/<checkpoint>/``), other data go
+    to ``RUN/eval/<checkpoint>/transfer/<dataset>-<size>px``, and external files to
+    ``./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px/eval``."""
     if ecfg.results_dir:
-        return ecfg.results_dir
+        return storage.join(ecfg.results_dir, RESULTS_DIR)
     tag = f"{data.dataset}-{data.image_size}px"
     own = (pre.checkpoint or {}).get("config")
     if own is not None:
         if own.get("dataset") == data.dataset and own.get("image_size") == data.image_size:
-            return pre.uri
-        return storage.join(pre.uri, "transfer", tag)
+            return eval_store.results_dir(pre.uri)
+        return storage.join(eval_store.results_dir(pre.uri), "transfer", tag)
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in pre.uri.rstrip("/").rsplit("/", 1)[-1])
-    return os.path.abspath(os.path.join("runs", "pretrained-eval", f"{pre.format}-{name}-{tag}"))
+    return os.path.join(os.path.abspath(os.path.join("runs", "pretrained-eval", f"{pre.format}-{name}-{tag}")),
+                        RESULTS_DIR)
 
 
 def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | str = "cpu",
@@ -680,6 +689,10 @@ def watch_run(run_uri: str, ecfg: EvalConfig, *, device: torch.device | str = "c
                 results += evaluate_checkpoint(ref.uri, ecfg, device=device, log=log)
             except (EvalError, DatasetError, ConfigError):
                 raise
+            except UnsafeCheckpointError as e:  # holds pickled objects: never loaded, never retried
+                log(f"[eval] {ref.uri}: skipped ({str(e).splitlines()[0]})")
+                done.add(ref.uri)
+                continue
             except (ValueError, OSError) as e:  # checksum mismatch, deleted or unreachable files
                 log(f"[eval] {ref.uri}: not readable now ({str(e).splitlines()[0]}); retrying at the next poll")
                 continue
@@ -724,9 +737,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        emit("\n[eval] interrupted; every result completed so far is saved next to its checkpoint")
+        emit("\n[eval] interrupted; every result completed so far is saved")
         return 130
     emit("\n" + format_table(results))
+    if ecfg.run is not None:  # the run's whole history, also of checkpoints pruned since
+        emit(f"\n[eval] history of {ecfg.run} ({eval_store.index_uri(ecfg.run)}):\n"
+             + eval_store.format_history(eval_store.read_index(ecfg.run)))
     return 0
 
 

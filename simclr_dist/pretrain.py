@@ -16,6 +16,7 @@ from simclr_dist.data.datasets import DatasetError, check_available
 from simclr_dist.run import storage
 from simclr_dist.run.capacity import CapacityError, Growth
 from simclr_dist.run.launch import Placement, RunError, fit, place
+from simclr_dist.run.resume import plan_resume
 
 RUN_CONFIG_FILE = "simclr_config.json"
 
@@ -48,6 +49,9 @@ def preflight(cfg: PretrainConfig) -> PretrainConfig:
         if saved.batch_size != cfg.batch_size or saved.dataset != cfg.dataset:
             raise ConfigError(f"run {run_uri} was started with dataset={saved.dataset} batch_size={saved.batch_size}; "
                               "a resume must keep them (the schedule is in steps): choose a new --name")
+        note = plan_resume(cfg, run_uri, saved)  # a changed --epochs: extended schedule, or refused
+        if note:
+            print(note)
     else:
         storage.write_json(cfg_uri, cfg.to_dict())
     return cfg
@@ -91,6 +95,7 @@ def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]
         "status": ret.get("status", "ok"), "wall_time_s": wall, "history": history,
         "epochs_done": ret.get("epochs_done"), "resumed_from_epoch": ret.get("resumed_from_epoch"),
         "resumed_from_step": ret.get("resumed_from_step"), "attempt_started_at": ret.get("attempt_started_at"),
+        "resumed_from_batch": ret.get("resumed_from_batch"), "checkpoint_blocked_s": ret.get("checkpoint_blocked_s"),
         "config": cfg.to_dict(),
     }
     if summary["status"] == "nonfinite":

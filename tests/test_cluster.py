@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simclr_dist.run import storage
+from simclr_dist.run import eval_store, storage
 from simclr_dist.run.checkpoint import latest_checkpoint, list_complete_checkpoints
 from simclr_dist.core.optim import WarmupCosine, scale_lr
 
@@ -120,24 +120,31 @@ def assert_continuous(history: list[dict], epochs: int, cfg: dict) -> None:
         assert h["lr"] == pytest.approx(sched.lr_at(h["step"] - 1), rel=1e-9)
 
 
-def test_two_nodes_s3_worker_killed_then_evaluate_reads_s3(cluster, tmp_path):
+def test_two_nodes_s3_worker_killed_mid_epoch_then_evaluate_reads_s3(cluster, tmp_path):
     run = "s3://simclr/runs"
     summary_path = tmp_path / "summary.json"
+    kill_at, every = STEPS + STEPS // 2, 10  # killed at step 33, step checkpoints at 10, 20, 30, ...
     out = run_logged(pretrain_cmd(run, "kill", summary_path, "--epochs", "2", "--max-failures", "1",
-                                  "--chaos-kill-step", str(STEPS + STEPS // 2)), cluster["env"], tmp_path / "log")
+                                  "--checkpoint-every-steps", str(every), "--chaos-kill-step", str(kill_at)),
+                     cluster["env"], tmp_path / "log")
     summary = json.loads(summary_path.read_text())
     history = summary["history"]
     assert len(set(history[-1]["node_ids"])) == 2, history[-1]["node_ids"]   # one worker per node
     assert storage.exists(f"{run}/kill/.chaos-kill-done")                     # a worker really was killed
-    assert summary["resumed_from_epoch"] == 1                                 # from epoch 1's checkpoint
+    # from the step checkpoint uploaded to S3 in the background, mid-epoch 2: 3 steps redone, not 11
+    assert (summary["resumed_from_epoch"], summary["resumed_from_batch"]) == (1, 30 - STEPS)
+    assert summary["resumed_from_step"] == kill_at // every * every
     assert_continuous(history, 2, summary["config"])
     complete = list_complete_checkpoints(f"{run}/kill")
     assert [c.epoch for c in complete][-1] == 2 and len(complete) <= 2
 
     ev = run_logged([sys.executable, "-m", "simclr_dist.evaluate", "--run", f"{run}/kill", "--protocols", "knn",
                      "--threads", "1"], cluster["env"], tmp_path / "eval.log")
-    result = storage.read_json(storage.join(latest_checkpoint(f"{run}/kill"), "eval", "knn.json"))
+    name = latest_checkpoint(f"{run}/kill").rsplit("/", 1)[-1]
+    result = storage.read_json(eval_store.result_uri(f"{run}/kill", name, "knn"))  # RUN/eval/<checkpoint>/knn.json
     assert 0.1 < result["top1"] <= 1.0, result
+    assert [(e["checkpoint"], e["protocol"]) for e in eval_store.read_index(f"{run}/kill")] == [(name, "knn")]
+    assert "history of" in ev.stdout and name in ev.stdout[ev.stdout.index("history of"):]
     # no credential in anything we wrote or printed
     fs, root = storage.resolve(f"{run}/kill")
     import pyarrow.fs as pafs

@@ -187,7 +187,8 @@ def test_cli_writes_results_next_to_checkpoint_then_skips(tmp_path, capsys):
             "--finetune-epochs", "1", "--l2-grid", "1e-4,1e-2"]
     assert ev.main(args) == 0
     out = capsys.readouterr().out
-    files = {n: os.path.join(ckpt, "eval", f"{n}.json") for n in ("linear", "knn", "finetune-0.05")}
+    files = {n: str(tmp_path / "runs" / "r" / "eval" / "checkpoint_000001" / f"{n}.json")
+             for n in ("linear", "knn", "finetune-0.05")}
     results = {n: read(p) for n, p in files.items()}
     for name, r in results.items():
         assert r["checkpoint"] == ckpt and r["checkpoint_epoch"] == 1 and 0 <= r["top1"] <= r["top5"] <= 1
@@ -211,8 +212,8 @@ def test_run_and_watch_evaluate_each_complete_checkpoint_once(tmp_path, capsys):
     shutil.copy(os.path.join(staging, CHECKPOINT_FILE), second)  # weights arrived, manifest not yet
 
     assert ev.main(["--run", str(run), "--protocols", "knn", "--threads", "1"]) == 0  # the latest complete one
-    assert os.path.exists(os.path.join(first, "eval", "knn.json"))
-    assert not (second / "eval").exists()
+    assert os.path.exists(run / "eval" / "checkpoint_000001" / "knn.json")
+    assert not (run / "eval" / "checkpoint_000002").exists()
 
     polls = []
 
@@ -225,14 +226,14 @@ def test_run_and_watch_evaluate_each_complete_checkpoint_once(tmp_path, capsys):
     results = ev.watch_run(str(run), cfg, log=lambda m: None, sleep=sleep)
     assert polls == [5.0]
     assert [(r["checkpoint_epoch"], r["cached"]) for r in results] == [(1, True), (2, False)]
-    assert read(second / "eval" / "knn.json")["checkpoint_epoch"] == 2
+    assert read(run / "eval" / "checkpoint_000002" / "knn.json")["checkpoint_epoch"] == 2
 
-    stamp = os.stat(second / "eval" / "knn.json").st_mtime_ns
+    stamp = os.stat(run / "eval" / "checkpoint_000002" / "knn.json").st_mtime_ns
     capsys.readouterr()
     assert ev.main(["--run", str(run), "--watch", "--watch-until-epoch", "2", "--interval", "0.01",
                     "--protocols", "knn"]) == 0
     assert capsys.readouterr().out.count("already evaluated") == 2
-    assert os.stat(second / "eval" / "knn.json").st_mtime_ns == stamp
+    assert os.stat(run / "eval" / "checkpoint_000002" / "knn.json").st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -322,10 +322,11 @@ def test_evaluate_cli_pretrained_simclr_dist_same_as_checkpoint(tmp_path, capsys
     assert ev.main(["--pretrained", f"simclr-dist:{ckpt}", "--protocols", "knn"]) == 0
     out = capsys.readouterr().out
     assert "[pretrained] simclr-dist:" in out and "resnet18 width 0.125x (CIFAR 3x3 stem)" in out
-    r = json.loads(open(os.path.join(ckpt, "eval", "knn.json")).read())  # next to the checkpoint, as --checkpoint
+    result = tmp_path / "runs" / "r" / "eval" / "checkpoint_000001" / "knn.json"
+    r = json.loads(result.read_text())  # the run's results of that checkpoint, as --checkpoint
     assert r["checkpoint"] == ckpt and r["checkpoint_epoch"] == 1 and r["pretrained"]["format"] == "simclr-dist"
     assert ev.main(["--checkpoint", ckpt, "--protocols", "knn", "--force"]) == 0
-    assert json.loads(open(os.path.join(ckpt, "eval", "knn.json")).read())["top1"] == r["top1"]
+    assert json.loads(result.read_text())["top1"] == r["top1"]
 
 
 def test_evaluate_cli_pretrained_torchvision_on_digits(r18_file, tmp_path, capsys):
@@ -355,7 +356,7 @@ def test_evaluate_honours_unnormalised_inputs_of_simclr_v1(tmp_path):
     x = torch.stack([data.eval_transform()(data.test[i][0]) for i in range(20)])
     assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.9  # raw pixels
     assert ev.pretrained_results_dir(pre, data, ecfg).endswith(
-        os.path.join("runs", "pretrained-eval", "simclr-v1-r50.pth-digits-16px"))
+        os.path.join("runs", "pretrained-eval", "simclr-v1-r50.pth-digits-16px", "eval"))
 
 
 @pytest.mark.parametrize("args, needle", [

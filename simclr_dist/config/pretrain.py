@@ -102,6 +102,10 @@ class PretrainConfig(JobConfig):
     storage_path: str = flag("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
     name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
     checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last)", ge=1)
+    checkpoint_every_steps: int = flag(0, "also save a checkpoint every N global steps, mid-epoch included; a resume "
+                                        "continues at the next batch of the same epoch (0: off)", ge=0)
+    checkpoint_every_minutes: float = flag(0.0, "also save a checkpoint when M minutes have passed since the last one "
+                                             "(checked every --log-every steps; 0: off)", ge=0)
     num_to_keep: int = flag(2, "checkpoints kept in storage (the newest are kept)", ge=1)
     max_failures: int = flag(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)", ge=-1)
     summary_json: str | None = flag(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")

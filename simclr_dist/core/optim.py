@@ -139,9 +139,13 @@ class WarmupCosine:
         warmup_steps: int,
         total_steps: int,
         final_lr: float = 0.0,
+        restart_step: int = 0,
+        restart_lr: float | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.base_lr, self.warmup_steps, self.total_steps, self.final_lr = base_lr, warmup_steps, total_steps, final_lr
+        # (restart_step, restart_lr): from that step on, a half-cosine from restart_lr to final_lr (see extended)
+        self.restart_step, self.restart_lr = restart_step, restart_lr
         self._validate()
 
     def _validate(self) -> None:
@@ -159,6 +163,10 @@ class WarmupCosine:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         step = min(step, self.total_steps - 1)
+        if self.restart_lr is not None and step >= self.restart_step:
+            span = self.total_steps - 1 - self.restart_step
+            t = (step - self.restart_step) / span if span > 0 else 0.0
+            return self.final_lr + 0.5 * (self.restart_lr - self.final_lr) * (1 + math.cos(math.pi * t))
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         decay_steps = self.total_steps - 1 - self.warmup_steps
@@ -171,16 +179,31 @@ class WarmupCosine:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
+    def extended(self, total_steps: int, at_step: int) -> "WarmupCosine":
+        """This schedule stretched (or shortened) to ``total_steps`` from step ``at_step`` on, without a jump: the
+        steps before ``at_step`` keep their LR; during warm-up the warm-up continues and the cosine spans the new
+        length; after it, a half-cosine runs from the LR at ``at_step`` down to ``final_lr`` at the new end."""
+        if not at_step < total_steps:
+            raise ValueError(f"at_step {at_step} must be < total_steps {total_steps}")
+        if self.restart_lr is None and at_step < self.warmup_steps <= total_steps:
+            return WarmupCosine(self.optimizer, self.base_lr, self.warmup_steps, total_steps, self.final_lr)
+        return WarmupCosine(self.optimizer, self.base_lr, min(self.warmup_steps, at_step), total_steps, self.final_lr,
+                            restart_step=at_step, restart_lr=self.lr_at(at_step))
+
     def state_dict(self) -> dict[str, float | int]:
-        return {
+        state = {
             "base_lr": self.base_lr,
             "warmup_steps": self.warmup_steps,
             "total_steps": self.total_steps,
             "final_lr": self.final_lr,
         }
+        if self.restart_lr is not None:
+            state.update(restart_step=self.restart_step, restart_lr=self.restart_lr)
+        return state
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         """Restore the schedule's parameters (callers that must not change them compare state_dict() first)."""
         self.base_lr, self.warmup_steps = state["base_lr"], state["warmup_steps"]
         self.total_steps, self.final_lr = state["total_steps"], state["final_lr"]
+        self.restart_step, self.restart_lr = int(state.get("restart_step", 0)), state.get("restart_lr")
         self._validate()

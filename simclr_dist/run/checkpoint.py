@@ -1,12 +1,16 @@
-"""Find the complete checkpoints of a run in shared storage (local/NFS, s3://, gs://) without ever reading a
-half-written one.
+"""Checkpoints of a run in shared storage (local/NFS, s3://, gs://): their format, how they are written without
+stalling training, and how they are read without trusting them.
 
-A run directory ``STORAGE/NAME/`` holds Ray's ``checkpoint_<timestamp>/`` directories. :func:`save_checkpoint`
-writes ``checkpoint.pt`` and then ``manifest.json`` (checksum, size, epoch) into a local temporary directory, but
-Ray uploads that directory with ``pyarrow.fs.copy_files``, which copies files in no fixed order (in parallel on a
-filesystem, non-atomically). So in storage a manifest can appear before ``checkpoint.pt`` is complete, and the
-manifest itself can be half-copied. A checkpoint is therefore *complete* only when its manifest parses and
-``checkpoint.pt`` has the manifest's byte count; :func:`load_checkpoint` then verifies the checksum.
+- **Complete or ignored.** A run directory ``STORAGE/NAME/`` holds Ray's ``checkpoint_<timestamp>/`` directories.
+  ``checkpoint.pt`` is uploaded first and ``manifest.json`` (checksum, size, epoch, step) last, by our own
+  uploader, because Ray's default copy has no order. A checkpoint is *complete* only when its manifest parses and
+  ``checkpoint.pt`` has the manifest's byte count; :func:`load_checkpoint` then verifies the checksum.
+- **Data, not code.** A checkpoint is read with ``torch.load(weights_only=True)``: one from shared storage (or
+  ``--pretrained simclr-dist:s3://...`` of someone else's run) cannot run code on the reader; the checksum proves
+  completeness, not origin. So the state holds only tensors, containers, numbers and strings (:func:`plain`).
+- **Training waits for a copy, not an upload.** :class:`AsyncCheckpointer` copies the state to CPU memory (the
+  only part the step waits for) and hands it to Ray's asynchronous upload thread, which serialises and uploads it
+  (manifest last) while training goes on; Ray registers checkpoints in report order.
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +36,19 @@ from simclr_dist.run.chaos import chaos_once
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+# 1: epoch-end checkpoints (commit 1af4297 on). 2: adds the position inside an epoch ("batch") and the epoch's
+# partial loss sums, so a resume continues mid-epoch; version 1 files load as epoch-end checkpoints.
+FORMAT_VERSION = 2
 
 CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not or cannot be loaded (incomplete, corrupt, unsafe); one line naming the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding pickled objects (anything but data): refused by ``weights_only=True``, never retried."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +57,14 @@ class CheckpointRef:
 
     uri: str
     name: str
-    epoch: int
-    step: int
+    epoch: int  # epochs completed
+    step: int   # optimizer steps done
     manifest: dict[str, Any]
+
+    @property
+    def batch(self) -> int:
+        """Batches done of epoch ``epoch + 1`` (0: an epoch-end checkpoint)."""
+        return int(self.manifest.get("batch", 0))
 
 
 def read_complete(checkpoint_uri: str) -> CheckpointRef | None:
@@ -65,7 +89,7 @@ def _complete(fs: pafs.FileSystem, path: str, uri: str) -> CheckpointRef | None:
 
 
 def list_complete_checkpoints(run_uri: str) -> list[CheckpointRef]:
-    """Complete ``checkpoint_*`` directories of a run, oldest first (by epoch, then step, then name).
+    """Complete ``checkpoint_*`` directories of a run, oldest first (by step, then name).
 
     A run directory that does not exist (yet) has no checkpoints: a watcher may start before training does.
     """
@@ -80,67 +104,158 @@ def list_complete_checkpoints(run_uri: str) -> list[CheckpointRef]:
             ref = _complete(fs, entry.path, storage.join(run_uri, entry.base_name))
             if ref is not None:
                 refs.append(ref)
-    return sorted(refs, key=lambda r: (r.epoch, r.step, r.name))
+    return sorted(refs, key=lambda r: (r.step, r.epoch, r.name))
 
 
 def latest_checkpoint(run_uri: str) -> str | None:
-    """URI of the run's complete checkpoint with the highest epoch, or ``None`` when it has none."""
+    """URI of the run's complete checkpoint with the most steps, or ``None`` when it has none."""
     refs = list_complete_checkpoints(run_uri)
     return refs[-1].uri if refs else None
+
+
+# ---------------------------------------------------------------------------- the state: data only
+def plain(obj: Any, *, copy: bool = False, where: str = "state") -> Any:
+    """``obj`` as ``torch.load(weights_only=True)`` reads it back: tensors (on CPU, cloned when ``copy``), dicts,
+    lists, tuples, numbers, strings, None. numpy scalars/arrays become Python numbers/tensors; any other object
+    raises ``TypeError`` naming its key path, so a state that could not be resumed fails when it is *saved*."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to("cpu", copy=True) if copy else t.cpu()
+    if isinstance(obj, dict):
+        return {k: plain(v, copy=copy, where=f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, copy=copy, where=f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if type(obj).__module__ == "numpy":  # np.float64 from a metric (a float subclass), an np.ndarray of indices
+        return obj.item() if getattr(obj, "ndim", 0) == 0 else torch.as_tensor(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.dtype, torch.Size)):
+        return obj
+    raise TypeError(f"checkpoint {where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be saved "
+                    "(checkpoints hold tensors, containers, numbers and strings only, to load with weights_only=True)")
 
 
 def save_checkpoint(directory: str, state: dict[str, Any]) -> str:
     """Write ``checkpoint.pt`` then a manifest with its checksum; the manifest is written last, so a
     directory without a matching manifest is incomplete and :func:`load_checkpoint` refuses it."""
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(plain(state), buf)
     data = buf.getvalue()
     storage.write_bytes(os.path.join(directory, CHECKPOINT_FILE), data)
     cfg = state["config"]
-    manifest = {"format_version": FORMAT_VERSION, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                "epoch": state["epoch"], "step": state["step"], "arch": {k: cfg.get(k) for k in ARCH_FIELDS},
-                "dataset": cfg.get("dataset"), "history": state.get("history", [])}
+    manifest = {"format_version": state.get("format_version", FORMAT_VERSION),
+                "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                "epoch": state["epoch"], "step": state["step"], "batch": state.get("batch", 0),
+                "epochs": cfg.get("epochs"), "steps_per_epoch": state.get("steps_per_epoch"),
+                "arch": {k: cfg.get(k) for k in ARCH_FIELDS}, "dataset": cfg.get("dataset"),
+                "history": plain(state.get("history", []))}
     storage.write_json(os.path.join(directory, MANIFEST_FILE), manifest)
     return directory
 
 
 def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and verify a checkpoint directory (local path or URI)."""
+    """Load and verify a checkpoint directory (local path or URI); :class:`CheckpointError` in one line when it
+    is incomplete, corrupt, from a newer format, or holds anything but data (``weights_only=True``)."""
     manifest_uri, ckpt_uri = storage.join(directory, MANIFEST_FILE), storage.join(directory, CHECKPOINT_FILE)
     if not storage.exists(manifest_uri):
-        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was not fully written")
+        raise CheckpointError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was not fully written")
     manifest = storage.read_json(manifest_uri)
+    if int(manifest.get("format_version", 1)) > FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: checkpoint format {manifest['format_version']} is newer than this "
+                              f"simclr-dist reads ({FORMAT_VERSION}); upgrade simclr-dist")
     data = storage.read_bytes(ckpt_uri)
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{ckpt_uri}: checksum mismatch with {MANIFEST_FILE}; the checkpoint is corrupt")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        raise CheckpointError(f"{ckpt_uri}: checksum mismatch with {MANIFEST_FILE}; the checkpoint is corrupt")
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"{ckpt_uri}: refused to load: {_refusal(e)}") from None
+    except RuntimeError as e:  # not a torch zip/pickle at all
+        raise CheckpointError(f"{ckpt_uri}: not a torch checkpoint ({str(e).strip().splitlines()[0]})") from None
 
 
-def make_uploader(run_uri: str, *, kill_in_upload_epoch: int = -1):
-    """Ray Train ``checkpoint_upload_fn``: upload ``checkpoint.pt`` first and ``manifest.json`` last.
+def _refusal(e: Exception) -> str:
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f"a pickled {m.group(1)} object" if m else "something other than tensors and containers"
+    return (f"it holds {what}, which could run code; checkpoints are read with weights_only=True "
+            "(tensors, containers, numbers and strings)")
+
+
+# ---------------------------------------------------------------------------- writing: ordered, in the background
+def make_uploader(run_uri: str, *, state: dict[str, Any] | None = None, kill_in_upload_epoch: int = -1,
+                  done: threading.Event | None = None):
+    """Ray Train ``checkpoint_upload_fn``: (serialise ``state`` into the local directory, when given, then)
+    upload ``checkpoint.pt`` first and ``manifest.json`` last.
 
     Ray's default upload (``pyarrow.fs.copy_files``) copies files in no particular order, so a crash mid-upload
     could leave a manifest beside half the weights. With this order, a directory in storage that has a manifest
     is complete (and the manifest's checksum proves it); Ray itself only registers the directory for resume
-    after this function returns. ``kill_in_upload_epoch`` is the ``--chaos-kill-in-upload`` drill.
+    after this function returns. ``kill_in_upload_epoch`` is the ``--chaos-kill-in-upload`` drill (epoch-end
+    checkpoints only); ``done`` is set when the function ends, however it ends.
     """
     def upload(checkpoint, dir_name: str):
         import ray.train
 
-        dest = storage.join(run_uri, dir_name)
-        names = sorted(os.listdir(checkpoint.path), key=lambda n: n == MANIFEST_FILE)  # manifest last
-        for name in names:
-            with open(os.path.join(checkpoint.path, name), "rb") as f:
-                data = f.read()
-            if name == CHECKPOINT_FILE and kill_in_upload_epoch == _epoch_of(checkpoint.path):
-                half = data[: len(data) // 2]
-                chaos_once(run_uri, "upload", lambda: storage.write_bytes(storage.join(dest, name), half))
-            storage.write_bytes(storage.join(dest, name), data)
-        fs, path = storage.resolve(dest)
-        return ray.train.Checkpoint(path=path, filesystem=fs)
+        try:
+            if state is not None and not os.path.exists(os.path.join(checkpoint.path, MANIFEST_FILE)):
+                save_checkpoint(checkpoint.path, state)  # in Ray's upload thread: training goes on meanwhile
+            dest = storage.join(run_uri, dir_name)
+            names = sorted(os.listdir(checkpoint.path), key=lambda n: n == MANIFEST_FILE)  # manifest last
+            for name in names:
+                with open(os.path.join(checkpoint.path, name), "rb") as f:
+                    data = f.read()
+                if name == CHECKPOINT_FILE and _position_of(checkpoint.path) == (kill_in_upload_epoch, 0):
+                    half = data[: len(data) // 2]
+                    chaos_once(run_uri, "upload", lambda: storage.write_bytes(storage.join(dest, name), half))
+                storage.write_bytes(storage.join(dest, name), data)
+            fs, path = storage.resolve(dest)
+            return ray.train.Checkpoint(path=path, filesystem=fs)
+        finally:
+            if done is not None:
+                done.set()
     return upload
 
 
-def _epoch_of(local_dir: str) -> int:
+def _position_of(local_dir: str) -> tuple[int, int]:
     with open(os.path.join(local_dir, MANIFEST_FILE)) as f:
-        return json.load(f)["epoch"]
+        manifest = json.load(f)
+    return manifest["epoch"], manifest.get("batch", 0)
+
+
+class AsyncCheckpointer:
+    """Report a checkpoint to Ray Train while training goes on (every rank calls :meth:`report` together).
+
+    Rank 0 copies the state to CPU memory (what the step waits for), then Ray's single upload thread
+    (``CheckpointUploadMode.ASYNC``) serialises it, uploads it with :func:`make_uploader` and registers it, in
+    report order. At most one checkpoint is in flight: a save that finds the previous upload unfinished waits
+    for it (memory stays bounded; the wait is counted in the blocked time and logged).
+    """
+
+    def __init__(self, run_uri: str, rank: int, *, kill_in_upload_epoch: int = -1, log=lambda msg: None):
+        self.run_uri, self.rank, self.kill_in_upload_epoch, self.log = run_uri, rank, kill_in_upload_epoch, log
+        self._inflight: threading.Event | None = None
+        self.blocked_s: list[float] = []  # per save: how long the training thread was held
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> float:
+        """``ray.train.report`` with an asynchronous checkpoint of ``state`` (rank 0; ``None`` elsewhere).
+        Returns the seconds this call held the training thread."""
+        import ray.train
+
+        t0 = time.perf_counter()
+        ckpt, upload = None, None
+        if self.rank == 0 and state is not None:
+            if self._inflight is not None and not self._inflight.is_set():
+                self._inflight.wait()
+                self.log(f"[simclr] waited {time.perf_counter() - t0:.1f}s for the previous checkpoint upload "
+                         "(uploads are slower than the checkpoint interval)")
+            snapshot = plain(state, copy=True)
+            local = tempfile.mkdtemp(prefix="simclr-ckpt-")
+            self._inflight = threading.Event()
+            ckpt = ray.train.Checkpoint.from_directory(local)
+            upload = make_uploader(self.run_uri, state=snapshot, kill_in_upload_epoch=self.kill_in_upload_epoch,
+                                   done=self._inflight)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        blocked = time.perf_counter() - t0
+        self.blocked_s.append(blocked)
+        return blocked

@@ -4,14 +4,16 @@ Each worker: builds the model from the seed (identical on every rank), wraps it 
 checkpoint Ray hands back (after a restart or a rerun of the same run name), and trains epoch by epoch.
 Both views go through one forward pass (BatchNorm statistics are shared by the two views of a worker's batch;
 ``--sync-bn`` shares them across workers too). The NT-Xent loss all-gathers projections, so every anchor sees
-the negatives of all workers with exact gradients. Rank 0 writes the checkpoint; every rank reports metrics.
+the negatives of all workers with exact gradients. Checkpoints are taken at epoch ends and, with
+``--checkpoint-every-steps/-minutes``, mid-epoch: a resume then goes on at the next batch of the same seeded
+epoch and reaches the weights of an uninterrupted run. Rank 0's state is copied in memory and uploaded in the
+background (:class:`simclr_dist.run.checkpoint.AsyncCheckpointer`); every rank reports metrics.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import tempfile
 import time
 from typing import Any
 
@@ -31,8 +33,9 @@ from simclr_dist.data.splits import labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.run import storage
 from simclr_dist.run.chaos import chaos_kill
-from simclr_dist.run.checkpoint import FORMAT_VERSION, load_checkpoint, make_uploader, save_checkpoint
+from simclr_dist.run.checkpoint import FORMAT_VERSION, AsyncCheckpointer, load_checkpoint
 from simclr_dist.run.metrics import WorkerMetrics
+from simclr_dist.run.resume import Position, restore, resumed_schedule
 from simclr_dist.run.step import build_model, pretrain_step
 
 
@@ -40,7 +43,6 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------------------- checkpoints
 # ---------------------------------------------------------------------------- evaluation
 def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> dict:
     """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
@@ -98,30 +100,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         jitter_strength=cfg.jitter_strength, batch_size=per_worker, rank=rank, world_size=world, seed=cfg.seed,
         num_workers=cfg.loader_workers, pin_memory=on_gpu, backend=cfg.loader, beton=cfg.beton))
     steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
     lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
     optimizer = build_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     schedule = WarmupCosine(optimizer, lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-                            total_steps=cfg.epochs * steps_per_epoch)
+                            total_steps=total_steps)
 
-    # -- resume
-    start_epoch, step, history = 0, 0, []
+    # -- resume: the checkpoint Ray hands back (after a restart, or a rerun of the same run name)
+    pos = Position()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
-        saved = PretrainConfig.from_dict(state["config"])
-        if saved.arch_signature() != cfg.arch_signature():
-            raise ValueError(f"checkpoint architecture {saved.arch_signature()} != requested {cfg.arch_signature()}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            raise ValueError(f"checkpoint has {state['steps_per_epoch']} steps/epoch, this run {steps_per_epoch}: "
-                             "resume with the same --batch-size and dataset")
-        log(f"[simclr] resumed from epoch {start_epoch} (step {step}, lr {schedule.lr_at(step):.5f})")
+        pos = restore(state, cfg, model=model, optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch,
+                      rank=rank, world=world)
+        schedule = resumed_schedule(schedule, state.get("schedule"), pos.step, total_steps, log=log)
+        where = f"epoch {pos.epoch}" + (f" + {pos.batch}/{steps_per_epoch} batches" if pos.batch else "")
+        log(f"[simclr] resumed from {where} (step {pos.step}, lr {schedule.lr_at(pos.step):.5f})")
 
-    step0 = step
+    step, history, init_knn = pos.step, pos.history, pos.init_knn
     attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
     if cfg.compile:
         model = torch.compile(model)
@@ -136,21 +133,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     mon = WorkerMetrics(cfg.name, rank, node, samples_per_step=per_worker, device=device, model=raw,
                         image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
     node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
+    saver = AsyncCheckpointer(storage.join(cfg.storage_path, cfg.name), rank,
+                              kill_in_upload_epoch=cfg.chaos_kill_in_upload, log=log)
+    every_s = cfg.checkpoint_every_minutes * 60
+    last_save = time.monotonic()
+
+    def save(metrics: dict[str, Any], *, epochs_done: int, batch: int, loss_sum: torch.Tensor | None) -> None:
+        """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
+        nonlocal last_save
+        sums = gather_all(loss_sum) if batch else None  # the epoch's running loss of every rank, to go on from
+        state = None
+        if rank == 0:
+            state = {"format_version": FORMAT_VERSION, "model": raw.state_dict(),
+                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epochs_done, "batch": batch, "step": step,
+                     "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history,
+                     "epoch_loss_sums": sums, "init_knn": init_knn}
+        mon.checkpoint_saved(saver.report(metrics, state))
+        last_save = time.monotonic()
+
     result: dict[str, Any] = {"status": "ok"}
-    init_knn = {}
-    if start_epoch == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
+    if step == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
         init_knn = {f"{k}_init": v for k, v in online_knn(raw.encoder, cfg, device, channels_last).items()}
         init = "imported (--pretrained)" if cfg.pretrained else "randomly initialised"
         log(f"[simclr] kNN top-1 of the {init} encoder: {next(iter(init_knn.values())):.3f}")
-    for epoch in range(start_epoch, cfg.epochs):
-        loader.set_epoch(epoch)
+    for epoch in range(pos.epoch, cfg.epochs):
+        first = pos.batch if epoch == pos.epoch else 0  # a mid-epoch resume goes on at this batch of the epoch
+        loader.set_epoch(epoch, start_batch=first)
         ddp.train()
         loss_sum = torch.zeros((), device=device)
+        if first and pos.loss_sum is not None:
+            loss_sum = pos.loss_sum.to(device)
+        loss_before = loss_sum.clone()  # what the metrics windows of this attempt must not count
         bad_step = torch.full((), -1, dtype=torch.long, device=device)
         data_wait = 0.0
         t_epoch = t_ready = time.perf_counter()
         mon.start_epoch(epoch, step)
-        for i, (v1, v2, _) in enumerate(loader):
+        for i, (v1, v2, _) in enumerate(loader, start=first):
             data_wait += time.perf_counter() - t_ready
             cur_lr = schedule.apply(step)
             loss = pretrain_step(ddp, optimizer, scaler, v1, v2, temperature=cfg.temperature, precision=precision,
@@ -161,27 +180,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             step += 1
             if cfg.chaos_kill_step == step and rank == world - 1:
                 chaos_kill(storage.join(cfg.storage_path, cfg.name))
-            if step % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                first_bad = max_across(bad_step)
+            end_of_epoch = i + 1 == steps_per_epoch
+            save_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 and not end_of_epoch
+            if step % cfg.log_every == 0 or end_of_epoch or save_due:
+                late = every_s > 0 and not end_of_epoch and time.monotonic() - last_save >= every_s
+                first_bad, time_due = max_over_ranks(bad_step, late)  # rank 0's clock decides for everyone
                 if first_bad >= 0:
                     result = {"status": "nonfinite", "step": first_bad, "epoch": epoch}
                     break
-                log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
-                    f"loss {loss.item():.4f} lr {cur_lr:.5f}")
-                mon.observe(step=step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum)
+                if step % cfg.log_every == 0 or end_of_epoch:
+                    log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
+                        f"loss {loss.item():.4f} lr {cur_lr:.5f}")
+                    mon.observe(step=step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
+                if save_due or time_due:
+                    save({"epoch": epoch, "step": step, "batch": i + 1, "status": "ok"},
+                         epochs_done=epoch, batch=i + 1, loss_sum=loss_sum)
             t_ready = time.perf_counter()
         if result["status"] != "ok":
             log(f"[simclr] non-finite loss at step {result['step']} (epoch {epoch + 1}); stopping, the last good "
                 "checkpoint is kept")
-            ray.train.report({"epoch": epoch, "step": step, "status": "nonfinite", "bad_step": result["step"]})
+            saver.report({"epoch": epoch, "step": step, "status": "nonfinite", "bad_step": result["step"]}, None)
             break
 
         epoch_time = time.perf_counter() - t_epoch
+        steps_run = steps_per_epoch - first
         mean_loss = mean_across(loss_sum / steps_per_epoch)
         metrics = {
             "epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": schedule.lr_at(step - 1),
-            "samples_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
-            "worker_samples_per_s": steps_per_epoch * per_worker / epoch_time,
+            "samples_per_s": steps_run * cfg.batch_size / epoch_time,
+            "worker_samples_per_s": steps_run * per_worker / epoch_time,
             "epoch_time_s": epoch_time, "data_wait_s": data_wait, "rank": rank, "node": node,
             "node_id": ray_node_id(), "world_size": world, "status": "ok", "node_ids": node_ids, **init_knn,
         }
@@ -195,31 +222,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
             + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else ""))
 
-        if last or (epoch + 1) % cfg.checkpoint_every == 0:
-            t_save = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(tmp, {
-                        "format_version": FORMAT_VERSION, "model": raw.state_dict(),
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                        "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history})
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                metrics["checkpoint_save_s"] = time.perf_counter() - t_save
-                mon.checkpoint_saved(metrics["checkpoint_save_s"])
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=make_uploader(
-                    storage.join(cfg.storage_path, cfg.name), kill_in_upload_epoch=cfg.chaos_kill_in_upload))
+        step_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+        time_due = every_s > 0 and max_over_ranks(torch.full((), -1, device=device),
+                                                  time.monotonic() - last_save >= every_s)[1]
+        if last or (epoch + 1) % cfg.checkpoint_every == 0 or step_due or time_due:
+            save(metrics, epochs_done=epoch + 1, batch=0, loss_sum=None)
         else:
-            ray.train.report(metrics)
+            saver.report(metrics, None)
 
-    if start_epoch >= cfg.epochs:
-        log(f"[simclr] run already complete ({start_epoch}/{cfg.epochs} epochs): nothing to train")
-    return {**result, "history": history, "resumed_from_epoch": start_epoch, "resumed_from_step": step0,
-            "attempt_started_at": attempt_started_at,
-            "epochs_done": history[-1]["epoch"] if history else start_epoch}
+    if pos.epoch >= cfg.epochs:
+        log(f"[simclr] run already complete ({pos.epoch}/{cfg.epochs} epochs): nothing to train")
+    return {**result, "history": history, "resumed_from_epoch": pos.epoch, "resumed_from_batch": pos.batch,
+            "resumed_from_step": pos.step, "attempt_started_at": attempt_started_at,
+            "checkpoint_blocked_s": saver.blocked_s,
+            "epochs_done": history[-1]["epoch"] if history else pos.epoch}
 
 
+def max_over_ranks(first_bad: torch.Tensor, flag: bool) -> tuple[int, bool]:
+    """(max over ranks of ``first_bad``, whether rank 0 raised ``flag``) in one all-reduce: the loop's sync point."""
+    t = torch.stack([first_bad.reshape(()).long(), torch.tensor(int(flag), device=first_bad.device)])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_rank() != 0:
+            t[1] = 0
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    bad, raised = t.tolist()
+    return int(bad), bool(raised)
+
+
+def gather_all(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of ``t`` (on CPU), in rank order."""
+    t = t.detach()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [t.cpu()]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
 
 
 def quiet_report_log() -> None:
