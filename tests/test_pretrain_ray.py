@@ -81,3 +81,27 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(ray_cluster, tiny_a
         pretrain.run(parse_config(tiny_args("nan", "--epochs", "3", "--chaos-nan-step", str(bad))))
     [ckpt] = checkpoints(tmp_path / "runs" / "nan")
     assert load_checkpoint(ckpt)["epoch"] == 1
+
+
+@pytest.mark.parametrize("loader", ["torch", "ffcv"])
+def test_worker_killed_mid_epoch_resumes_at_next_batch_bit_identical(ray_cluster, tiny_args, tmp_path, loader):
+    """Step checkpoints every 4 steps, a worker killed at step 34 (batch 12 of epoch 2): the restarted group goes on
+    from step 32 (batch 10 of epoch 2) and ends with the weights and losses of an uninterrupted run, bit for bit."""
+    import torch
+
+    every, kill_at = 4, STEPS_PER_EPOCH + 12
+    common = ("--epochs", "2", "--loader", loader, "--checkpoint-every-steps", str(every), "--max-failures", "1")
+    ref = pretrain.run(parse_config(tiny_args(f"ref-{loader}", *common)))
+    killed = pretrain.run(parse_config(tiny_args(f"kill-{loader}", *common, "--chaos-kill-step", str(kill_at))))
+    assert (tmp_path / "runs" / f"kill-{loader}" / ".chaos-kill-done").exists()        # a worker really died
+    assert (killed["resumed_from_epoch"], killed["resumed_from_batch"], killed["resumed_from_step"]) == \
+        (1, kill_at // every * every - STEPS_PER_EPOCH, kill_at // every * every)       # mid-epoch, not epoch 1's end
+    assert [h["epoch"] for h in killed["history"]] == [1, 2]
+    assert [h["loss"] for h in killed["history"]] == [h["loss"] for h in ref["history"]]  # exactly, both epochs
+    a, b = load_checkpoint(ref["checkpoint"]), load_checkpoint(killed["checkpoint"])
+    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH and a["batch"] == b["batch"] == 0
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["optimizer"]["state"].items():
+        assert all(torch.equal(x, b["optimizer"]["state"][k][n]) for n, x in v.items() if torch.is_tensor(x)), k
+    assert ref["checkpoint_blocked_s"] and all(s >= 0 for s in ref["checkpoint_blocked_s"])  # one entry per save
