@@ -1,15 +1,21 @@
 """Fault-injection table on a real two-node Ray cluster on this machine (cluster/local-cluster.sh).
 
-    python -m bench.faults [--out results/faults.json] [--epochs 3]
+    python -m bench.faults [--out results/faults.json] [--epochs 3] [--every-steps 5]
 
-Drills, each on a fresh 2-worker digits run with checkpoints every epoch:
+Drills, each on a fresh 2-worker digits run; "epoch" rows checkpoint at epoch ends only (the old default), "step"
+rows also every ``--every-steps`` steps (``--checkpoint-every-steps``), so each fault's cost is measured before and
+after mid-epoch checkpoints:
   worker-kill    SIGKILL one worker mid-epoch (--chaos-kill-step), Ray restarts the group (max_failures)
-  upload-crash   rank 0 dies halfway through uploading a checkpoint (--chaos-kill-in-upload)
+  upload-crash   rank 0 dies halfway through uploading epoch 2's checkpoint (--chaos-kill-in-upload)
   driver-kill    SIGKILL the `python -m simclr_dist.pretrain` driver, then rerun the same command
   node-stop      kill the second node's raylet and workers, then rejoin a fresh node
-For each: survived, epochs duplicated or skipped in the final history (must be 0), steps recomputed (bounded
-by one checkpoint interval), and recovery time = when the resumed attempt had restored its checkpoint minus
-when the fault happened.
+  watcher        `evaluate --watch` SIGKILLed after its first result and restarted, while training prunes old
+                 checkpoints (--num-to-keep 1): results kept (index) vs what results-inside-checkpoints would keep
+For each training drill: survived, epochs duplicated or skipped in the final history (must be 0), the step it
+resumed from, steps recomputed (known for the drills that fire at a step) and recovery time = when the resumed
+attempt had restored its checkpoint minus when the fault happened. The second table is what a step checkpoint
+costs the training thread (seconds blocked per save: the in-memory copy) against serialising and uploading the
+same checkpoint synchronously, as every save did before.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,11 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(runs: Path, name: str, summary: Path, epochs: int, *extra: str) -> list[str]:
+def _cmd(runs: Path, name: str, summary: Path, epochs: int, every: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "simclr_dist.pretrain", "--dataset", "digits", "--image-size", "16",
             "--width", "0.125", "--batch-size", "64", "--num-workers", "2", "--knn-every", "-1",
             "--epochs", str(epochs), "--storage-path", str(runs), "--name", name,
-            "--summary-json", str(summary), *extra]
+            "--checkpoint-every-steps", str(every), "--summary-json", str(summary), *extra]
 
 
 def _wait_registered(run_dir: Path, timeout: float = 300) -> None:
@@ -56,23 +63,121 @@ def _wait_registered(run_dir: Path, timeout: float = 300) -> None:
     raise TimeoutError(f"no registered checkpoint in {run_dir}")
 
 
-def _row(drill: str, summary: dict, fault_at: float, fault_step: int | None, epochs: int) -> dict:
+def _row(drill: str, every: int, summary: dict, fault_at: float, fault_step: int | None, epochs: int) -> dict:
     seen = [h["epoch"] for h in summary["history"]]
     return {
-        "drill": drill, "survived": seen[-1:] == [epochs],
-        "epochs_duplicated": len(seen) - len(set(seen)),
+        "drill": drill, "checkpoints": f"every {every} steps" if every else "epoch ends",
+        "survived": seen[-1:] == [epochs], "epochs_duplicated": len(seen) - len(set(seen)),
         "epochs_skipped": len(set(range(1, epochs + 1)) - set(seen)),
-        "resumed_from_epoch": summary["resumed_from_epoch"],
+        "resumed_from_step": summary["resumed_from_step"],
         # known exactly for the drills that fire at a step; for external kills only its bound (one interval) is
         "steps_recomputed": None if fault_step is None else max(0, fault_step - summary["resumed_from_step"]),
-        "checkpoint_interval_steps": STEPS,
+        "checkpoint_interval_steps": every or STEPS,
         "recovery_s": round(summary["attempt_started_at"] - fault_at, 1),
+        "blocked_s_per_save": statistics.median(summary["checkpoint_blocked_s"] or [float("nan")]),
     }
+
+
+def _run(cmd: list[str], env: dict) -> None:
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd[2:4])} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+
+
+def worker_kill(runs: Path, env: dict, E: int, every: int) -> dict:
+    name, kill_step = f"kill-{every}", STEPS + STEPS // 2
+    s = runs / f"{name}.json"
+    _run(_cmd(runs, name, s, E, every, "--max-failures", "1", "--chaos-kill-step", str(kill_step)), env)
+    return _row("worker-kill", every, json.loads(s.read_text()), (runs / name / ".chaos-kill-done").stat().st_mtime,
+                kill_step, E)
+
+
+def upload_crash(runs: Path, env: dict, E: int, every: int) -> dict:
+    name = f"upload-{every}"
+    s = runs / f"{name}.json"
+    _run(_cmd(runs, name, s, E, every, "--max-failures", "1", "--chaos-kill-in-upload", "2"), env)
+    return _row("upload-crash", every, json.loads(s.read_text()),
+                (runs / name / ".chaos-upload-done").stat().st_mtime, 2 * STEPS, E)
+
+
+def driver_kill(runs: Path, env: dict, E: int, every: int) -> dict:
+    name = f"driver-{every}"
+    s = runs / f"{name}.json"
+    cmd = _cmd(runs, name, s, E, every)
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    _wait_registered(runs / name)
+    fault_at = time.time()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(5)  # let the cluster reap the orphaned controller and workers
+    _run(cmd, env)
+    return _row("driver-kill", every, json.loads(s.read_text()), fault_at, None, E)
+
+
+def node_stop(runs: Path, env: dict, cenv: dict, script: str, E: int, every: int) -> dict:
+    name = f"node-{every}"
+    s = runs / f"{name}.json"
+    p = subprocess.Popen(_cmd(runs, name, s, E, every, "--max-failures", "2"), env=env, cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_registered(runs / name)
+    fault_at = time.time()
+    subprocess.run(["bash", script, "stop-node"], env=cenv, check=True, capture_output=True)
+    time.sleep(5)
+    subprocess.run(["bash", script, "start-node"], env=cenv, check=True, capture_output=True)
+    assert p.wait(timeout=900) == 0, "node-stop run failed"
+    return _row("node-stop", every, json.loads(s.read_text()), fault_at, None, E)
+
+
+def watcher(runs: Path, env: dict, E: int) -> dict:
+    """Training with --num-to-keep 1 and an evaluator watching it, SIGKILLed after its first result, restarted."""
+    from simclr_dist.run.eval_store import read_index
+
+    name = "watch"
+    run = runs / name
+    train = subprocess.Popen(_cmd(runs, name, runs / "watch.json", E, 0, "--num-to-keep", "1"), env=env, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ev = [sys.executable, "-m", "simclr_dist.evaluate", "--run", str(run), "--watch", "--interval", "1",
+          "--protocols", "knn", "--threads", "1", "--watch-until-epoch", str(E)]
+    w = subprocess.Popen(ev, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 600
+    while not read_index(str(run), log=lambda m: None) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(w.pid, signal.SIGKILL)
+    w.wait()
+    restarted = subprocess.run(ev, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert train.wait(timeout=900) == 0 and restarted.returncode == 0, restarted.stderr[-2000:]
+    entries = read_index(str(run), log=lambda m: None)
+    evaluated = {e["checkpoint"] for e in entries}
+    alive = {p.name for p in run.glob("checkpoint_*")}
+    return {"drill": "watcher-restart", "checkpoints": "epoch ends, num_to_keep 1",
+            "checkpoints_evaluated": len(evaluated), "results_kept_inside_checkpoints": len(evaluated & alive),
+            "results_kept_index": len(entries), "evaluated_twice": len(entries) - len(evaluated)}
+
+
+def sync_save_s(run_dir: Path, repeats: int = 5) -> float:
+    """Median seconds to serialise and upload the run's last checkpoint in the calling thread (the old save)."""
+    import ray.train
+
+    from simclr_dist.run.checkpoint import latest_checkpoint, load_checkpoint, make_uploader, save_checkpoint
+
+    state = load_checkpoint(latest_checkpoint(str(run_dir)))
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            local = Path(tmp) / f"local{i}"
+            t0 = time.perf_counter()
+            save_checkpoint(str(local), state)
+            make_uploader(str(Path(tmp) / "store"))(ray.train.Checkpoint.from_directory(str(local)), f"c{i}")
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = base_parser("bench.faults", "fault-injection drills on a local two-node Ray cluster")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--every-steps", type=int, default=5, help="--checkpoint-every-steps of the 'step' rows")
     args = ap.parse_args(argv)
     machine = machine_info()
     ray_port, dash_port = _free_port(), _free_port()
@@ -81,56 +186,36 @@ def main(argv: list[str] | None = None) -> int:
             "RAY": str(Path(sys.executable).parent / "ray")}
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token"}
     subprocess.run(["bash", script, "start"], env=cenv, check=True, capture_output=True)
-    rows, E = [], args.epochs
+    rows, E, N = [], args.epochs, args.every_steps
     try:
         with tempfile.TemporaryDirectory() as tmp:
             runs = Path(tmp)
-            # worker-kill: the marker file's mtime is the moment of the kill
-            kill_step = STEPS + STEPS // 2
-            s = runs / "kill.json"
-            subprocess.run(_cmd(runs, "kill", s, E, "--max-failures", "1", "--chaos-kill-step", str(kill_step)),
-                           env=env, check=True, capture_output=True, cwd=ROOT)
-            summary = json.loads(s.read_text())
-            rows.append(_row("worker-kill", summary, (runs / "kill" / ".chaos-kill-done").stat().st_mtime,
-                             kill_step, E))
-            # upload-crash at the end of epoch 2
-            s = runs / "upload.json"
-            subprocess.run(_cmd(runs, "upload", s, E, "--max-failures", "1", "--chaos-kill-in-upload", "2"),
-                           env=env, check=True, capture_output=True, cwd=ROOT)
-            summary = json.loads(s.read_text())
-            rows.append(_row("upload-crash", summary, (runs / "upload" / ".chaos-upload-done").stat().st_mtime,
-                             2 * STEPS, E))
-            # driver-kill: after the first registered checkpoint
-            s = runs / "driver.json"
-            cmd = _cmd(runs, "driver", s, E)
-            p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-            _wait_registered(runs / "driver")
-            fault_at = time.time()
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
-            summary = json.loads(s.read_text())
-            rows.append(_row("driver-kill", summary, fault_at, None, E))
-            # node-stop: kill node b after the first registered checkpoint, rejoin a fresh node 5 s later
-            s = runs / "node.json"
-            p = subprocess.Popen(_cmd(runs, "node", s, E, "--max-failures", "2"), env=env, cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            _wait_registered(runs / "node")
-            fault_at = time.time()
-            subprocess.run(["bash", script, "stop-node"], env=cenv, check=True, capture_output=True)
-            time.sleep(5)
-            subprocess.run(["bash", script, "start-node"], env=cenv, check=True, capture_output=True)
-            assert p.wait(timeout=900) == 0, "node-stop run failed"
-            summary = json.loads(s.read_text())
-            rows.append(_row("node-stop", summary, fault_at, None, E))
+            for every in (0, N):
+                rows.append(worker_kill(runs, env, E, every))
+                rows.append(upload_crash(runs, env, E, every))
+            rows.append(driver_kill(runs, env, E, 0))
+            rows.append(node_stop(runs, env, cenv, script, E, 0))
+            watch_row = watcher(runs, env, E)
+            step_saves = [r["blocked_s_per_save"] for r in rows if r["checkpoints"] != "epoch ends"]
+            cost = [{"what": "blocked per save (in-memory copy; serialise + upload in the background)",
+                     "seconds": statistics.median(step_saves)},
+                    {"what": "serialise + upload in the training thread (every save before)",
+                     "seconds": sync_save_s(runs / f"kill-{N}")}]
     finally:
         subprocess.run(["bash", script, "stop"], env=cenv, capture_output=True)
-    columns = [("drill", "drill", ""), ("survived", "survived", ""), ("epochs_duplicated", "dup epochs", ""),
-               ("epochs_skipped", "skipped epochs", ""), ("resumed_from_epoch", "resumed from", ""),
-               ("steps_recomputed", "steps redone", ""), ("checkpoint_interval_steps", "ckpt interval", ""),
-               ("recovery_s", "recovery s", ".1f")]
-    write_report("faults", args.out, {"faults": (rows, columns)}, machine=machine, epochs=E)
+    columns = [("drill", "drill", ""), ("checkpoints", "checkpoints", ""), ("survived", "survived", ""),
+               ("epochs_duplicated", "dup epochs", ""), ("epochs_skipped", "skipped epochs", ""),
+               ("resumed_from_step", "resumed from step", ""), ("steps_recomputed", "steps redone", ""),
+               ("checkpoint_interval_steps", "ckpt interval", ""), ("recovery_s", "recovery s", ".1f")]
+    watch_cols = [("drill", "drill", ""), ("checkpoints", "checkpoints", ""),
+                  ("checkpoints_evaluated", "evaluated", ""),
+                  ("results_kept_inside_checkpoints", "kept inside checkpoint dirs (before)", ""),
+                  ("results_kept_index", "kept in eval/index.jsonl (after)", ""),
+                  ("evaluated_twice", "evaluated twice", "")]
+    write_report("faults", args.out, {"faults": (rows, columns), "watcher": ([watch_row], watch_cols),
+                                      "checkpoint_cost": (cost, [("what", "step checkpoint on digits", ""),
+                                                                 ("seconds", "seconds", ".4f")])},
+                 machine=machine, epochs=E, every_steps=N)
     return 0
 
 
