@@ -1,0 +1,1 @@
+"""Tables, plots and statistics of finished runs; imports config, data and core, and run/storage to write."""
