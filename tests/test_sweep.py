@@ -17,13 +17,13 @@ from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.loaders import LoaderSpec, TorchPretrainLoader
 from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_spec
-from simclr_dist.report.sweep import make_plots, table_csv, table_markdown
+from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
 from simclr_dist.run.sweep_plan import check_spec, plan_concurrency
 from simclr_dist.run.tune import collect_rows, run_sweep
 from simclr_dist.sweep import main
 
 TUNE = Path(__file__).resolve().parents[1] / "tune"
-SHIPPED = {"temperature": 5, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 28}
+SHIPPED = {"temperature": 12, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 29}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -45,12 +45,15 @@ def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
     assert spec.study == name and len(cfgs) == len(spec.trial_configs()) == trials
     assert spec.metric in OBJECTIVES and spec.mode == "max"
     assert all(c.knn_split == "val" and c.knn_every >= 0 for c in cfgs)  # never selects on the test split
+    assert spec.metric == "val_linear_top1" and all(c.linear_probe for c in cfgs)  # the paper's linear protocol
     assert spec.resources["num_workers"] >= 1 and spec.concurrency >= 1
     if name == "augmentations":
         assert spec.scheduler == {"type": "asha", "time_attr": "epoch", "max_t": 100, "grace_period": 25,
                                   "reduction_factor": 2}
         policies = {c.augment for c in cfgs}
-        assert {"crop", "rotate", "crop,color", "cutout,sobel", "blur,rotate"} <= policies and len(policies) == 28
+        assert {c.augment2 for c in cfgs} == {"crop"}  # the other branch: crop and resize only
+        assert all(p.startswith("crop") for p in policies) and len(policies) == 29
+        assert {"crop", "crop,rotate", "crop,color", "crop,cutout,sobel", "crop,blur,rotate", "crop,gray"} <= policies
     else:
         assert spec.scheduler is None
     if name in ("batch_size", "epochs_x_batch"):
@@ -59,15 +62,17 @@ def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
     if name == "epochs_x_batch":
         assert {c.epochs for c in cfgs} == {100, 200, 400, 800}
     if name == "temperature":
-        assert [c.temperature for c in cfgs] == [0.05, 0.1, 0.2, 0.5, 1.0]
+        assert sorted({(c.temperature, c.proj_normalize) for c in cfgs}) == sorted(
+            (t, n) for t in (0.05, 0.1, 0.5, 1.0, 10.0, 100.0) for n in (False, True))
 
 
 def test_dry_run_prints_trials_and_resources(ray_cluster, tmp_path, capsys):
     rc = main([str(TUNE / "temperature.yaml"), "--dry-run", "--storage-path", str(tmp_path),
-               "--set", "cpus_per_worker=1", "--set", "use_gpu=false", "--set", "temperature=[0.1,0.5,1.0]"])
+               "--set", "cpus_per_worker=1", "--set", "use_gpu=false", "--set", "temperature=[0.1,0.5,1.0]",
+               "--set", "proj_normalize=true"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "3 trial(s)" in out and "objective val_knn_top1 (max)" in out
+    assert "3 trial(s)" in out and "objective val_linear_top1 (max)" in out
     assert "at once: 2 trial(s)" in out and "the cluster fits 2 at once" in out  # 2 CPUs, 1 CPU per trial
     assert out.count("1 worker(s) x 1 CPU") == 3
     assert not (tmp_path / "temperature").exists()  # a dry run starts nothing and writes nothing
@@ -181,6 +186,48 @@ def test_results_table_records_failed_trials_with_their_error(tmp_path):
     rows = [{"trial": f"t{b}{e}", "status": "OK", "batch_size": b, "epochs": e, "val_knn_top1": 0.5 + b / 1000 + e / 10,
              "note": ""} for b in (64, 128) for e in (1, 2)]
     assert set(make_plots(spec, rows)) == {"accuracy_vs_batch_size.png"}
+
+
+def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
+    """``pairs`` with ``with: crop``: one trial per distinct policy (the crop row repeats the diagonal), the other
+    branch set by ``augment2``; the heatmap maps every cell to its trial, with row and column means."""
+    data = tiny(tmp_path, augment={"pairs": ["crop", "color", "noise", "rotate"], "with": "crop"})
+    data["base"]["augment2"] = "crop"
+    spec = parse_spec(data, "fig5.yaml")
+    policies = ["crop", "crop,color", "crop,noise", "crop,rotate", "crop,color,noise", "crop,color,rotate",
+                "crop,noise,rotate"]
+    assert spec.search["augment"].values == policies
+    cfgs = check_spec(spec)
+    assert [c.augment for c in cfgs] == policies and {c.augment2 for c in cfgs} == {"crop"}
+    rows = [{"trial": f"t{i}", "status": "OK", "augment": p, "val_knn_top1": i / 10,
+             "note": "stopped early by asha" if p == "crop,noise,rotate" else ""} for i, p in enumerate(policies)]
+    rows.append({"trial": "t9", "status": "FAILED", "augment": "crop,color,rotate", "val_knn_top1": None, "note": ""})
+    heat = heatmap(spec, rows)
+    assert heat["components"] == ["crop", "color", "noise", "rotate"] and heat["with"] == ["crop"]
+    v = heat["values"]
+    assert v[0][0] == 0.0 and v[0][1] == v[1][0] == v[1][1] == 0.1  # crop then color = color on the cropped branch
+    assert v[1][2] == v[2][1] == 0.4 and v[2][3] == 0.6
+    assert v[1][3] == 0.5 and heat["early"] == {(2, 3), (3, 2)}
+    assert heat["row_means"][1] == pytest.approx((0.1 + 0.1 + 0.4 + 0.5) / 4) and heat["col_means"] == heat["row_means"]
+    md = table_markdown(spec, rows)
+    assert "## Augmentation pairs" in md and "| **color** | 0.100 | 0.100 | 0.400 | 0.500 | 0.275 |" in md
+    assert "| **noise** | 0.200 | 0.400 | 0.200 | 0.600* | 0.350 |" in md and "| **mean** |" in md
+    assert make_plots(spec, rows)["augmentation_heatmap.png"].startswith(PNG)
+
+
+BAD_PAIRS = [
+    ({"pairs": ["crop", "color"], "with": "crpo"}, r"search.augment.with: unknown augmentation component 'crpo'"),
+    ({"pairs": ["crop", "crop"]}, r"duplicate components"),
+    ({"pairs": ["crop,color"]}, r"'crop,color' is not one augmentation component"),
+    ({"pairs": []}, r"pairs needs a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("dim, match", BAD_PAIRS)
+def test_bad_pairs_one_line_error(dim, match, tmp_path):
+    with pytest.raises(SweepError, match=match) as e:
+        parse_spec(tiny(tmp_path, augment=dim), "bad.yaml")
+    assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ real sweeps

@@ -182,12 +182,12 @@ def _coerce(where: str, key: str, value: Any) -> Any:
 
 def _one_component(where: str, name: Any) -> str:
     try:
-        (c,) = parse_components(str(name)) or (None,)
+        parts = parse_components(str(name))
     except ValueError as e:
         fail(where, str(e))
-    if c is None:
+    if len(parts) != 1:
         fail(where, f"{name!r} is not one augmentation component")
-    return c
+    return parts[0]
 
 
 def _parse_pairs(where: str, key: str, values: list[Any], with_: Any) -> Dimension:
