@@ -46,6 +46,9 @@ class PretrainConfig(JobConfig):
                                      "when its Debian package is installed)")
     download: bool = flag(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
     split: str | None = flag(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
+    train_subset: int = flag(0, "pretrain (and validate) on a fixed class-balanced subset of about this many images "
+                                "of the labelled train split, the same for every run (0: all of it); for CPU-sized "
+                                "sweeps - the test split stays whole", ge=0)
     image_size: int | None = flag(None, "training resolution in pixels (default: the dataset's, 24 for digits)", ge=8)
     augment: str | None = flag(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
                                    "(default: the paper's recipe adapted to the dataset; the resolved config "
@@ -176,6 +179,11 @@ class PretrainConfig(JobConfig):
                     parse_components(getattr(self, name))
                 except ValueError as e:
                     bad(name, str(e))
+        if self.train_subset and self.beton:
+            bad("train_subset", "draws its images from the dataset itself, not from a --beton file")
+        if self.train_subset and self.split is not None and self.split != dataset_info(self.dataset).labelled[0]:
+            bad("train_subset", f"draws from the labelled train split "
+                                f"({dataset_info(self.dataset).labelled[0]!r}); --split is {self.split!r}")
         if self.pretrained is not None:
             parse_spec(self.pretrained)
         check_plain_name(self.name)

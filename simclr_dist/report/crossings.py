@@ -3,7 +3,8 @@
 Read from an experiments ``results.json`` (``python -m simclr_dist.experiments``). Two plots: test accuracy against
 the label fraction (one line per arm), and test accuracy against training wall time at a label fraction (supervised
 and fine-tuned per epoch, the fine-tuned arm starting after its pretraining time; the linear probe a level from the
-moment it exists). Each crossing of a SimCLR arm with the supervised curve is found by linear interpolation between
+moment it exists; every curve is held level after its last point, since a trained model stays available).
+Each crossing of a SimCLR arm with the supervised curve is found by linear interpolation between
 measured points (log label fraction, log time) and marked; where the curves do not cross in the measured range the
 plot and the text say which one stays ahead. The curves are the measured points joined by straight lines: a crossing
 is located only as finely as the fractions and epochs that were run.
@@ -131,12 +132,12 @@ def analyse(summary: dict[str, Any], fraction: float | None = None) -> dict[str,
                 ahead = title if leader(fc[arm], sup) == "a" else "supervised"
                 out["fraction_text"].append(f"{title} and supervised do not cross between {100 * fractions[0]:g}% and "
                                          f"{100 * fractions[-1]:g}% of the labels: {ahead} is ahead throughout.")
-        sup_t = tc.get("supervised")
+        sup_t = extend_level(tc.get("supervised", []), t_end)
         if sup_t and tc.get(arm):
-            mine = extend_level(tc[arm], t_end) if arm == "linear" else tc[arm]
+            mine = extend_level(tc[arm], t_end)
             found = crossings(mine, sup_t)
             out["by_time"] += [{"arm": arm, "time_s": x, "top1": y} for x, y in found]
-            where = f"at {100 * fraction:g}% of the labels"
+            where = f"At {100 * fraction:g}% of the labels"
             if found:
                 out["time_text"].append(f"{where}, {title} and supervised cross after " + ", ".join(
                     f"{x:.0f} s of training (top-1 {y:.3f})" for x, y in found) + ".")
@@ -156,17 +157,21 @@ def plots(summary: dict[str, Any], analysis: dict[str, Any]) -> dict[str, bytes]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ds = summary.get("dataset", "")
     figs = {}
     fig, ax = plt.subplots(figsize=(6.6, 4.4))
     for arm, pts in fraction_curves(summary).items():
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], "o-", color=COLORS.get(arm), label=TITLES.get(arm, arm))
-    for c in analysis["by_fraction"]:
+    for k, c in enumerate(analysis["by_fraction"]):
         ax.plot(100 * c["fraction"], c["top1"], "kX", ms=11, zorder=5)
-        ax.annotate(f"{100 * c['fraction']:.3g}%", (100 * c["fraction"], c["top1"]), xytext=(6, -14),
+        ax.annotate(f"{100 * c['fraction']:.3g}%", (100 * c["fraction"], c["top1"]), xytext=(6, -14 - 10 * (k % 2)),
                     textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
+    fractions = sorted({r["fraction"] for r in summary["results"]})
+    ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+    ax.minorticks_off()
     ax.set(xlabel="labelled training images (% of the train split, log scale)", ylabel="test top-1 accuracy",
            title=f"{ds}: where the curves meet, label fraction")
     figs["curves_vs_fraction.png"] = fig
@@ -176,10 +181,10 @@ def plots(summary: dict[str, Any], analysis: dict[str, Any]) -> dict[str, bytes]
     t_end = max((p[0] for c in tc.values() for p in c), default=0.0)
     pre = (summary.get("pretraining") or {}).get("train_time_s")
     for arm, pts in tc.items():
-        shown = extend_level(pts, t_end) if arm == "linear" else pts
-        ax.plot([x for x, _ in shown], [y for _, y in shown], "--" if arm == "linear" else ".-",
-                color=COLORS.get(arm), label=TITLES.get(arm, arm) + (" (incl. pretraining)" if arm != "supervised"
-                                                                     else ""))
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o" if len(pts) == 1 else ".-", color=COLORS.get(arm),
+                label=TITLES.get(arm, arm) + (" (incl. pretraining)" if arm != "supervised" else ""))
+        if pts[-1][0] < t_end:  # a finished model's accuracy stays available
+            ax.plot([pts[-1][0], t_end], [pts[-1][1]] * 2, ":", color=COLORS.get(arm), lw=1)
     if pre:
         ax.axvline(pre, color="grey", ls=":", lw=1, label=f"SimCLR pretraining ends ({pre:.0f} s)")
     for c in analysis["by_time"]:
@@ -187,6 +192,9 @@ def plots(summary: dict[str, Any], analysis: dict[str, Any]) -> dict[str, bytes]
         ax.annotate(f"{c['time_s']:.0f} s", (c["time_s"], c["top1"]), xytext=(6, -14), textcoords="offset points",
                     fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     frac = analysis["fraction"]
     ax.set(xlabel="training time, s (sum of epoch times; log scale)", ylabel="test top-1 accuracy",
            title=f"{ds}: where the curves meet, training time"

@@ -28,7 +28,7 @@ from simclr_dist.core.precision import Precision
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
-from simclr_dist.data.splits import labelled_splits, validation_split
+from simclr_dist.data.splits import fixed_subset, labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.run import storage
 from simclr_dist.run.chaos import chaos_kill
@@ -53,7 +53,8 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     bank_split, query_split = labelled_splits(cfg.dataset)
     transform = build_eval_transform(cfg.image_size, info.mean, info.std)
     kw = dict(device=device, channels_last=channels_last)
-    bank = load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size)
+    bank = fixed_subset(load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size),
+                        cfg.train_subset)  # --train-subset: the images pretrained on
     if cfg.knn_split == "val":
         bank, query = validation_split(bank)
     else:
