@@ -23,7 +23,8 @@ from simclr_dist.run.tune import collect_rows, run_sweep
 from simclr_dist.sweep import main
 
 TUNE = Path(__file__).resolve().parents[1] / "tune"
-SHIPPED = {"temperature": 12, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 29}
+SHIPPED = {"temperature": 12, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 29,
+           "augmentations_fmnist_cpu": 11, "temperature_fmnist_cpu": 6}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -41,12 +42,18 @@ def tiny(tmp_path, **search) -> dict:
 @pytest.mark.parametrize("name, trials", SHIPPED.items())
 def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
     spec = load_spec(str(TUNE / f"{name}.yaml"), [f"storage_path={tmp_path}"])
+    if spec.base["dataset"] == "fashion-mnist" and not dataset_info("fashion-mnist").embedded:
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed (make setup installs it)")
     cfgs = check_spec(spec)  # every trial's config, resolved and validated (flags, data availability, objective)
-    assert spec.study == name and len(cfgs) == len(spec.trial_configs()) == trials
+    assert spec.study == name.replace("_fmnist_cpu", "-fmnist-cpu") and len(cfgs) == len(spec.trial_configs()) == trials
     assert spec.metric in OBJECTIVES and spec.mode == "max"
     assert all(c.knn_split == "val" and c.knn_every >= 0 for c in cfgs)  # never selects on the test split
     assert spec.metric == "val_linear_top1" and all(c.linear_probe for c in cfgs)  # the paper's linear protocol
     assert spec.resources["num_workers"] >= 1 and spec.concurrency >= 1
+    if name.endswith("_cpu"):  # the CPU-sized studies: every trial 1 CPU, the same fixed 10k-image subset
+        assert {(c.num_workers, c.cpus_per_worker, c.train_subset) for c in cfgs} == {(1, 1.0, 10000)}
+    if name == "augmentations_fmnist_cpu":
+        assert {c.augment2 for c in cfgs} == {"crop"} and {c.augment for c in cfgs} >= {"crop", "crop,color,cutout"}
     if name == "augmentations":
         assert spec.scheduler == {"type": "asha", "time_attr": "epoch", "max_t": 100, "grace_period": 25,
                                   "reduction_factor": 2}
@@ -54,13 +61,16 @@ def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
         assert {c.augment2 for c in cfgs} == {"crop"}  # the other branch: crop and resize only
         assert all(p.startswith("crop") for p in policies) and len(policies) == 29
         assert {"crop", "crop,rotate", "crop,color", "crop,cutout,sobel", "crop,blur,rotate", "crop,gray"} <= policies
-    else:
+    elif name != "augmentations":
         assert spec.scheduler is None
     if name in ("batch_size", "epochs_x_batch"):
         assert {c.batch_size for c in cfgs} == {256, 512, 1024, 2048, 4096}
         assert {c.lr_scaling for c in cfgs} == {"sqrt"}  # one LR rule across batch sizes
     if name == "epochs_x_batch":
         assert {c.epochs for c in cfgs} == {100, 200, 400, 800}
+    if name == "temperature_fmnist_cpu":
+        assert {(c.temperature, c.proj_normalize) for c in cfgs} == {(t, n) for t in (0.1, 0.5, 10.0)
+                                                                    for n in (False, True)}
     if name == "temperature":
         assert sorted({(c.temperature, c.proj_normalize) for c in cfgs}) == sorted(
             (t, n) for t in (0.05, 0.1, 0.5, 1.0, 10.0, 100.0) for n in (False, True))
