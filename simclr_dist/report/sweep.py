@@ -136,7 +136,7 @@ def plot_heatmap(plt, spec: SweepSpec, heat: dict[str, Any]):
     one_branch = (" on one branch (the other: " + ", ".join(heat["with"]) + " only)") if heat["with"] else ""
     ax.set_title(f"{spec.study}: {label} (%){one_branch}\n(diagonal: one transformation; off-diagonal: both"
                  + ("; * stopped early" if heat["early"] else "") + ")", fontsize=9)
-    fig.colorbar(im, ax=ax, label=label)
+    fig.colorbar(im, ax=ax, label=f"{label} (%)", format=lambda x, _: f"{100 * x:.0f}")
     return fig
 
 
