@@ -154,7 +154,6 @@ KNOWN_DEBT = {
     "simclr_dist.experiments imports simclr_dist.evaluate (commands -> commands)",
     "simclr_dist.experiments imports simclr_dist.pretrain (commands -> commands)",
     "simclr_dist.supervised imports simclr_dist.evaluate (commands -> commands)",
-    "simclr_dist.sweep imports simclr_dist.pretrain (commands -> commands)",
     "simclr_dist.data.convert -> simclr_dist.data.ffcv_loader -> simclr_dist.data.convert",
     "simclr_dist.data.ffcv_loader -> simclr_dist.data.loaders -> simclr_dist.data.ffcv_loader",
 }

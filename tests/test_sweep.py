@@ -16,12 +16,16 @@ import torch
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.loaders import LoaderSpec, TorchPretrainLoader
+from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_spec
+from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
 from simclr_dist.run.capacity import Capacity, Growth, capacity_of
-from simclr_dist.sweep import (OBJECTIVES, SweepError, check_spec, collect_rows, load_spec, main, make_plots,
-                               parse_spec, plan_concurrency, run_sweep, table_csv, table_markdown, trial_resources)
+from simclr_dist.run.sweep_plan import check_spec, plan_concurrency, trial_resources
+from simclr_dist.run.tune import collect_rows, run_sweep
+from simclr_dist.sweep import main
 
 TUNE = Path(__file__).resolve().parents[1] / "tune"
-SHIPPED = {"temperature": 5, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 28}
+SHIPPED = {"temperature": 12, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 29,
+           "augmentations_fmnist_cpu": 11, "temperature_fmnist_cpu": 6}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -39,33 +43,47 @@ def tiny(tmp_path, **search) -> dict:
 @pytest.mark.parametrize("name, trials", SHIPPED.items())
 def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
     spec = load_spec(str(TUNE / f"{name}.yaml"), [f"storage_path={tmp_path}"])
+    if spec.base["dataset"] == "fashion-mnist" and not dataset_info("fashion-mnist").embedded:
+        pytest.skip("the Debian package dataset-fashion-mnist is not installed (make setup installs it)")
     cfgs = check_spec(spec)  # every trial's config, resolved and validated (flags, data availability, objective)
-    assert spec.study == name and len(cfgs) == len(spec.trial_configs()) == trials
+    assert spec.study == name.replace("_fmnist_cpu", "-fmnist-cpu") and len(cfgs) == len(spec.trial_configs()) == trials
     assert spec.metric in OBJECTIVES and spec.mode == "max"
     assert all(c.knn_split == "val" and c.knn_every >= 0 for c in cfgs)  # never selects on the test split
+    assert spec.metric == "val_linear_top1" and all(c.linear_probe for c in cfgs)  # the paper's linear protocol
     assert spec.resources["num_workers"] >= 1 and spec.concurrency >= 1
+    if name.endswith("_cpu"):  # the CPU-sized studies: every trial 1 CPU, the same fixed 10k-image subset
+        assert {(c.num_workers, c.cpus_per_worker, c.train_subset) for c in cfgs} == {(1, 1.0, 10000)}
+    if name == "augmentations_fmnist_cpu":
+        assert {c.augment2 for c in cfgs} == {"crop"} and {c.augment for c in cfgs} >= {"crop", "crop,color,cutout"}
     if name == "augmentations":
         assert spec.scheduler == {"type": "asha", "time_attr": "epoch", "max_t": 100, "grace_period": 25,
                                   "reduction_factor": 2}
         policies = {c.augment for c in cfgs}
-        assert {"crop", "rotate", "crop,color", "cutout,sobel", "blur,rotate"} <= policies and len(policies) == 28
-    else:
+        assert {c.augment2 for c in cfgs} == {"crop"}  # the other branch: crop and resize only
+        assert all(p.startswith("crop") for p in policies) and len(policies) == 29
+        assert {"crop", "crop,rotate", "crop,color", "crop,cutout,sobel", "crop,blur,rotate", "crop,gray"} <= policies
+    elif name != "augmentations":
         assert spec.scheduler is None
     if name in ("batch_size", "epochs_x_batch"):
         assert {c.batch_size for c in cfgs} == {256, 512, 1024, 2048, 4096}
         assert {c.lr_scaling for c in cfgs} == {"sqrt"}  # one LR rule across batch sizes
     if name == "epochs_x_batch":
         assert {c.epochs for c in cfgs} == {100, 200, 400, 800}
+    if name == "temperature_fmnist_cpu":
+        assert {(c.temperature, c.proj_normalize) for c in cfgs} == {(t, n) for t in (0.1, 0.5, 10.0)
+                                                                    for n in (False, True)}
     if name == "temperature":
-        assert [c.temperature for c in cfgs] == [0.05, 0.1, 0.2, 0.5, 1.0]
+        assert sorted({(c.temperature, c.proj_normalize) for c in cfgs}) == sorted(
+            (t, n) for t in (0.05, 0.1, 0.5, 1.0, 10.0, 100.0) for n in (False, True))
 
 
 def test_dry_run_prints_trials_and_resources(ray_cluster, tmp_path, capsys):
     rc = main([str(TUNE / "temperature.yaml"), "--dry-run", "--storage-path", str(tmp_path),
-               "--set", "cpus_per_worker=1", "--set", "use_gpu=false", "--set", "temperature=[0.1,0.5,1.0]"])
+               "--set", "cpus_per_worker=1", "--set", "use_gpu=false", "--set", "temperature=[0.1,0.5,1.0]",
+               "--set", "proj_normalize=true"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "3 trial(s)" in out and "objective val_knn_top1 (max)" in out
+    assert "3 trial(s)" in out and "objective val_linear_top1 (max)" in out
     assert "at once: 2 trial(s)" in out and "the cluster fits 2 at once" in out  # 2 CPUs, 1 CPU per trial
     assert out.count("1 worker(s) x 1 CPU") == 3
     assert not (tmp_path / "temperature").exists()  # a dry run starts nothing and writes nothing
@@ -213,30 +231,87 @@ def test_results_table_records_failed_trials_with_their_error(tmp_path):
     assert set(make_plots(spec, rows)) == {"accuracy_vs_batch_size.png"}
 
 
+def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
+    """``pairs`` with ``with: crop``: one trial per distinct policy (the crop row repeats the diagonal), the other
+    branch set by ``augment2``; the heatmap maps every cell to its trial, with row and column means."""
+    data = tiny(tmp_path, augment={"pairs": ["crop", "color", "noise", "rotate"], "with": "crop"})
+    data["base"]["augment2"] = "crop"
+    spec = parse_spec(data, "fig5.yaml")
+    policies = ["crop", "crop,color", "crop,noise", "crop,rotate", "crop,color,noise", "crop,color,rotate",
+                "crop,noise,rotate"]
+    assert spec.search["augment"].values == policies
+    cfgs = check_spec(spec)
+    assert [c.augment for c in cfgs] == policies and {c.augment2 for c in cfgs} == {"crop"}
+    rows = [{"trial": f"t{i}", "status": "OK", "augment": p, "val_knn_top1": i / 10,
+             "note": "stopped early by asha" if p == "crop,noise,rotate" else ""} for i, p in enumerate(policies)]
+    rows.append({"trial": "t9", "status": "FAILED", "augment": "crop,color,rotate", "val_knn_top1": None, "note": ""})
+    heat = heatmap(spec, rows)
+    assert heat["components"] == ["crop", "color", "noise", "rotate"] and heat["with"] == ["crop"]
+    v = heat["values"]
+    assert v[0][0] == 0.0 and v[0][1] == v[1][0] == v[1][1] == 0.1  # crop then color = color on the cropped branch
+    assert v[1][2] == v[2][1] == 0.4 and v[2][3] == 0.6
+    assert v[1][3] == 0.5 and heat["early"] == {(2, 3), (3, 2)}
+    assert heat["row_means"][1] == pytest.approx((0.1 + 0.1 + 0.4 + 0.5) / 4) and heat["col_means"] == heat["row_means"]
+    md = table_markdown(spec, rows)
+    assert "## Augmentation pairs" in md and "| **color** | 0.100 | 0.100 | 0.400 | 0.500 | 0.275 |" in md
+    assert "| **noise** | 0.200 | 0.400 | 0.200 | 0.600* | 0.350 |" in md and "| **mean** |" in md
+    assert make_plots(spec, rows)["augmentation_heatmap.png"].startswith(PNG)
+
+
+BAD_PAIRS = [
+    ({"pairs": ["crop", "color"], "with": "crpo"}, r"search.augment.with: unknown augmentation component 'crpo'"),
+    ({"pairs": ["crop", "crop"]}, r"duplicate components"),
+    ({"pairs": ["crop,color"]}, r"'crop,color' is not one augmentation component"),
+    ({"pairs": []}, r"pairs needs a non-empty list"),
+]
+
+
+@pytest.mark.parametrize("dim, match", BAD_PAIRS)
+def test_bad_pairs_one_line_error(dim, match, tmp_path):
+    with pytest.raises(SweepError, match=match) as e:
+        parse_spec(tiny(tmp_path, augment=dim), "bad.yaml")
+    assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------------------ real sweeps
 @pytest.mark.ray
-def test_real_sweep_on_digits_writes_table_and_plot(ray_cluster, tmp_path):
-    """Two 1-epoch trials (1 worker x 1 CPU each, so both fit on the 2-CPU test cluster), each a Ray Train run
-    inside a Tune trial with metrics forwarded by TuneReportCallback. (Resume: the slow test below.)"""
-    spec = parse_spec(tiny(tmp_path), "tiny.yaml")
-    out = run_sweep(spec)
+def test_real_asha_sweep_stops_trials_early_and_keeps_their_rows(ray_cluster, tmp_path):
+    """Four 2-epoch trials under ASHA (rungs at epochs 1 and 2), two at a time on the 2-CPU test cluster, each a Ray
+    Train run inside a Tune trial with its per-epoch metrics forwarded by TuneReportCallback, selected on the
+    validation linear probe. The first two trials train at the default LR; the last two at a near-zero LR, which
+    leaves the encoder near its random init with BatchNorm statistics of the data - a far weaker probe (measured:
+    0.95 vs 0.59). A later trial starts only when an earlier one has ended, so both earlier trials are recorded at the
+    first rung when a later one reaches it, and ASHA stops it there (an earlier trial may be stopped too, by the
+    other). Stopping must end that trial's Train run and free its CPU for the next trial, and the row must stay in
+    the table with the objective of its last rung."""
+    data = tiny(tmp_path, base_lr=[0.6, 1.2, 0.0001, 0.0002])
+    data["base"].update(epochs=2, knn_every=1)
+    data["objective"]["metric"] = "val_linear_top1"
+    data["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+    out = run_sweep(parse_spec(data, "tiny.yaml"))
     rows = out["rows"]
-    assert out["concurrency"] == 2 and len(rows) == 2
-    assert {r["status"] for r in rows} == {"OK"} and sorted(r["temperature"] for r in rows) == [0.1, 0.5]
+    assert out["concurrency"] == 2 and len(rows) == 4
+    assert {r["status"] for r in rows} == {"OK"} and sorted(r["base_lr"] for r in rows) == [0.0001, 0.0002, 0.6, 1.2]
+    stopped = [r for r in rows if r["note"] == "stopped early by asha"]
+    assert {r["base_lr"] for r in stopped} >= {0.0001, 0.0002} and all(r["epochs_done"] == 1 for r in stopped), rows
+    assert all(r["epochs_done"] == 2 for r in rows if r not in stopped)
     for r in rows:
-        assert 0.0 < r["val_knn_top1"] <= r["val_knn_top5"] <= 1.0 and r["epochs_done"] == 1
+        assert 0.0 < r["val_linear_top1"] <= r["val_linear_top5"] <= 1.0 and 0.0 < r["val_knn_top1"] <= 1.0
         run_dir = tmp_path / "sweeps" / "tiny" / "train" / r["trial"]  # the trial's Train run, in shared storage
-        assert list(run_dir.glob("checkpoint_*/manifest.json"))
+        assert len(list(run_dir.glob("checkpoint_*/manifest.json"))) == r["epochs_done"]  # none after the stop
     files = out["files"]
-    assert set(files) == {"csv", "markdown", "accuracy_vs_temperature.png"}
-    assert len(list(csv.DictReader(open(files["csv"])))) == 2
-    assert "| trial | status | temperature | val_knn_top1 |" in Path(files["markdown"]).read_text()
-    assert Path(files["accuracy_vs_temperature.png"]).read_bytes().startswith(PNG)
+    assert set(files) == {"csv", "markdown"}
+    table = list(csv.DictReader(open(files["csv"])))
+    assert {t["trial"] for t in table} == {r["trial"] for r in rows}
+    assert sum(t["note"] == "stopped early by asha" for t in table) == len(stopped)
+    md = Path(files["markdown"]).read_text()
+    assert "| trial | status | base_lr | val_linear_top1 |" in md and "linear-probe" not in md
+    assert "logistic-regression probe" in md and md.count("stopped early by asha") == len(stopped)
 
     with pytest.raises(SweepError, match="already exists: pass --resume"):
-        run_sweep(parse_spec(tiny(tmp_path), "tiny.yaml"))
+        run_sweep(parse_spec(data, "tiny.yaml"))
     with pytest.raises(SweepError, match="was started with a different base"):
-        run_sweep(parse_spec(tiny(tmp_path), "tiny.yaml", ["epochs=2"]), resume=True)
+        run_sweep(parse_spec(data, "tiny.yaml", ["epochs=3"]), resume=True)
 
 
 def _trial_records(exp: Path) -> dict[str, tuple]:

@@ -46,10 +46,15 @@ class PretrainConfig(JobConfig):
                                      "when its Debian package is installed)")
     download: bool = flag(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
     split: str | None = flag(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
+    train_subset: int = flag(0, "pretrain (and validate) on a fixed class-balanced subset of about this many images "
+                                "of the labelled train split, the same for every run (0: all of it); for CPU-sized "
+                                "sweeps - the test split stays whole", ge=0)
     image_size: int | None = flag(None, "training resolution in pixels (default: the dataset's, 24 for digits)", ge=8)
     augment: str | None = flag(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
                                    "(default: the paper's recipe adapted to the dataset; the resolved config "
                                    "records the components used)")
+    augment2: str | None = flag(None, "augmentation components of the second view (default: the same as --augment); "
+                                    "--augment crop,color --augment2 crop transforms one branch only (paper Figure 5)")
     jitter_strength: float | None = flag(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)", ge=0, le=2.5)
     loader_workers: int = flag(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
                                 "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)", ge=0)
@@ -72,6 +77,8 @@ class PretrainConfig(JobConfig):
                                        "mismatch)")
     # objective and optimisation
     temperature: float = flag(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)", gt=0)
+    proj_normalize: bool = flag(True, "l2-normalise the projections in NT-Xent (cosine similarity); "
+                                    "--no-proj-normalize scores raw dot products (paper Table 5)")
     batch_size: int = flag(128, "global batch size (images per step over all workers; each contributes two views)")
     epochs: int | None = flag(None, "training epochs (default: 100; 20 for digits)", ge=1)
     optimizer: str = flag("lars", "optimizer: lars, sgd, adamw", choices=OPTIMIZERS, what="optimizer")
@@ -117,6 +124,9 @@ class PretrainConfig(JobConfig):
     knn_split: str = flag("test", "queries of the kNN monitor: test (the held-out test split; metrics knn_top1/5) or val "
                                 "(a fixed class-stratified 20%% of the labelled train split, the other 80%% the bank; "
                                 "metrics val_knn_top1/5): what sweeps select on, never the test split", choices=KNN_SPLITS, what="split")
+    linear_probe: bool = flag(False, "with each kNN evaluation also fit a logistic-regression probe on the frozen "
+                                   "features of the kNN bank and score it on the queries (metrics linear_top1/5, or "
+                                   "val_linear_top1/5 with --knn-split val)")
     verbose: bool = flag(False, "show Ray Train's INFO logs (worker placement, every report)")
     chaos_kill_step: int = flag(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
     chaos_kill_in_upload: int = flag(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
@@ -148,6 +158,11 @@ class PretrainConfig(JobConfig):
         except ValueError as e:
             bad("augment", str(e))
         cfg.augment = ",".join(aug.components) or "none"
+        if cfg.augment2 is not None:  # the second view's own recipe (None: the same as the first)
+            try:
+                cfg.augment2 = ",".join(default_augment(info, cfg.augment2).components) or "none"
+            except ValueError as e:
+                bad("augment2", str(e))
         cfg.jitter_strength = aug.jitter_strength
         if cfg.loader == "auto":
             cfg.loader = "ffcv" if cfg.beton or _embedded(cfg.dataset, cfg.data_root) else "torch"
@@ -169,12 +184,18 @@ class PretrainConfig(JobConfig):
             bad("loader", "ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
         if self.loader == "torch" and self.beton:
             bad("beton", "is only read by --loader ffcv (or auto); drop it or choose --loader ffcv")
-        if self.augment is not None:
-            from simclr_dist.data.augment import parse_components
-            try:
-                parse_components(self.augment)
-            except ValueError as e:
-                bad("augment", str(e))
+        for name in ("augment", "augment2"):
+            if getattr(self, name) is not None:
+                from simclr_dist.data.augment import parse_components
+                try:
+                    parse_components(getattr(self, name))
+                except ValueError as e:
+                    bad(name, str(e))
+        if self.train_subset and self.beton:
+            bad("train_subset", "draws its images from the dataset itself, not from a --beton file")
+        if self.train_subset and self.split is not None and self.split != dataset_info(self.dataset).labelled[0]:
+            bad("train_subset", f"draws from the labelled train split "
+                                f"({dataset_info(self.dataset).labelled[0]!r}); --split is {self.split!r}")
         if self.pretrained is not None:
             parse_spec(self.pretrained)
         if self.sync_bn and self.use_gpu is False and self.num_workers > 1:

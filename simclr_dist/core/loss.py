@@ -25,9 +25,12 @@ def _check_temperature(temperature: float) -> None:
 
 
 def ntxent_logits(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = True
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = True, normalize: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (2B, 2BW) of local anchors vs. all projections, and the positive column per anchor.
+
+    ``normalize`` (the paper's default) l2-normalises the projections, so a logit is a cosine similarity / T;
+    ``normalize=False`` scores the raw dot products (the "no l2 norm" rows of SimCLR Table 5).
 
     Columns are [view1 of rank 0..W-1, view2 of rank 0..W-1]; rows are [z1; z2] of this rank.
     Self-similarities are masked with the dtype minimum (finite in fp16/bf16, unlike -inf or -1e9).
@@ -41,7 +44,8 @@ def ntxent_logits(
 
     rank, world = rank_world() if gather else (0, 1)
     b = z1.shape[0]
-    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    if normalize:
+        z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)]) if world > 1 else torch.cat([z1, z2])
     logits = torch.cat([z1, z2]) @ keys.T / temperature  # (2B, 2BW)
 
@@ -55,14 +59,15 @@ def ntxent_logits(
     return logits, targets
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = True) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = True,
+            normalize: bool = True) -> torch.Tensor:
     """NT-Xent loss averaged over this rank's 2B anchors.
 
     Distributed: every rank has the same anchor count, so the global loss (mean over all 2BW
     anchors) is the mean of the rank losses -- which is what DDP's gradient averaging optimises.
     The softmax runs in float32 for fp16/bf16 logits (e.g. under autocast).
     """
-    logits, targets = ntxent_logits(z1, z2, temperature, gather=gather)
+    logits, targets = ntxent_logits(z1, z2, temperature, gather=gather, normalize=normalize)
     if logits.dtype in _HALF:
         logits = logits.float()
     return F.cross_entropy(logits, targets)
@@ -71,13 +76,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: b
 class NTXentLoss(torch.nn.Module):
     """Module wrapper around `nt_xent`."""
 
-    def __init__(self, temperature: float = 0.5, gather: bool = True) -> None:
+    def __init__(self, temperature: float = 0.5, gather: bool = True, normalize: bool = True) -> None:
         super().__init__()
         _check_temperature(temperature)
-        self.temperature, self.gather = temperature, gather
+        self.temperature, self.gather, self.normalize = temperature, gather, normalize
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent(z1, z2, self.temperature, gather=self.gather)
+        return nt_xent(z1, z2, self.temperature, gather=self.gather, normalize=self.normalize)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather={self.gather}"
+        return f"temperature={self.temperature}, gather={self.gather}, normalize={self.normalize}"

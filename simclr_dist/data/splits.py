@@ -15,6 +15,7 @@ import torch
 from simclr_dist.data.datasets import dataset_info
 
 VAL_FRACTION, VAL_SEED = 0.2, 0  # the kNN monitor's validation split: fixed, so every trial of a sweep shares it
+SUBSET_SEED = 0  # --train-subset: one fixed subset for every run
 
 
 def labelled_splits(dataset: str) -> tuple[str, str]:
@@ -55,3 +56,26 @@ def validation_split(labelled: torch.utils.data.Dataset) -> tuple[torch.utils.da
     """(bank, queries) of a labelled split: a fixed class-stratified VAL_FRACTION held out as queries."""
     fit_idx, val_idx = stratified_split(torch.as_tensor(labelled.targets).numpy(), VAL_FRACTION, VAL_SEED)
     return (torch.utils.data.Subset(labelled, fit_idx.tolist()), torch.utils.data.Subset(labelled, val_idx.tolist()))
+
+
+class LabelledSubset(torch.utils.data.Subset):
+    """A ``Subset`` that keeps ``.targets`` (the subset's labels), so it splits and subsets like its parent."""
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.as_tensor(self.dataset.targets)[torch.as_tensor(self.indices, dtype=torch.long)]
+
+
+def fixed_subset_indices(labels: Sequence[int] | np.ndarray, size: int) -> np.ndarray | None:
+    """Indices of a fixed class-balanced subset of about ``size`` items (None for 0 or >= all): the same images
+    for every run, so runs on a CPU-sized budget (``--train-subset``) stay comparable."""
+    labels = np.asarray(labels)
+    if not size or size >= len(labels):
+        return None
+    return balanced_subset(labels, size / len(labels), seed=SUBSET_SEED)
+
+
+def fixed_subset(labelled: torch.utils.data.Dataset, size: int) -> torch.utils.data.Dataset:
+    """``labelled`` restricted to :func:`fixed_subset_indices` (itself when that is all of it)."""
+    idx = fixed_subset_indices(torch.as_tensor(labelled.targets).numpy(), size)
+    return labelled if idx is None else LabelledSubset(labelled, idx.tolist())

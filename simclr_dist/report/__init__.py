@@ -1,7 +1,8 @@
-"""Pure functions behind the experiment report: statistics over seeds, paired tests, per-class metrics, plots.
+"""Tables, plots and statistics of finished runs (no training here): statistics over seeds, paired tests,
+per-class metrics, the experiments report, sweep tables and heatmaps, and where the curves meet.
 
-Layer: beside run/ (may import core/, data/ and config/, never run/ or a command), numpy/scipy/matplotlib only,
-no I/O beyond returning bytes, so every number in a report table can be tested on hand-made inputs.
+Layer: beside run/ (may import core/, data/ and config/, and run/storage to write files; never a loop or a
+command), so every number in a report table can be tested on hand-made inputs.
 """
 
 from simclr_dist.report.classes import ClassReport, class_report, confusion_matrix, confusion_png

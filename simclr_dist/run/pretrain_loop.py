@@ -25,11 +25,12 @@ from simclr_dist.config import PretrainConfig
 from simclr_dist.console import emit
 from simclr_dist.core.dist import max_across, mean_across
 from simclr_dist.core.knn import extract_features_distributed, knn_accuracy
+from simclr_dist.core.val_probe import probe_accuracy
 from simclr_dist.core.precision import Precision
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
-from simclr_dist.data.splits import labelled_splits, validation_split
+from simclr_dist.data.splits import fixed_subset, labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.run import storage
 from simclr_dist.run.chaos import chaos_kill
@@ -48,12 +49,14 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
     With ``--knn-split val`` the queries are a fixed class-stratified 20% of the labelled train split and the bank
     the rest (metrics ``val_knn_top1/5``): a held-out signal for model selection that never touches the test split.
-    Runs on every rank (each embeds a shard) so no worker idles at a barrier."""
+    With ``--linear-probe`` a logistic-regression probe is also fitted on the bank's features and scored on the
+    queries (``linear_top1/5``). Runs on every rank (each embeds a shard) so no worker idles at a barrier."""
     info = dataset_info(cfg.dataset)
     bank_split, query_split = labelled_splits(cfg.dataset)
     transform = build_eval_transform(cfg.image_size, info.mean, info.std)
     kw = dict(device=device, channels_last=channels_last)
-    bank = load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size)
+    bank = fixed_subset(load_dataset(cfg.dataset, bank_split, root=cfg.data_root, image_size=cfg.image_size),
+                        cfg.train_subset)  # --train-subset: the images pretrained on
     if cfg.knn_split == "val":
         bank, query = validation_split(bank)
     else:
@@ -63,6 +66,8 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     num_classes = info.num_classes or int(bank_y.max()) + 1
     acc = knn_accuracy(bank_f, bank_y, query_f, query_y, num_classes=num_classes,
                        k=cfg.knn_k, temperature=cfg.knn_temperature)
+    if cfg.linear_probe:  # the same features, a logistic-regression probe fitted on the bank
+        acc.update(probe_accuracy(bank_f, bank_y, query_f, query_y, num_classes=num_classes))
     return {f"val_{k}": v for k, v in acc.items()} if cfg.knn_split == "val" else acc
 
 
@@ -173,7 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             data_wait += time.perf_counter() - t_ready
             cur_lr = schedule.apply(step)
             loss = pretrain_step(ddp, optimizer, scaler, v1, v2, temperature=cfg.temperature, precision=precision,
-                                 device=device, channels_last=channels_last, poison=step == cfg.chaos_nan_step)
+                                 device=device, channels_last=channels_last, poison=step == cfg.chaos_nan_step,
+                                 normalize=cfg.proj_normalize)
             # no host sync per step: remember the first non-finite step on the device
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
             loss_sum += loss
@@ -220,7 +226,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} done: loss {mean_loss:.4f} | "
             f"{metrics['samples_per_s']:.1f} samples/s | {epoch_time:.1f}s (data wait {data_wait:.1f}s)"
             + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
-            + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else ""))
+            + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else "")
+            + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else ""))
 
         step_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
         time_due = every_s > 0 and max_over_ranks(torch.full((), -1, device=device),

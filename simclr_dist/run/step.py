@@ -39,19 +39,21 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
 
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   v1: Tensor, v2: Tensor, *, temperature: float, precision: Precision, device: torch.device,
-                  channels_last: bool = False, poison: bool = False, phase: Phase = _noop) -> Tensor:
+                  channels_last: bool = False, poison: bool = False, normalize: bool = True,
+                  phase: Phase = _noop) -> Tensor:
     """One SimCLR step on a batch of view pairs ``v1, v2`` (B, 3, S, S); returns the detached loss.
 
     Both views go through one forward pass (2B images), so BatchNorm statistics cover both views of the batch;
-    the NT-Xent all-gathers the projections (negatives of every worker, exact gradients). ``poison`` makes the
-    loss NaN (the ``--chaos-nan-step`` drill) to exercise the non-finite stop.
+    the NT-Xent all-gathers the projections (negatives of every worker, exact gradients); ``normalize=False``
+    drops the l2 normalisation of the projections (``--no-proj-normalize``). ``poison`` makes the loss NaN (the
+    ``--chaos-nan-step`` drill) to exercise the non-finite stop.
     """
     x = to_device(torch.cat([v1, v2]), device, channels_last)  # (2B, 3, S, S)
     with precision.autocast():
         _, z = model(x)  # (2B, D)
     phase("forward")
     z1, z2 = z.float().chunk(2)  # (B, D) each
-    loss = nt_xent(z1, z2, temperature)
+    loss = nt_xent(z1, z2, temperature, normalize=normalize)
     if poison:
         loss = loss * float("nan")
     phase("loss")
