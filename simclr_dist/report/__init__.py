@@ -1,0 +1,1 @@
+"""Tables, statistics and plots of finished runs (no training here): pure functions of result files."""
