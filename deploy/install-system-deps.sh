@@ -2,8 +2,10 @@
 # System packages the project needs, installed only when missing (idempotent, fast when nothing is to do):
 #   libturbojpeg0-dev libopencv-dev pkg-config  -> build ffcv from source
 #   prometheus                                  -> the monitoring tests and `make monitor` run a real server
+#   dataset-fashion-mnist                       -> --dataset fashion-mnist without a download
+#                                                  (IDX files in /usr/share/datasets/fashion-mnist)
 set -euo pipefail
-PKGS=(libturbojpeg0-dev libopencv-dev pkg-config prometheus)
+PKGS=(libturbojpeg0-dev libopencv-dev pkg-config prometheus dataset-fashion-mnist)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from simclr_dist.data import (
+    COLOR_OPS,
     COMPONENTS,
     RECIPE,
     AugmentConfig,
@@ -16,7 +17,7 @@ from simclr_dist.data import (
     default_augment,
     parse_components,
 )
-from simclr_dist.data.augment import blur_kernel
+from simclr_dist.data.augment import blur_kernel, jitter_ranges
 
 
 @pytest.fixture
@@ -114,3 +115,54 @@ def test_two_view_dataset():
     assert v1.shape == v2.shape == (3, 16, 16) and label == 1
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))
     assert batch[0].shape == (5, 3, 16, 16) and batch[2].tolist() == [0, 1, 2, 0, 1]
+
+
+def test_fashion_mnist_recipe_is_for_grey_clothes():
+    fm = default_augment(dataset_info("fashion-mnist"))
+    assert fm.components == ("crop", "flip", "color") and fm.color_ops == ("brightness", "contrast")
+    assert fm.crop_scale == (0.2, 1.0) and fm.image_size == 28 and jitter_ranges(fm) == (0.4, 0.4, 0.0, 0.0)
+    # digits and CIFAR keep the paper's four jitter ops at 0.8s/0.8s/0.8s/0.2s
+    for name in ("digits", "cifar10"):
+        aug = default_augment(dataset_info(name))
+        assert aug.color_ops == COLOR_OPS and jitter_ranges(aug) == (0.4, 0.4, 0.4, 0.1)
+    with pytest.raises(ValueError, match="unknown colour op 'sparkle'"):
+        AugmentConfig(color_ops=("hue", "sparkle"))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_color_ops_restrict_the_jitter_in_both_paths(batched):
+    """Brightness alone scales every pixel of a view by one factor: saturation and hue really are off."""
+    from simclr_dist.data.gpu_augment import BatchedViewAugment
+
+    cfg = AugmentConfig(components="color", image_size=8, color_p=1.0, color_ops=("brightness",), mean=(0, 0, 0),
+                        std=(1, 1, 1))
+    torch.manual_seed(0)
+    x = torch.randint(100, 141, (4, 3, 8, 8), dtype=torch.uint8)  # colourful, never clipped at 1.8x
+    if batched:
+        out = BatchedViewAugment(cfg)(x, torch.Generator().manual_seed(0))
+    else:
+        view = build_view_transform(cfg)
+        out = torch.stack([view(img) for img in x])
+    ratio = out / (x.float() / 255)
+    per_image = ratio.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), rtol=0, atol=0.02)
+    assert not torch.allclose(per_image[:, 0], torch.ones(4), atol=0.05)  # it did jitter
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fashion-mnist", "cifar10", "stl10", "imagenet"])
+def test_resolved_config_records_the_recipe_the_loader_uses(dataset):
+    """Issue 12: the config holds the concrete components and strength, and building the recipe from them gives
+    exactly the recipe the loaders built from ``None`` before."""
+    from simclr_dist.config import parse_config
+
+    cfg = parse_config(["--dataset", dataset, "--data-root", "/data"]).resolved()
+    info = dataset_info(dataset)
+    assert cfg.augment != "" and cfg.jitter_strength is not None
+    before = default_augment(info, None, image_size=cfg.image_size)
+    assert default_augment(info, cfg.augment, image_size=cfg.image_size, jitter_strength=cfg.jitter_strength) == before
+    assert cfg.resolved().augment == cfg.augment  # idempotent
+    expected = {"digits": "crop,color,gray", "fashion-mnist": "crop,flip,color", "cifar10": "crop,flip,color,gray",
+                "stl10": "crop,flip,color,gray,blur", "imagenet": "crop,flip,color,gray,blur"}[dataset]
+    assert cfg.augment == expected and cfg.jitter_strength == (1.0 if info.image_size > 32 else 0.5)
+    assert parse_config(["--augment", "none"]).resolved().augment == "none"
+    assert parse_config(["--augment", "color,crop", "--jitter-strength", "0.3"]).resolved().augment == "crop,color"

@@ -15,7 +15,8 @@ from typing import Any
 
 from simclr_dist.core.models import ARCHS
 from simclr_dist.core.precision import PRECISIONS
-from simclr_dist.data.datasets import DATASETS, dataset_info
+from simclr_dist.data.augment import default_augment
+from simclr_dist.data.datasets import DATASETS, dataset_info, reads_embedded
 from simclr_dist.config.base import JobConfig, bad, check_plain_name, flag, is_uri, parse_into, parse_spec
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
@@ -31,26 +32,30 @@ def dataset_names() -> tuple[str, ...]:
     return tuple(DATASETS)
 
 
-def _embedded(dataset: str) -> bool:
-    return dataset in DATASETS and DATASETS[dataset].embedded
+def _embedded(dataset: str, data_root: str | None) -> bool:
+    return dataset in DATASETS and reads_embedded(dataset, data_root)
 
 
 @dataclass
 class PretrainConfig(JobConfig):
     # data
-    dataset: str = flag("digits", "dataset: digits (embedded, no download), cifar10, cifar100, stl10, imagenet, imagefolder", choices=dataset_names, what="dataset")
-    data_root: str | None = flag(None, "directory holding the dataset (not needed for digits)")
+    dataset: str = flag("digits", "dataset: digits (embedded, no download), fashion-mnist (no download: the Debian "
+                                  "package dataset-fashion-mnist, or --data-root), cifar10, cifar100, stl10, imagenet, "
+                                  "imagefolder", choices=dataset_names, what="dataset")
+    data_root: str | None = flag(None, "directory holding the dataset (not needed for digits, nor for fashion-mnist "
+                                     "when its Debian package is installed)")
     download: bool = flag(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
     split: str | None = flag(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
     image_size: int | None = flag(None, "training resolution in pixels (default: the dataset's, 24 for digits)", ge=8)
     augment: str | None = flag(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
-                                   "(default: the paper's recipe adapted to the dataset)")
+                                   "(default: the paper's recipe adapted to the dataset; the resolved config "
+                                   "records the components used)")
     jitter_strength: float | None = flag(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)", ge=0, le=2.5)
     loader_workers: int = flag(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
                                 "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)", ge=0)
     loader: str = flag("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
-                             "when --beton is given or the dataset is embedded (digits: each node converts it once "
-                             "into a cache, ~30%% faster end to end), else torch", choices=LOADERS, what="loader")
+                             "when --beton is given or the dataset is embedded (digits; fashion-mnist read from its "
+                             "Debian package): each node converts it once into a cache, else torch", choices=LOADERS, what="loader")
     beton: str | None = flag(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
                                  "comma list of shards (local disk)")
     # model
@@ -125,8 +130,15 @@ class PretrainConfig(JobConfig):
         if cfg.warmup_epochs is None:
             cfg.warmup_epochs = min(10.0, 0.1 * cfg.epochs)
         cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
+        # The recipe, resolved once: a checkpoint's config records the components and strength that were used.
+        try:
+            aug = default_augment(info, cfg.augment, image_size=cfg.image_size, jitter_strength=cfg.jitter_strength)
+        except ValueError as e:
+            bad("augment", str(e))
+        cfg.augment = ",".join(aug.components) or "none"
+        cfg.jitter_strength = aug.jitter_strength
         if cfg.loader == "auto":
-            cfg.loader = "ffcv" if cfg.beton or info.embedded else "torch"
+            cfg.loader = "ffcv" if cfg.beton or _embedded(cfg.dataset, cfg.data_root) else "torch"
         if not is_uri(cfg.storage_path):
             cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
         return cfg
@@ -141,7 +153,7 @@ class PretrainConfig(JobConfig):
                               "NT-Xent needs at least 2 per worker")
         if self.warmup_epochs is not None and self.epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             bad("warmup_epochs", f"must be within [0, epochs={self.epochs}], got {self.warmup_epochs}")
-        if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset):
+        if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset, self.data_root):
             bad("loader", "ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
         if self.loader == "torch" and self.beton:
             bad("beton", "is only read by --loader ffcv (or auto); drop it or choose --loader ffcv")

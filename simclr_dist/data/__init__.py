@@ -1,6 +1,7 @@
 """Datasets (uint8 CHW tensors + int labels) and SimCLR augmentations."""
 
 from .augment import (
+    COLOR_OPS,
     COMPONENTS,
     RECIPE,
     AugmentConfig,
@@ -13,18 +14,27 @@ from .augment import (
 )
 from .datasets import (
     DATASETS,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
     DatasetError,
     DatasetInfo,
     ImageFiles,
     TensorImageDataset,
     check_available,
     dataset_info,
+    fashion_mnist_files,
     load_dataset,
+    reads_embedded,
 )
+from .idx import IDXError, read_idx
 
 __all__ = [
+    "COLOR_OPS",
     "COMPONENTS",
     "DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_ROOT",
+    "IDXError",
     "RECIPE",
     "AugmentConfig",
     "DatasetError",
@@ -38,6 +48,9 @@ __all__ = [
     "check_available",
     "dataset_info",
     "default_augment",
+    "fashion_mnist_files",
     "load_dataset",
     "parse_components",
+    "read_idx",
+    "reads_embedded",
 ]

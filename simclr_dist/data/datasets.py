@@ -2,8 +2,10 @@
 
 Every loader yields ``(image, label)`` with ``image`` a uint8 ``(3, H, W)`` tensor, so the
 augmentation path sees a single input type whatever the source (label ``-1`` = unlabeled).
-In-memory sets (digits, CIFAR, STL-10) are held as one uint8 tensor for cheap indexing and
-batched feature extraction; file-based sets (imagenet, imagefolder) decode per item.
+In-memory sets (digits, Fashion-MNIST, CIFAR, STL-10) are held as one uint8 tensor for cheap indexing and
+batched feature extraction; file-based sets (imagenet, imagefolder) decode per item. Fashion-MNIST needs no
+download: it is read from the IDX files of the Debian package ``dataset-fashion-mnist`` (or any --data-root
+holding the same four files).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, ImageFolder
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from simclr_dist.data.idx import IDXError, read_idx
+
 
 class DatasetError(ValueError):
     """Bad dataset name/split/root; the message says how to fix it (shown as-is by the CLI)."""
@@ -38,7 +42,8 @@ class DatasetInfo:
     splits: tuple[str, ...]  # valid split names (imagefolder: conventional ones; any subdirectory works)
     pretrain_split: str  # split pretraining uses by default
     blur: bool  # Gaussian blur in the default recipe (paper: on for ImageNet-size, off for 32 px)
-    embedded: bool  # ships with a dependency: no data root needed
+    embedded: bool  # ships with a dependency (digits: scikit-learn; fashion-mnist: its Debian package, when
+    # installed): no data root needed, the same bytes on every node, so the FFCV path can convert it on first use
     labelled: tuple[str, str] = ("train", "test")  # (labelled train split, held-out test split) for evaluation
 
 
@@ -48,9 +53,33 @@ _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 # Digits: pixel mean/std of all 1797 images after the 32 px bilinear upscale, x/255
 # (load_dataset("digits", "all").images.float().div(255) -> .mean(), .std()).
 _DIGITS_STATS = ((0.3052,) * 3, (0.3236,) * 3)
+# Fashion-MNIST: pixel mean/std of the 60k train images at their native 28 px, x/255
+# (load_dataset("fashion-mnist", "train").images.float().div(255) -> .mean(), .std()).
+_FASHION_MNIST_STATS = ((0.2860,) * 3, (0.3530,) * 3)
+
+# Where the Debian package dataset-fashion-mnist puts its four gzip'd IDX files (`dpkg -L dataset-fashion-mnist`).
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    """``stem`` or ``stem.gz`` in ``directory`` (the plain file first: no decompression)."""
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _debian_fashion_mnist() -> bool:
+    return all(_idx_file(FASHION_MNIST_ROOT, stem) for pair in IDX_FILES.values() for stem in pair)
 
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", 10, 32, *_DIGITS_STATS, ("train", "test", "all"), "train", False, True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 28, *_FASHION_MNIST_STATS, ("train", "test"), "train", False,
+                                 _debian_fashion_mnist()),
     "cifar10": DatasetInfo("cifar10", 10, 32, *_CIFAR10_STATS, ("train", "test"), "train", False, False),
     "cifar100": DatasetInfo("cifar100", 100, 32, *_CIFAR100_STATS, ("train", "test"), "train", False, False),
     "stl10": DatasetInfo(
@@ -64,6 +93,14 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 _TORCHVISION = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}
+
+
+def reads_embedded(name: str, root: str | None) -> bool:
+    """Whether ``load_dataset(name, ..., root=root)`` reads the copy shipped with a dependency (digits always;
+    fashion-mnist when its Debian package is installed and no --data-root points elsewhere): only such a source
+    may be converted into a node-local FFCV cache keyed by its name alone."""
+    info = dataset_info(name)
+    return info.embedded and (root is None or name == "digits")
 
 
 def _required_files(cls: type) -> list[str]:
@@ -150,6 +187,9 @@ def _check_split(info: DatasetInfo, split: str) -> None:
 
 
 def _how_to_get(info: DatasetInfo) -> str:
+    if info.name == "fashion-mnist":
+        return ("install it with `apt-get install dataset-fashion-mnist`, or set --data-root to a directory holding "
+                "the four IDX files (plain or .gz, or torchvision's FashionMNIST/raw)")
     if info.name == "imagenet":
         return "expected <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; set --data-root"
     if info.name == "imagefolder":
@@ -164,6 +204,11 @@ def check_available(name: str, split: str, root: str | None, download: bool = Fa
     """
     info = dataset_info(name)
     _check_split(info, split)
+    if name == "fashion-mnist":
+        if download:
+            raise DatasetError(f"{name}: --download is not supported; {_how_to_get(info)}")
+        fashion_mnist_files(root, split)
+        return
     if info.embedded:
         return
     if not root:
@@ -225,6 +270,42 @@ def _load_digits(split: str, image_size: int) -> TensorImageDataset:
     return TensorImageDataset(images, targets[idx], [str(d) for d in range(10)])
 
 
+def fashion_mnist_files(root: str | None, split: str) -> tuple[Path, Path]:
+    """(images, labels) IDX files of a split, plain or .gz, under ``root`` or its torchvision layout
+    ``root/FashionMNIST/raw``; without ``root`` the Debian package's directory."""
+    base = Path(root).expanduser() if root else FASHION_MNIST_ROOT
+    stems = IDX_FILES[split]
+    all_stems = [stem for pair in IDX_FILES.values() for stem in pair]
+    candidates = (base, base / "FashionMNIST" / "raw")
+    directory = next((d for d in candidates if any(_idx_file(d, s) for s in all_stems)), base)
+    found = [_idx_file(directory, stem) for stem in stems]
+    for stem, path in zip(stems, found):
+        if path is None:
+            raise DatasetError(f"fashion-mnist: missing {directory / stem} (or .gz); "
+                               f"{_how_to_get(dataset_info('fashion-mnist'))}")
+    return found[0], found[1]  # type: ignore[return-value]
+
+
+def _load_fashion_mnist(split: str, root: str | None, image_size: int) -> TensorImageDataset:
+    image_file, label_file = fashion_mnist_files(root, split)
+    try:
+        images, labels = read_idx(image_file, ndim=3), read_idx(label_file, ndim=1)
+    except IDXError as e:
+        raise DatasetError(f"fashion-mnist: {e}") from None
+    for path, array in ((image_file, images), (label_file, labels)):
+        if array.dtype != "uint8":
+            raise DatasetError(f"fashion-mnist: {path}: holds {array.dtype} values, expected uint8")
+    if len(images) != len(labels):
+        raise DatasetError(f"fashion-mnist: {image_file} holds {len(images)} images but {label_file} "
+                           f"{len(labels)} labels")
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DatasetError(f"fashion-mnist: {label_file}: label {labels.max()} is not a class index 0-9")
+    grey = _resize(torch.from_numpy(images.copy())[:, None], image_size)  # (N, 1, S, S)
+    # Three channels as a stride-0 view of one: the model sees RGB, memory holds the grey image once.
+    return TensorImageDataset(grey.expand(-1, 3, -1, -1), torch.from_numpy(labels.astype("int64")),
+                              FASHION_MNIST_CLASSES)
+
+
 def _load_torchvision(name: str, split: str, root: Path, download: bool, image_size: int | None) -> TensorImageDataset:
     cls, info = _TORCHVISION[name], dataset_info(name)
     with _download_lock(root, download):
@@ -260,7 +341,7 @@ def load_dataset(
 ) -> Dataset:
     """Build the split as a Dataset of ``(uint8 (3, H, W) tensor, int label)``.
 
-    ``image_size`` resizes in-memory sets once at load (digits default 32); file-based sets
+    ``image_size`` resizes in-memory sets once at load (digits default 32, fashion-mnist 28); file-based sets
     keep their native resolution because the view/eval transforms resize them anyway, and
     cropping before downscaling keeps detail. Labels of imagenet/imagefolder splits follow
     the class list of ``<root>/train`` when it exists. With ``download`` several processes
@@ -272,6 +353,10 @@ def load_dataset(
         raise DatasetError(f"{name}: image_size must be positive, got {image_size}")
     if name == "digits":
         return _load_digits(split, image_size or info.image_size)
+    if name == "fashion-mnist":
+        if download:
+            raise DatasetError(f"{name}: --download is not supported; {_how_to_get(info)}")
+        return _load_fashion_mnist(split, root, image_size or info.image_size)
     if not root:
         raise DatasetError(f"{name}: no data root given; set --data-root")
     base = Path(root).expanduser()

@@ -477,11 +477,11 @@ class FFCVPretrainLoader:
         from ffcv.transforms import ToDevice, ToTensor
 
         from simclr_dist.data.augment import default_augment
-        from simclr_dist.data.datasets import dataset_info
+        from simclr_dist.data.datasets import dataset_info, reads_embedded
         from simclr_dist.data.gpu_augment import BatchedViewAugment
 
         if not spec.beton:
-            if not dataset_info(spec.dataset).embedded:
+            if not reads_embedded(spec.dataset, spec.root):
                 raise BetonError("--loader ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
             from simclr_dist.data.convert import embedded_beton
             spec = replace(spec, beton=embedded_beton(spec.dataset, spec.split, spec.image_size))

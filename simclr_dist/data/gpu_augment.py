@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simclr_dist.data.augment import AugmentConfig, Sobel, blur_kernel
+from simclr_dist.data.augment import AugmentConfig, Sobel, blur_kernel, jitter_ranges
 
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -108,10 +108,10 @@ class BatchedViewAugment:
         self.on = set(cfg.components)
         self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1)
-        j = cfg.jitter_strength
-        # (low, high) of each jitter factor, as torchvision's ColorJitter(0.8j, 0.8j, 0.8j, 0.2j); None = off
-        self.jitter = [(max(0.0, 1 - 0.8 * j), 1 + 0.8 * j)] * 3 + [(-0.2 * j, 0.2 * j)]
-        self.jitter_on = [0.8 * j > 0] * 3 + [0.2 * j > 0]
+        # (low, high) of each jitter factor, as torchvision's ColorJitter(*jitter_ranges(cfg)); ops at 0 are off
+        b, c, sat, hue = jitter_ranges(cfg)
+        self.jitter = [(max(0.0, 1 - r), 1 + r) for r in (b, c, sat)] + [(-hue, hue)]
+        self.jitter_on = [r > 0 for r in (b, c, sat, hue)]
         self.sobel = Sobel().to(self.device) if "sobel" in self.on else None
         self.sync_free = self.device.type == "cuda"  # see _masked
 
