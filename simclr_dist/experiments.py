@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from simclr_dist.config import ConfigError, parse_into
 from simclr_dist.config.experiments import ARMS, ExperimentsConfig
 from simclr_dist.console import emit
@@ -28,7 +30,7 @@ from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist.report.experiments_md import write_outputs
 from simclr_dist.run import storage
 from simclr_dist.run.experiment import make_plan
-from simclr_dist.run.experiment_run import execute
+from simclr_dist.run.experiment_run import execute, plan_budget
 from simclr_dist.run.launch import RunError
 
 __all__ = ["ARMS", "main", "parse_args"]
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    if plan.ecfg.dry_run:
+        if plan.ecfg.threads:
+            torch.set_num_threads(plan.ecfg.threads)
+        plan_budget(plan)
+        emit(f"[exp] dry run: {plan.trainings()} classifier runs planned; nothing trained")
+        return 0
 
     def progress(plan, records, pretraining, budget, elapsed, complete):
         storage.write_json(storage.join(plan.out, "results.json"),

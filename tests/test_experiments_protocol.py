@@ -166,6 +166,9 @@ def test_presets_resolve_and_name_their_pretraining_run():
     cpu = ExperimentsConfig(preset="fashion-mnist-cpu").resolved("fashion-mnist")
     assert (cpu.dataset, cpu.seeds, cpu.steps, cpu.ray) == ("fashion-mnist", 3, PRESETS["fashion-mnist-cpu"]["steps"],
                                                            False)
+    pre = pretrain_config(cpu, cpu.run)  # the named run the coordinator starts early: stable, explicit flags
+    assert (pre.name, pre.dataset, pre.width, pre.image_size, pre.batch_size) == ("simclr-fashion-mnist-cpu",
+                                                                                 "fashion-mnist", 0.25, 28, 256)
     assert cpu.run == "./runs/simclr-fashion-mnist-cpu" and cpu.pretrain_args == PRESET_PRETRAIN["fashion-mnist-cpu"][1]
     assert cpu.fraction_list() == (0.01, 0.1) and len(cpu.grid()) == 4
     override = ExperimentsConfig(preset="fashion-mnist-cpu", seeds=1, steps=7).resolved("fashion-mnist")
@@ -198,3 +201,34 @@ def test_labels_of_every_fraction_are_drawn_once_per_replicate(tmp_path, data):
                                      "--out", str(tmp_path / "o")]))
     for (f, s), idx in plan.subsets.items():
         assert np.array_equal(idx, balanced_subset(data.train_labels, f, s))
+
+
+# ---------------------------------------------------------------------------- Fashion-MNIST, on a small slice
+def test_experiments_on_a_fashion_mnist_slice(tmp_path, capsys):
+    """The Fashion-MNIST path end to end on IDX files written here (4 images per class): a tiny checkpoint
+    'pretrained' on it, every arm and baseline under the protocol (k-fold selection: few labels per class), and a
+    report with the clothing class names, per-class recall and the confusion matrices."""
+    from test_fashion_mnist import make_slice  # the IDX writer of the dataset's own tests
+
+    make_slice(tmp_path / "fm")
+    cfg = PretrainConfig(dataset="fashion-mnist", data_root=str(tmp_path / "fm"), image_size=16, width=0.125,
+                         epochs=1).resolved()
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "runs" / "simclr-fm" / "checkpoint_000001")
+    save_checkpoint(ckpt, {"format_version": 1, "model": build_model(cfg).state_dict(), "optimizer": {},
+                           "epoch": 1, "step": 1, "steps_per_epoch": 1, "config": cfg.to_dict(), "history": []})
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, "--fractions", "1", "--small-fraction", "1", "--seeds", "2", "--steps", "2",
+            "--batch-size", "16", "--lr-grid", "0.4", "--wd-grid", "0", "--knn-k", "3", "--l2-grid", "1e-2",
+            "--no-ray", "--out", str(out)]
+    assert exp.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "fit 30 + validation 10 (split 3 of 4)" in stdout  # 4 labels per class: 4-fold selection
+    summary = __import__("json").loads((out / "results.json").read_text())
+    assert summary["dataset"] == "fashion-mnist" and summary["test_size"] == 20
+    assert summary["classes"][0] == "T-shirt/top" and summary["classes"][-1] == "Ankle boot"
+    trained = [r for r in summary["records"] if r["arm"] in ("finetune", "supervised")]
+    assert len(trained) == 4 and all(r["folds"] == 4 and r["steps"] == 2 for r in trained)
+    report = (out / "report.md").read_text()
+    assert "| Ankle boot |" in report and "## Per-class recall" in report
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

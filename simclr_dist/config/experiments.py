@@ -29,7 +29,7 @@ BASELINES = ("pixels", "random", "knn")  # logistic regression on raw pixels, ra
 # The pretraining run of each preset: explicit and stable, so a finished run of the same name is reused.
 PRESET_PRETRAIN = {
     "fashion-mnist-cpu": ("simclr-fashion-mnist-cpu",
-                          "--dataset fashion-mnist --image-size 28 --width 0.25 --batch-size 256 --epochs 10 "
+                          "--dataset fashion-mnist --image-size 28 --width 0.25 --batch-size 256 --epochs 6 "
                           "--num-workers 2 --cpus-per-worker 1 --knn-every -1"),
     "fashion-mnist-gpu": ("simclr-fashion-mnist-gpu",
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
@@ -117,6 +117,8 @@ class ExperimentsConfig(JobConfig):
     ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     threads: int | None = flag(None, "torch CPU threads of this process (probes, in-process arms; 0: torch's "
                                    "default)", ge=0)
+    dry_run: bool = flag(False, "check every input, time a few steps and print the planned runs, steps and time; "
+                                "train nothing")
 
     def check(self) -> None:
         if sum(x is not None for x in (self.checkpoint, self.run, self.pretrained)) > 1:

@@ -32,8 +32,9 @@ from simclr_dist.run.pretrain_plan import run as run_pretraining
 from simclr_dist.run.step import build_model, classify_step, pretrain_step
 
 # ---------------------------------------------------------------------------- the budget, measured
-def time_steps(model: nn.Module, batch: int, image_size: int, *, pretrain: bool, repeats: int = 3) -> float:
-    """Seconds per optimiser step of ``model`` at ``batch`` images in this process (after one warm-up step)."""
+def time_steps(model: nn.Module, batch: int, image_size: int, *, pretrain: bool, repeats: int = 5) -> float:
+    """Seconds per optimiser step of ``model`` at ``batch`` images in this process: the median of ``repeats``
+    steps after one warm-up step (a median, since other work on a shared machine makes single steps spike)."""
     device = select_device()
     precision = Precision.of("auto", device)
     model = model.to(device)
@@ -41,16 +42,17 @@ def time_steps(model: nn.Module, batch: int, image_size: int, *, pretrain: bool,
     x = torch.randn(batch, 3, image_size, image_size)
     y = torch.zeros(batch, dtype=torch.long)
     scaler = precision.scaler()
-    for i in range(repeats + 1):
-        if i == 1:
-            t0 = time.perf_counter()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
         if pretrain:
             pretrain_step(model, opt, scaler, x, x, temperature=0.5, precision=precision, device=device)
         else:
             classify_step(model, opt, scaler, x, y, precision=precision, device=device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 def plan_budget(plan: Plan, log: Log = emit) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def plan_budget(plan: Plan, log: Log = emit) -> dict[str, Any]:
     if plan.pretrain_cfg is not None:
         c = plan.pretrain_cfg
         per_worker = c.batch_size // c.num_workers
-        pre_s = time_steps(build_model(c), per_worker, c.image_size, pretrain=True, repeats=2)
+        pre_s = time_steps(build_model(c), per_worker, c.image_size, pretrain=True, repeats=3)
         steps = c.epochs * (plan.train_size // c.batch_size)
         budget["pretrain"] = {"step_s": pre_s, "steps": steps, "est_s": steps * pre_s}
         lines.append(f"[exp]   pretraining {c.epochs} epochs x {plan.train_size // c.batch_size} steps = {steps} "
