@@ -1,5 +1,6 @@
 """The evaluator on tiny digits checkpoints written in the test (no Ray): checkpoint discovery, label subsets, the
-three protocols' hygiene (frozen probe, L2 chosen without test data, fine-tune really trains), and the CLI."""
+three protocols' hygiene (frozen probe, L2 chosen without test data, fine-tuning through the one classifier loop
+really trains and reads the test split once), and the CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ import pytest
 import torch
 
 from simclr_dist import evaluate as ev
+from simclr_dist.config.evaluate import EvalConfig
+from simclr_dist.core.probe import fit_logistic
 from simclr_dist.data.splits import balanced_subset, stratified_split
+from simclr_dist.run import evaluation as evl
+from simclr_dist.run.eval_jobs import finetune, watch_run
 from simclr_dist.run.checkpoint import latest_checkpoint, list_complete_checkpoints
 from simclr_dist.config import PretrainConfig
 from simclr_dist.run.checkpoint import CHECKPOINT_FILE, MANIFEST_FILE, save_checkpoint
@@ -37,8 +42,8 @@ def write_checkpoint(directory, epoch: int, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def data() -> ev.EvalData:
-    return ev.load_eval_data(tiny_cfg())
+def data() -> evl.EvalData:
+    return evl.load_eval_data(tiny_cfg())
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,8 @@ def encoder() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def features(encoder, data) -> ev.Features:
-    return ev.compute_features(encoder, data, log=lambda m: None)
+def features(encoder, data) -> evl.Features:
+    return evl.compute_features(encoder, data, log=lambda m: None)
 
 
 # ---------------------------------------------------------------------------- checkpoint discovery
@@ -107,7 +112,7 @@ def test_fit_logistic_matches_sklearn():
     y = torch.randint(0, 4, (400,), generator=gen)
     x = torch.randn(400, 8, generator=gen) * 3 + torch.randn(4, 8, generator=gen)[y] * 2
     l2 = 1e-2
-    ours = ev.fit_logistic(x, y, num_classes=4, l2=l2)
+    ours = fit_logistic(x, y, num_classes=4, l2=l2)
     z = ((x - x.mean(0)) / x.std(0)).numpy()
     ref = LogisticRegression(C=1 / (l2 * len(x)), tol=1e-8, max_iter=2000).fit(z, y.numpy())
     np.testing.assert_allclose(ours.weight.numpy(), ref.coef_, atol=2e-3)
@@ -119,7 +124,7 @@ def test_linear_probe_freezes_encoder_and_picks_l2_on_validation(encoder, data):
     before = {k: v.clone() for k, v in encoder.state_dict().items()}  # weights and BN running statistics
     grads_wanted = {n: p.requires_grad for n, p in encoder.named_parameters()}
     grid = (1e-5, 1e-3, 1e-1)
-    out = ev.linear_probe(encoder, data, l2_grid=grid, log=lambda m: None)
+    out = evl.linear_probe(encoder, data, l2_grid=grid, log=lambda m: None)
 
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -134,18 +139,18 @@ def test_linear_probe_freezes_encoder_and_picks_l2_on_validation(encoder, data):
 
 def test_l2_selection_never_sees_test_data(features, monkeypatch):
     seen = []
-    real_select = ev.select_l2
+    real_select = evl.select_l2
 
     def spy(fit_x, fit_y, val_x, val_y, **kw):
         seen.append(len(fit_x) + len(val_x))
         return real_select(fit_x, fit_y, val_x, val_y, **kw)
 
-    monkeypatch.setattr(ev, "select_l2", spy)
+    monkeypatch.setattr(evl, "select_l2", spy)
     kw = dict(num_classes=10, l2_grid=(1e-4, 1e-2), log=lambda m: None)
-    honest = ev.linear_probe_features(features, **kw)
-    garbage = ev.Features(features.train_x, features.train_y, torch.randn_like(features.test_x),
+    honest = evl.linear_probe_features(features, **kw)
+    garbage = evl.Features(features.train_x, features.train_y, torch.randn_like(features.test_x),
                           torch.zeros_like(features.test_y))
-    poisoned = ev.linear_probe_features(garbage, **kw)
+    poisoned = evl.linear_probe_features(garbage, **kw)
     assert seen == [len(features.train_y)] * 2
     assert (poisoned["l2"], poisoned["val_top1_by_l2"]) == (honest["l2"], honest["val_top1_by_l2"])
     assert poisoned["top1"] != honest["top1"]  # the test split only enters the final report
@@ -153,26 +158,37 @@ def test_l2_selection_never_sees_test_data(features, monkeypatch):
 
 # ---------------------------------------------------------------------------- kNN and fine-tuning
 def test_knn_above_chance(features):
-    out = ev.knn_eval(features, num_classes=10, k=200, temperature=0.1)
+    out = evl.knn_eval(features, num_classes=10, k=200, temperature=0.1)
     assert 0.3 < out["top1"] <= out["top5"] <= 1.0  # chance is 0.1
     assert out["params"] == {"k": 200, "temperature": 0.1}
 
 
-def test_finetune_trains_encoder_and_records_curves(data):
+def test_finetune_trains_encoder_through_the_one_loop_and_tests_once(data, monkeypatch):
     torch.manual_seed(1)
     enc = build_model(tiny_cfg()).encoder
     before = [p.detach().clone() for p in enc.parameters()]
-    out = ev.finetune(enc, data, fraction=0.1, epochs=2, batch_size=32, lr=0.4, log=lambda m: None)
+    reads = []
+    real_predict = evl.predict
+
+    def spy(model, dataset, *args, **kw):
+        reads.append(dataset is data.test)
+        return real_predict(model, dataset, *args, **kw)
+
+    monkeypatch.setattr("simclr_dist.run.classify_loop.predict", spy)
+    ecfg = EvalConfig(checkpoint="x", finetune_epochs=2, finetune_batch_size=32, finetune_lr=0.4)
+    out = finetune(enc, data, tiny_cfg(), ecfg, 0.1, device=torch.device("cpu"), log=lambda m: None)
 
     assert any(not torch.equal(p, b) for p, b in zip(enc.parameters(), before))  # the whole network trains
     assert out["subset_indices"] == balanced_subset(data.train_labels, 0.1, seed=0).tolist()
     assert out["label_count"] == len(out["subset_indices"]) == 142
     assert [h["epoch"] for h in out["history"]] == [1, 2]
     for h in out["history"]:
-        assert h["train_loss"] > 0 and 0 <= h["train_acc"] <= 1 and 0 <= h["test_top1"] <= h["test_top5"] <= 1
+        assert h["train_loss"] > 0 and 0 <= h["train_acc"] <= 1 and "test_top1" not in h
     assert out["history"][-1]["train_loss"] < out["history"][0]["train_loss"]
-    assert out["top1"] == out["history"][-1]["test_top1"]  # last epoch, not the best one on test
+    assert reads == [True]  # the test split is read once, after the last step
+    assert 0 <= out["top1"] <= out["top5"] <= 1 and len(out["predictions"]) == len(data.test)
     assert out["params"]["augment"] == "crop" and out["params"]["peak_lr"] == pytest.approx(0.4 * 32 / 256)
+    assert out["params"]["steps"] == 2 * (142 // 32)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -223,7 +239,7 @@ def test_run_and_watch_evaluate_each_complete_checkpoint_once(tmp_path, capsys):
 
     cfg = ev.parse_args(["--run", str(run), "--watch", "--watch-until-epoch", "2", "--interval", "5",
                          "--protocols", "knn"]).validate()
-    results = ev.watch_run(str(run), cfg, log=lambda m: None, sleep=sleep)
+    results = watch_run(str(run), cfg, log=lambda m: None, sleep=sleep)
     assert polls == [5.0]
     assert [(r["checkpoint_epoch"], r["cached"]) for r in results] == [(1, True), (2, False)]
     assert read(run / "eval" / "checkpoint_000002" / "knn.json")["checkpoint_epoch"] == 2
@@ -258,3 +274,31 @@ def test_bad_input_one_line_error(tmp_path, capsys, args, needle):
     err = captured.err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err
     assert not captured.out
+
+
+# ---------------------------------------------------------------------------- format compatibility
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_checkpoint_written_by_commit_1af4297_still_loads_and_evaluates(tmp_path, capsys):
+    """tests/fixtures/checkpoint_1af4297 was written by the save path of commit 1af4297 (FORMAT_VERSION 1, see
+    fixtures/make_checkpoint_1af4297.py): the current code verifies it, rebuilds the same network from its config,
+    reproduces the recorded features exactly, and evaluates it."""
+    from simclr_dist.run.checkpoint import FORMAT_VERSION, load_checkpoint
+
+    ckpt = str(tmp_path / "checkpoint_000001")
+    shutil.copytree(os.path.join(FIXTURES, "checkpoint_1af4297"), ckpt)
+    state = load_checkpoint(ckpt)
+    assert state["format_version"] == FORMAT_VERSION == 1 and read(os.path.join(ckpt, MANIFEST_FILE))["epoch"] == 1
+    cfg = PretrainConfig.from_dict(state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])  # strict: every tensor of the old layout has its place
+    model.eval()
+    expected = read(os.path.join(FIXTURES, "checkpoint_1af4297.features.json"))["features"]
+    with torch.no_grad():
+        got = model.encoder(torch.linspace(-1, 1, 2 * 3 * 16 * 16).view(2, 3, 16, 16))
+    torch.testing.assert_close(got, torch.tensor(expected), rtol=0, atol=1e-6)
+    assert latest_checkpoint(str(tmp_path)) == ckpt
+    assert ev.main(["--checkpoint", ckpt, "--protocols", "knn", "--threads", "1"]) == 0
+    assert read(os.path.join(ckpt, "eval", "knn.json"))["checkpoint_epoch"] == 1
+    assert "knn" in capsys.readouterr().out

@@ -16,6 +16,9 @@ import torch
 from simclr_dist import experiments as exp
 from simclr_dist import supervised as sup
 from simclr_dist.config import PretrainConfig
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.run.classify_plan import RUN_CONFIG_FILE, initial_encoder, resolve
+from simclr_dist.run.experiment import arm_config, make_plan
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.core.models import build_backbone
 from simclr_dist.run.pretrained import IMAGENET_MEAN_STD
@@ -116,13 +119,12 @@ def test_supervised_init_pretrained_bad_flags_one_line_error(tv_file, tmp_path, 
 def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     path, src = tv_file
     out = tmp_path / "exp"
-    common = ["--dataset", "digits", "--image-size", "16", "--fractions", "0.1", "--small-fraction", "0.1",
-              "--epochs", "1", "--batch-size", "32", "--no-ray", "--threads", "1", "--l2-grid", "1e-2",
-              "--out", str(out)]
+    common = ["--dataset", "digits", "--image-size", "16", "--fractions", "0.1", "--seeds", "1", "--steps", "2",
+              "--batch-size", "32", "--lr-grid", "0.4", "--wd-grid", "0", "--baselines", "", "--no-ray",
+              "--threads", "1", "--l2-grid", "1e-2", "--out", str(out)]
     assert exp.main(["--pretrained", f"torchvision:{path}", *common]) == 0
     stdout = capsys.readouterr().out
     assert "[pretrained] torchvision:" in stdout and "input normalisation: mean (0.485, 0.456, 0.406)" in stdout
-    assert "[exp] (1/6) torchvision + linear head on 142 labels" in stdout
 
     summary = read(out / "results.json")
     spec = f"torchvision:{path}"
@@ -134,57 +136,55 @@ def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     assert (summary["arch"]["arch"], summary["arch"]["width"], summary["arch"]["cifar_stem"]) == ("resnet18", 0.125,
                                                                                                   False)
     assert summary["pretraining"]["source"] == spec and summary["pretraining"]["train_time_s"] is None
-    assert {(r["arm"], r["fraction"]) for r in summary["results"]} == {(a, f) for a in exp.ARMS for f in (0.1, 1.0)}
+    assert {(r["arm"], r["fraction"]) for r in summary["records"]} == {("linear", 0.1), ("finetune", 0.1),
+                                                                      ("supervised", 0.1), ("supervised", 1.0)}
     imagenet = {"mean": list(IMAGENET_MEAN_STD[0]), "std": list(IMAGENET_MEAN_STD[1])}
     digits = {"mean": list(dataset_info("digits").mean), "std": list(dataset_info("digits").std)}
-    for r in summary["results"]:
+    for r in summary["records"]:
         assert 0 <= r["top1"] <= r["top5"] <= 1
         if r["arm"] == "supervised":  # unchanged: the same network from scratch, on the dataset's normalisation
-            assert r["time_with_pretraining_s"] == r["train_time_s"] and r["normalization"] == digits
-        else:  # the pretraining cost of an external file is unknown: not counted as 0
-            assert r["time_with_pretraining_s"] is None
+            assert r["normalization"] == digits
         if r["arm"] == "finetune":  # the import's normalisation in the fine-tuned arm's transforms
-            assert r["normalization"] == imagenet and r["title"] == "torchvision fine-tuned"
+            assert r["normalization"] == imagenet
+    assert summary["titles"]["finetune"] == "torchvision fine-tuned"
     report = (out / "report.md").read_text()
     assert f"- Encoder: imported `{spec}` (format torchvision" in report and "SimCLR checkpoint" not in report
-    assert "| torchvision fine-tuned | 142 (10%) |" in report and "pretraining time unknown" in report
+    assert "| torchvision fine-tuned | 142 |" in report and "pretraining time unknown" in report
 
     # the fine-tuned arm started from the imported weights, the supervised arm did not
-    [ft_dir] = glob.glob(str(out / "runs" / "finetune-0.1-1ep-b32-pt*"))
+    [ft_dir] = glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-2st-b32-pt*"))
     ft = read(f"{ft_dir}/results.json")
     assert ft["init_pretrained"] == spec and ft["init_checkpoint"] is None and ft["params"]["weight_decay"] == 0
-    scfg, mcfg = sup.resolve(sup.SupervisedConfig.from_dict(read(f"{ft_dir}/{sup.RUN_CONFIG_FILE}")))
+    scfg, mcfg = resolve(SupervisedConfig.from_dict(read(f"{ft_dir}/{RUN_CONFIG_FILE}")))
     assert (mcfg.arch, mcfg.width, mcfg.cifar_stem, mcfg.image_size) == ("resnet18", 0.125, False, 16)
-    got = sup.initial_encoder(scfg, mcfg).state_dict()
+    got = initial_encoder(scfg, mcfg).state_dict()
     for k, v in src.items():
         assert torch.equal(got[k], v), k
-    scratch = read(out / "runs" / "supervised-0.1-1ep-b32" / sup.RUN_CONFIG_FILE)
+    scratch = read(out / "runs" / "supervised-0.1-s0-i0-lr0.4-wd0-2st-b32" / RUN_CONFIG_FILE)
     assert scratch["init_pretrained"] is None and scratch["init_checkpoint"] is None
-    s_cfg, s_mcfg = sup.resolve(sup.SupervisedConfig.from_dict(scratch))
-    assert not torch.equal(sup.initial_encoder(s_cfg, s_mcfg).state_dict()["conv1.weight"], src["conv1.weight"])
+    s_cfg, s_mcfg = resolve(SupervisedConfig.from_dict(scratch))
+    assert not torch.equal(initial_encoder(s_cfg, s_mcfg).state_dict()["conv1.weight"], src["conv1.weight"])
 
-    # another import into the same --out: its own fine-tuned runs and linear probe; the from-scratch arm is reused
+    # another import into the same --out: its own fine-tuned runs; the from-scratch runs are reused
     other = tmp_path / "other.pth"
     write_torchvision_file(other, seed=2)
     assert exp.main(["--pretrained", f"torchvision:{other}", *common]) == 0
     capsys.readouterr()
     again = read(out / "results.json")
     assert again["encoder"]["source"] == f"torchvision:{other}"
-    reused = {(r["arm"], r["fraction"]): r["reused"] for r in again["results"]}
-    assert reused == {("linear", 0.1): False, ("linear", 1.0): False, ("finetune", 0.1): False,
-                      ("finetune", 1.0): False, ("supervised", 0.1): True, ("supervised", 1.0): True}
-    assert len(glob.glob(str(out / "runs" / "finetune-0.1-1ep-b32-pt*"))) == 2
-    assert read(out / "linear" / "linear-0.1.json")["key"]["pretrained"] == f"torchvision:{other}"
+    reused = {(r["arm"], r["fraction"]): r["reused"] for r in again["records"] if "reused" in r}
+    assert reused == {("finetune", 0.1): False, ("supervised", 0.1): True, ("supervised", 1.0): True}
+    assert len(glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-2st-b32-pt*"))) == 2
 
 
 def test_plan_on_simclr_dist_run_dir_pins_its_checkpoint_and_takes_its_data(tmp_path):
     ckpt = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000001")
-    plan = exp.make_plan(exp.parse_args(["--pretrained", f"simclr-dist:{tmp_path / 'runs' / 'simclr'}", "--no-ray",
-                                         "--out", str(tmp_path / "o")]))
+    plan = make_plan(exp.parse_args(["--pretrained", f"simclr-dist:{tmp_path / 'runs' / 'simclr'}", "--no-ray",
+                                     "--out", str(tmp_path / "o")]))
     assert plan.pretrained_spec == f"simclr-dist:{ckpt}" and plan.checkpoint is None  # the run's latest checkpoint
     m = plan.model_cfg  # no --dataset/--image-size: the checkpoint's own
     assert (m.dataset, m.image_size, m.arch, m.width, m.cifar_stem) == ("digits", 16, "resnet18", 0.125, True)
-    ft, scratch = (exp.arm_config(plan, a, 0.1, "pending") for a in ("finetune", "supervised"))
+    ft = arm_config(plan, next(c for c in plan.cells if c.arm == "finetune"), 0.4, 0.0, split=None)
+    scratch = arm_config(plan, next(c for c in plan.cells if c.arm == "supervised"), 0.4, 0.0, split=None)
     assert ft.init_pretrained == plan.pretrained_spec and ft.init_checkpoint is None and "-pt" in ft.name
     assert scratch.init_pretrained is None and scratch.init_checkpoint is None and "-pt" not in scratch.name
-    assert exp.linear_key(plan, 0.1)["pretrained"] == plan.pretrained_spec

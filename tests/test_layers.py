@@ -150,10 +150,6 @@ def test_every_module_is_on_the_map():
 # entry fails test_known_debt_is_current), and the list only ever shrinks.
 KNOWN_DEBT = {
     "simclr_dist.data.ffcv_loader imports simclr_dist.data.convert (data -> commands)",
-    "simclr_dist.experiments imports simclr_dist.supervised (commands -> commands)",
-    "simclr_dist.experiments imports simclr_dist.evaluate (commands -> commands)",
-    "simclr_dist.experiments imports simclr_dist.pretrain (commands -> commands)",
-    "simclr_dist.supervised imports simclr_dist.evaluate (commands -> commands)",
     "simclr_dist.data.convert -> simclr_dist.data.ffcv_loader -> simclr_dist.data.convert",
     "simclr_dist.data.ffcv_loader -> simclr_dist.data.loaders -> simclr_dist.data.ffcv_loader",
 }

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from simclr_dist import evaluate as ev
+from simclr_dist.run.eval_jobs import pretrained_eval_data, pretrained_results_dir
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.core.models import build_backbone, count_parameters
@@ -351,11 +352,11 @@ def test_evaluate_honours_unnormalised_inputs_of_simclr_v1(tmp_path):
     torch.save({"state_dict": enc.state_dict()}, path)
     ecfg = ev.parse_args(["--pretrained", f"simclr-v1:{path}", "--dataset", "digits", "--image-size", "16"]).validate()
     pre = load_pretrained(ecfg.pretrained)
-    data = ev.pretrained_eval_data(pre, ecfg)
+    data, _ = pretrained_eval_data(pre, ecfg)
     assert (data.mean, data.std, data.image_size) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 16)
     x = torch.stack([data.eval_transform()(data.test[i][0]) for i in range(20)])
     assert x.min() >= 0 and x.max() <= 1 and x.max() > 0.9  # raw pixels
-    assert ev.pretrained_results_dir(pre, data, ecfg).endswith(
+    assert pretrained_results_dir(pre, data, ecfg).endswith(
         os.path.join("runs", "pretrained-eval", "simclr-v1-r50.pth-digits-16px", "eval"))
 
 

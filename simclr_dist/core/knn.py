@@ -1,7 +1,8 @@
 """Weighted kNN classification of frozen features (the InstDisc monitor, also used by lightly/solo-learn).
 
 Why kNN: it needs no training, so it is a cheap, honest signal of representation quality during pretraining
-(cosine similarity, k neighbours, votes weighted by exp(sim / T)).
+(cosine similarity, k neighbours, votes weighted by exp(sim / T)). :func:`extract_features` is the project's one
+frozen-encoder feature extractor: the kNN monitor, the kNN and linear-probe protocols and the experiments use it.
 """
 
 from __future__ import annotations
@@ -11,37 +12,48 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_dist.core.precision import Precision
 
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, base, transform, indices):
-        self.base, self.transform, self.indices = base, transform, indices
+
+class TransformedSubset(torch.utils.data.Dataset):
+    """``(transform(image), label)`` of the chosen items of an ``(image, label)`` dataset (all items by default)."""
+
+    def __init__(self, base, transform, indices=None):
+        self.base, self.transform = base, transform
+        self.indices = range(len(base)) if indices is None else indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i):
         img, label = self.base[self.indices[i]]
-        return self.transform(img), label
+        return self.transform(img), int(label)
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, batch_size: int = 256,
-                     device: torch.device | str = "cpu", channels_last: bool = False,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L2-normalised features, labels) of ``dataset`` items ``(image, label)`` through an eval transform."""
-    indices = range(len(dataset)) if indices is None else indices
-    loader = torch.utils.data.DataLoader(_Transformed(dataset, transform, indices), batch_size=batch_size,
+                     device: torch.device | str = "cpu", channels_last: bool = False, num_workers: int = 0,
+                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32 on CPU, labels) of ``dataset`` items ``(image, label)`` through an eval transform: the
+    encoder in eval mode (BatchNorm uses, and does not update, its running statistics; the mode is restored after),
+    no gradient, ``precision`` autocast. ``normalize``: L2-normalised rows (what the kNN vote compares)."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(TransformedSubset(dataset, transform, indices), batch_size=batch_size,
                                          num_workers=num_workers)
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for x, y in loader:
-        x = x.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        feats.append(F.normalize(encoder(x).float(), dim=1).cpu())
-        labels.append(torch.as_tensor(y))
-    encoder.train(was_training)
+    try:
+        for x, y in loader:
+            x = x.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with Precision.of(precision, device).autocast():
+                f = encoder(x).float()
+            feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
 
 

@@ -209,3 +209,9 @@ def default_augment(
         mean=info.mean,
         std=info.std,
     )
+
+
+def augment_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's augmentation draws in one epoch: a function of (seed, rank, epoch) only, so an epoch
+    replayed after a resume draws the same crops. Every training loop seeds its epochs with it."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % 2**63

@@ -79,3 +79,41 @@ def fixed_subset(labelled: torch.utils.data.Dataset, size: int) -> torch.utils.d
     """``labelled`` restricted to :func:`fixed_subset_indices` (itself when that is all of it)."""
     idx = fixed_subset_indices(torch.as_tensor(labelled.targets).numpy(), size)
     return labelled if idx is None else LabelledSubset(labelled, idx.tolist())
+
+
+MIN_HOLDOUT = 10  # labels per class from which one hold-out split is used; below it, k-fold
+MAX_VAL_PER_CLASS = 200  # a hold-out larger than this per class adds little to a choice among a few grid points
+
+
+class SelectionError(ValueError):
+    """A labelled subset too small for model selection (a class without a validation sample)."""
+
+
+def selection_splits(labels: Sequence[int] | np.ndarray, *, val_fraction: float = 0.2, seed: int = 0,
+                     min_holdout: int = MIN_HOLDOUT, max_val_per_class: int = MAX_VAL_PER_CLASS,
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, val) positions into ``labels`` (a labelled subset) for choosing hyper-parameters without test data.
+
+    Every class of the subset with at least ``min_holdout`` labels: one class-stratified hold-out split
+    (``round(val_fraction * n_c)`` per class, at least 1, at most ``max_val_per_class``). A class with fewer: k-fold,
+    ``k = min(round(1 / val_fraction), smallest class)``, each label validated exactly once, so few labels are not
+    spent on a hold-out. A class with a single label cannot be both fitted and validated: :class:`SelectionError`
+    naming it.
+    """
+    perms = class_permutations(np.asarray(labels), seed)
+    counts = {c: len(p) for c, p in perms.items()}
+    smallest = min(counts, key=lambda c: (counts[c], c))
+    if counts[smallest] < 2:
+        raise SelectionError(f"class {smallest} has {counts[smallest]} label in the subset: model selection needs "
+                             "at least 2 per class (one to fit, one to validate)")
+    if counts[smallest] >= min_holdout:
+        val = [p[:min(max_val_per_class, max(1, round(val_fraction * len(p))))] for p in perms.values()]
+        fit = [p[len(v):] for p, v in zip(perms.values(), val)]
+        return [(np.sort(np.concatenate(fit)), np.sort(np.concatenate(val)))]
+    k = min(max(2, round(1 / val_fraction)), counts[smallest])
+    splits = []
+    for fold in range(k):
+        val = [p[fold::k] for p in perms.values()]
+        fit = [np.setdiff1d(p, v) for p, v in zip(perms.values(), val)]
+        splits.append((np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))))
+    return splits

@@ -1,0 +1,156 @@
+"""Experiments A/B as numbers a reviewer can check: per-arm statistics over replicates, the paired test of SimCLR
+against scratch, per-class results, and the report, CSV and plots written to ``--out``.
+
+Why here and not in the command: the summary is the study's one record (results.json holds every run's chosen
+hyper-parameters, steps and test predictions), and the tables and plots are pure functions of it, so a report can
+be redrawn from a results file without retraining anything.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from simclr_dist.report.stats import classification_metrics, mcnemar, summary_stats
+
+RESULT_FORMAT = 2
+TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "supervised": "from scratch",
+          "knn-20": "SimCLR kNN (k=20)", "knn-200": "SimCLR kNN (k=200)", "random-linear": "random init + linear probe",
+          "random-knn-20": "random init kNN (k=20)", "random-knn-200": "random init kNN (k=200)",
+          "pixels": "logistic regression on pixels"}
+TRAINED = ("finetune", "supervised")
+PAIRS = (("finetune", "supervised"), ("linear", "supervised"))
+
+
+def title(arm: str, summary: dict[str, Any] | None = None) -> str:
+    names = (summary or {}).get("titles", {})
+    return names.get(arm) or TITLES.get(arm) or arm
+
+
+def summarise(plan, records: list[dict[str, Any]], pretraining: dict[str, Any], budget: dict[str, Any], *,
+              elapsed: float, complete: bool, data=None) -> dict[str, Any]:
+    """results.json: the plan, every record (with per-class metrics once the test labels are known), the
+    per-(arm, fraction) statistics and the paired tests."""
+    e = plan.ecfg
+    summary = {
+        "format_version": RESULT_FORMAT, "complete": complete, "elapsed_s": elapsed,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": e.to_dict(),
+        "dataset": plan.model_cfg.dataset, "arch": plan.model_cfg.arch_signature(),
+        "image_size": plan.model_cfg.image_size, "train_size": plan.train_size, "fractions": list(plan.fractions),
+        "small_fraction": e.small_fraction, "arms": list(plan.arms), "baselines": list(plan.baselines),
+        "replicates": [{"index": r.index, "subset_seed": r.subset_seed, "seed": r.seed} for r in plan.replicates],
+        "grid": [list(p) for p in plan.grid()], "steps": e.steps, "batch_size": e.batch_size, "budget": budget,
+        "pretraining": pretraining, "titles": titles_for(plan), "records": records,
+        "encoder": ({"kind": "pretrained", **plan.pretrained.summary(), "spec": plan.pretrained_spec}
+                    if plan.pretrained is not None else {"kind": "checkpoint", "source": plan.checkpoint}),
+        "subsets": {f"{f:g}/{s}": idx.tolist() for (f, s), idx in plan.subsets.items()},
+    }
+    if data is not None:
+        labels = data.test_labels()
+        summary.update(test_size=len(labels), num_classes=data.num_classes,
+                       classes=[str(c) for c in getattr(data.test, "classes", [])] or None)
+        for r in records:
+            r.update(classification_metrics(np.asarray(r["predictions"]), labels, data.num_classes))
+        summary["rows"] = aggregate(records)
+        summary["paired"] = paired_tests(records, labels)
+    return summary
+
+
+def titles_for(plan) -> dict[str, str]:
+    pre = plan.pretrained
+    if pre is None or pre.format == "simclr-dist":
+        return dict(TITLES)
+    return {**TITLES, "linear": f"{pre.format} + linear probe", "finetune": f"{pre.format} fine-tuned",
+            "knn-20": f"{pre.format} kNN (k=20)", "knn-200": f"{pre.format} kNN (k=200)"}
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (arm, fraction): statistics of top-1 over replicates, mean worst-class accuracy and macro-F1,
+    the budget (steps, epochs) and the hyper-parameters each replicate chose."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["arm"], r["fraction"])].append(r)
+    rows = []
+    for (arm, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        stats = summary_stats([r["top1"] for r in rs])
+        rows.append({"arm": arm, "fraction": f, "label_count": rs[0]["label_count"], **stats,
+                     "worst_class": float(np.mean([r["worst_class_acc"] for r in rs])),
+                     "macro_f1": float(np.mean([r["macro_f1"] for r in rs])),
+                     "steps": rs[0].get("steps"), "epochs": rs[0].get("epochs"),
+                     "chosen": [r.get("chosen") for r in rs],
+                     "train_time_s": float(np.mean([r.get("train_time_s", 0.0) for r in rs]))})
+    return rows
+
+
+def paired_tests(records: list[dict[str, Any]], labels: np.ndarray) -> list[dict[str, Any]]:
+    """SimCLR vs scratch at each fraction, on the same replicates (same subsets, same test images): the mean
+    difference in top-1 with its 95% interval over replicates, and McNemar's exact test on the pooled test
+    predictions (images one arm gets right and the other wrong)."""
+    by = {(r["arm"], r["fraction"], r["replicate"]): r for r in records}
+    out = []
+    for a, b in PAIRS:
+        for f in sorted({r["fraction"] for r in records}):
+            reps = sorted(k[2] for k in by if k[0] == a and k[1] == f and (b, f, k[2]) in by)
+            if not reps:
+                continue
+            diffs = [by[(a, f, i)]["top1"] - by[(b, f, i)]["top1"] for i in reps]
+            right_a = np.concatenate([np.asarray(by[(a, f, i)]["predictions"]) == labels for i in reps])
+            right_b = np.concatenate([np.asarray(by[(b, f, i)]["predictions"]) == labels for i in reps])
+            test = mcnemar(right_a, right_b)
+            stats = summary_stats(diffs)
+            verdict = ("no significant difference" if test["p"] >= 0.05 else
+                       f"{title(a)} better" if stats["mean"] > 0 else f"{title(b)} better")
+            out.append({"a": a, "b": b, "fraction": f, "replicates": len(reps), "diff": stats, **test,
+                        "verdict": verdict})
+    return out
+
+
+def find_row(summary: dict[str, Any], arm: str, fraction: float) -> dict[str, Any] | None:
+    return next((r for r in summary.get("rows", []) if r["arm"] == arm and r["fraction"] == fraction), None)
+
+
+def pct(f: float) -> str:
+    return f"{100 * f:g}%"
+
+
+def acc(row: dict[str, Any]) -> str:
+    """``0.8123 +- 0.0040 [0.802, 0.822]`` (mean +- sd [95% interval]) over the replicates."""
+    if row["n"] == 1:
+        return f"{row['mean']:.4f} (1 run)"
+    return f"{row['mean']:.4f} ± {row['sd']:.4f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
+def budget_cell(row: dict[str, Any]) -> str:
+    if row.get("steps"):
+        return f"{row['steps']} ({row['epochs']} ep)"
+    return "L-BFGS" if "linear" in row["arm"] or row["arm"] == "pixels" else "-"
+
+
+def chosen_cell(row: dict[str, Any]) -> str:
+    parts = []
+    for c in row["chosen"]:
+        if c is None:
+            continue
+        parts.append(" ".join(f"{k} {v:g}" for k, v in c.items()))
+    return "; ".join(dict.fromkeys(parts)) or "-"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The study on stdout: one line per (fraction, arm)."""
+    rows = summary.get("rows", [])
+    head = f"{'labels':>14}  {'arm':<32} {'top-1 (mean ± sd [95% CI])':<38} {'worst class':>11} {'steps':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['label_count']:>6} ({pct(r['fraction']):>5})  {title(r['arm'], summary):<32} "
+                     f"{acc(r):<38} {r['worst_class']:>11.3f} {budget_cell(r):>12}")
+    for p in summary.get("paired", []):
+        lines.append(f"{pct(p['fraction'])}: {title(p['a'], summary)} - {title(p['b'], summary)} = "
+                     f"{p['diff']['mean']:+.4f} (McNemar p = {p['p']:.3g}): {p['verdict']}")
+    return "\n".join(lines)
+
+
+def secs(s: float | None) -> str:
+    return "-" if s is None else f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"

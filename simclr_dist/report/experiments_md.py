@@ -1,0 +1,157 @@
+"""report.md of Experiments A and B (the tables, the paired tests, per-class results, the plots, and how every
+number was made, so a reader can judge the protocol without reading code), and the files of ``--out``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import numpy as np
+
+from simclr_dist.report.experiments import acc, budget_cell, chosen_cell, find_row, pct, secs, title
+from simclr_dist.report.experiments_plots import plots
+from simclr_dist.run import storage
+
+
+def report(summary: dict[str, Any]) -> str:
+    ds, small, cfg = summary["dataset"], summary["small_fraction"], summary["config"]
+    pre, arch = summary["pretraining"], summary["arch"]
+    reps = summary["replicates"]
+    name = "SimCLR" if pre.get("format") in (None, "simclr-dist") else f"The imported {pre['format']} encoder"
+    lines = [f"# {name} vs supervised on {ds}: Experiments A and B", "", *source_lines(summary), "",
+             f"- {summary['train_size']} labelled train images, {summary.get('test_size', '?')} test images; "
+             f"{len(reps)} replicate(s): label-subset seeds {', '.join(str(r['subset_seed']) for r in reps)}, "
+             f"init/data-order seeds {', '.join(str(r['seed']) for r in reps)}; network {arch['arch']} x"
+             f"{arch['width']:g}, {summary['image_size']} px",
+             f"- every trained arm: {summary['steps']} optimiser steps at batch {summary['batch_size']} at every "
+             f"fraction; grid (lr per 256 x weight decay) "
+             + ", ".join(f"({lr:g}, {wd:g})" for lr, wd in summary["grid"]),
+             f"- measured before the run: {summary['budget']['classify_step_s']:.3f} s per classifier step "
+             f"({summary['budget']['threads']} thread(s)); whole command {secs(summary['elapsed_s'])}"
+             + (f"; {preset_line(cfg)}" if cfg.get("preset") else ""), "",
+             "Accuracies are test top-1, mean ± sd [95% t-interval] over the replicates; each replicate's model was "
+             "chosen on validation splits of its own labelled subset and read the test split once. Worst class: "
+             "accuracy (recall) of the replicate's weakest class, averaged.", ""]
+    header = "| arm | labels | top-1 | worst class | macro-F1 | steps (epochs) | chosen |"
+    rule = "|---|---:|---:|---:|---:|---:|---|"
+    for f in summary["fractions"]:
+        rows = [r for r in summary.get("rows", []) if r["fraction"] == f]
+        if not rows:
+            continue
+        lines += [f"## Experiment A: {pct(f)} of the labels ({rows[0]['label_count']} images), the same images for "
+                  "every arm", "", header, rule]
+        lines += [row_line(r, summary) for r in rows]
+        lines.append("")
+    if summary.get("paired"):
+        lines += ["## Does SimCLR beat training from scratch? (paired, same subsets and test images)", "",
+                  "| fraction | comparison | difference in top-1 [95% CI] | only A right / only B right | McNemar p | "
+                  "verdict |", "|---:|---|---:|---:|---:|---|"]
+        for p in summary["paired"]:
+            d = p["diff"]
+            ci = f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d["n"] > 1 else ""
+            lines.append(f"| {pct(p['fraction'])} | {title(p['a'], summary)} vs {title(p['b'], summary)} | "
+                         f"{d['mean']:+.4f}{ci} | {p['only_a']} / {p['only_b']} | {p['p']:.3g} | {p['verdict']} |")
+        lines.append("")
+    full = find_row(summary, "supervised", 1.0)
+    if full is not None:
+        lines += [f"## Experiment B: SimCLR on {pct(small)} of the labels vs from scratch on all of them", "",
+                  "| arm | labels | top-1 | vs from scratch, 100% | worst class | steps (epochs) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for arm in ("linear", "finetune", "supervised"):
+            r = find_row(summary, arm, small)
+            if r is not None:
+                lines.append(f"| {title(arm, summary)} | {r['label_count']} ({pct(small)}) | {acc(r)} | "
+                             f"{r['mean'] - full['mean']:+.4f} | {r['worst_class']:.3f} | {budget_cell(r)} |")
+        lines += [f"| {title('supervised', summary)} | {full['label_count']} (100%) | {acc(full)} | reference | "
+                  f"{full['worst_class']:.3f} | {budget_cell(full)} |", ""]
+    lines += per_class_lines(summary)
+    lines += ["## Plots", "", "![accuracy vs label fraction](accuracy_vs_fraction.png)", "",
+              "![validation curves](training_curves.png)", "", "![confusion matrices](confusion_matrix.png)", "",
+              "## Protocol", "", *protocol_lines(summary), ""]
+    return "\n".join(lines)
+
+
+def source_lines(summary: dict[str, Any]) -> list[str]:
+    pre = summary["pretraining"]
+    if pre.get("source"):
+        return [f"- Encoder: imported `{pre['source']}` (format {pre['format']}, read from `{pre['uri']}`; input "
+                f"normalisation of the SimCLR arms: {pre['normalization']}; pretraining "
+                + (f"{secs(pre['train_time_s'])} of epoch time)" if pre.get("train_time_s") is not None
+                   else "time unknown, not counted)")]
+    wall = f", {secs(pre['wall_time_s'])} wall in this command" if pre.get("wall_time_s") else ""
+    return [f"- SimCLR checkpoint: `{pre['checkpoint']}` (epoch {pre['epoch']}; pretraining "
+            f"{secs(pre['train_time_s'])} of epoch time{wall})"]
+
+
+def preset_line(cfg: dict[str, Any]) -> str:
+    return f"preset `{cfg['preset']}` (`python -m simclr_dist.experiments --preset {cfg['preset']}`)"
+
+
+def row_line(r: dict[str, Any], summary: dict[str, Any]) -> str:
+    return (f"| {title(r['arm'], summary)} | {r['label_count']} | {acc(r)} | {r['worst_class']:.3f} | "
+            f"{r['macro_f1']:.3f} | {budget_cell(r)} | {chosen_cell(r)} |")
+
+
+def per_class_lines(summary: dict[str, Any]) -> list[str]:
+    """Mean per-class recall of the trained arms and the linear probe at the small fraction (and the reference)."""
+    small = summary["small_fraction"]
+    names = summary.get("classes") or [str(i) for i in range(summary.get("num_classes", 0))]
+    cols = [(a, small) for a in ("linear", "finetune", "supervised")] + [("supervised", 1.0)]
+    cols = [(a, f) for a, f in dict.fromkeys(cols)
+            if any(r["arm"] == a and r["fraction"] == f and "per_class_recall" in r for r in summary["records"])]
+    if not cols or not names:
+        return []
+    recall = {c: np.mean([r["per_class_recall"] for r in summary["records"]
+                          if (r["arm"], r["fraction"]) == c and "per_class_recall" in r], axis=0) for c in cols}
+    lines = ["## Per-class recall (mean over replicates)", "",
+             "| class | " + " | ".join(f"{title(a, summary)} {pct(f)}" for a, f in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for i, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(f"{recall[c][i]:.3f}" for c in cols) + " |")
+    return [*lines, ""]
+
+
+def protocol_lines(summary: dict[str, Any]) -> list[str]:
+    cfg = summary["config"]
+    some = next((r for r in summary["records"] if r.get("lr_rule")), None)
+    return [
+        "- **Label subsets**: class-balanced, drawn with the replicate's subset seed, nested across fractions, "
+        "identical for every arm and baseline of a replicate (indices in `results.json`).",
+        f"- **Model selection**: each labelled subset is split class-stratified into fit/validation "
+        f"({100 * cfg['val_fraction']:g}% per class, at most 200; k-fold when a class has fewer than 10 labels). "
+        "Every trained arm runs every grid point on the fit part and is scored on validation (mean over folds); the "
+        "chosen point is retrained on the whole subset, and only that final model reads the test split. The "
+        "probes choose their L2 on the same splits, then refit on the whole subset.",
+        f"- **Budget**: every trained arm gets {summary['steps']} steps at every fraction (epochs grow as the "
+        "subset shrinks), cosine decay, SGD with Nesterov momentum 0.9. The batch is capped at the label count; "
+        "the peak LR keeps the nominal batch: " + (f"`{some['lr_rule']}`." if some else "lr x batch / 256."),
+        "- **Arms**: SimCLR fine-tuned (whole network from the checkpoint + a new linear head) and from scratch "
+        "(the same network randomly initialised) share the loop, augmentation and grid; the linear probe is "
+        "multinomial logistic regression (L-BFGS, standardised features) on the frozen encoder. Baselines: "
+        "logistic regression on raw pixels; a randomly initialised encoder (probe and kNN); kNN of the SimCLR "
+        f"encoder, k in {cfg['knn_k']} (cosine, temperature 0.1).",
+        "- **Statistics**: mean ± sample sd and the 95% Student-t interval over replicates; the paired comparison "
+        "uses the same replicates, with McNemar's exact test on the pooled test predictions.",
+    ]
+
+
+def write_outputs(out: str, summary: dict[str, Any]) -> None:
+    """results.json, results.csv, report.md and the plots."""
+    storage.write_json(storage.join(out, "results.json"), summary)
+    buf = io.StringIO()
+    fields = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci_high", "worst_class", "macro_f1",
+              "steps", "epochs", "train_time_s"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary.get("rows", []))
+    storage.write_bytes(storage.join(out, "results.csv"), buf.getvalue().encode())
+    import matplotlib.pyplot as plt
+
+    for name, fig in plots(summary).items():
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
+        storage.write_bytes(storage.join(out, name), png.getvalue())
+        plt.close(fig)
+    storage.write_bytes(storage.join(out, "report.md"), report(summary).encode())
