@@ -27,10 +27,9 @@ from simclr_dist.config.experiments import ARMS, ExperimentsConfig
 from simclr_dist.console import emit
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist.report.experiments import format_table, summarise
-from simclr_dist.report.experiments_md import write_outputs
 from simclr_dist.run import storage
 from simclr_dist.run.experiment import make_plan
-from simclr_dist.run.experiment_run import execute, plan_budget
+from simclr_dist.run.experiment_run import execute, plan_budget, write_outputs
 from simclr_dist.run.launch import RunError
 
 __all__ = ["ARMS", "main", "parse_args"]

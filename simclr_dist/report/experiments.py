@@ -1,9 +1,9 @@
-"""Experiments A/B as numbers a reviewer can check: per-arm statistics over replicates, the paired test of SimCLR
-against scratch, per-class results, and the report, CSV and plots written to ``--out``.
+"""Experiments A/B as numbers a reviewer can check: per-arm statistics over replicates, the paired tests of SimCLR
+against scratch, per-class results (built on :mod:`simclr_dist.report.stats` and :mod:`simclr_dist.report.classes`).
 
-Why here and not in the command: the summary is the study's one record (results.json holds every run's chosen
-hyper-parameters, steps and test predictions), and the tables and plots are pure functions of it, so a report can
-be redrawn from a results file without retraining anything.
+Why a summary: it is the study's one record (results.json holds every run's chosen hyper-parameters, steps and
+test predictions), and the tables, report and plots are pure functions of it, so they can be redrawn from a
+results file without retraining anything.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from simclr_dist.report.stats import classification_metrics, mcnemar, summary_stats
+from simclr_dist.report.classes import class_report
+from simclr_dist.report.stats import Summary, holm, mcnemar, permutation_test, summarize
 
 RESULT_FORMAT = 2
 TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "supervised": "from scratch",
@@ -50,13 +51,24 @@ def summarise(plan, records: list[dict[str, Any]], pretraining: dict[str, Any], 
     }
     if data is not None:
         labels = data.test_labels()
-        summary.update(test_size=len(labels), num_classes=data.num_classes,
-                       classes=[str(c) for c in getattr(data.test, "classes", [])] or None)
+        names = [str(c) for c in getattr(data.test, "classes", [])] or [str(i) for i in range(data.num_classes)]
+        summary.update(test_size=len(labels), num_classes=data.num_classes, classes=names)
         for r in records:
-            r.update(classification_metrics(np.asarray(r["predictions"]), labels, data.num_classes))
+            rep = class_report(labels, np.asarray(r["predictions"]), num_classes=data.num_classes,
+                               class_names=names).to_dict()
+            r.update(per_class_recall=rep["recall"], worst_class=rep["worst_class_name"],
+                     worst_class_acc=rep["worst_recall"], macro_f1=rep["macro_f1"], confusion=rep["confusion"])
         summary["rows"] = aggregate(records)
-        summary["paired"] = paired_tests(records, labels)
+        summary["paired"] = paired_tests(records, labels, summary["titles"])
     return summary
+
+
+def stat_dict(s: Summary) -> dict[str, Any]:
+    """A summary as JSON (sd and interval None for a single replicate)."""
+    def num(v: float) -> float | None:
+        return None if v != v else v
+
+    return {"n": s.n, "mean": s.mean, "sd": num(s.sd), "ci_low": num(s.ci_low), "ci_high": num(s.ci_high)}
 
 
 def titles_for(plan) -> dict[str, str]:
@@ -75,7 +87,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(r["arm"], r["fraction"])].append(r)
     rows = []
     for (arm, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        stats = summary_stats([r["top1"] for r in rs])
+        stats = stat_dict(summarize([r["top1"] for r in rs]))
         rows.append({"arm": arm, "fraction": f, "label_count": rs[0]["label_count"], **stats,
                      "worst_class": float(np.mean([r["worst_class_acc"] for r in rs])),
                      "macro_f1": float(np.mean([r["macro_f1"] for r in rs])),
@@ -85,26 +97,32 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_tests(records: list[dict[str, Any]], labels: np.ndarray) -> list[dict[str, Any]]:
-    """SimCLR vs scratch at each fraction, on the same replicates (same subsets, same test images): the mean
-    difference in top-1 with its 95% interval over replicates, and McNemar's exact test on the pooled test
-    predictions (images one arm gets right and the other wrong)."""
+def paired_tests(records: list[dict[str, Any]], labels: np.ndarray, titles: dict[str, str]) -> list[dict[str, Any]]:
+    """SimCLR against scratch at each fraction, on the same replicates (same subsets, same test images): McNemar's
+    exact test on the test predictions pooled over the replicates (Holm-adjusted over the fractions of a pair), and
+    the sign-flip permutation test of the per-replicate accuracies (which few replicates cannot make decisive)."""
     by = {(r["arm"], r["fraction"], r["replicate"]): r for r in records}
     out = []
     for a, b in PAIRS:
+        names = (titles.get(a, a), titles.get(b, b))
+        family = []
         for f in sorted({r["fraction"] for r in records}):
             reps = sorted(k[2] for k in by if k[0] == a and k[1] == f and (b, f, k[2]) in by)
             if not reps:
                 continue
-            diffs = [by[(a, f, i)]["top1"] - by[(b, f, i)]["top1"] for i in reps]
             right_a = np.concatenate([np.asarray(by[(a, f, i)]["predictions"]) == labels for i in reps])
             right_b = np.concatenate([np.asarray(by[(b, f, i)]["predictions"]) == labels for i in reps])
-            test = mcnemar(right_a, right_b)
-            stats = summary_stats(diffs)
-            verdict = ("no significant difference" if test["p"] >= 0.05 else
-                       f"{title(a)} better" if stats["mean"] > 0 else f"{title(b)} better")
-            out.append({"a": a, "b": b, "fraction": f, "replicates": len(reps), "diff": stats, **test,
-                        "verdict": verdict})
+            test = mcnemar(right_a, right_b, names=names)
+            acc_a, acc_b = [by[(a, f, i)]["top1"] for i in reps], [by[(b, f, i)]["top1"] for i in reps]
+            seeds = permutation_test(acc_a, acc_b, names=names)
+            diff = stat_dict(summarize(np.subtract(acc_a, acc_b)))
+            family.append({"a": a, "b": b, "fraction": f, "replicates": len(reps), "diff": diff,
+                           "only_a": test.details["only_a_right"], "only_b": test.details["only_b_right"],
+                           "p": test.p_value, "verdict": test.verdict, "seeds_p": seeds.p_value,
+                           "seeds_verdict": seeds.verdict})
+        for row, adjusted in zip(family, holm([row["p"] for row in family])):
+            row["p_holm"] = adjusted
+        out += family
     return out
 
 
@@ -125,7 +143,7 @@ def acc(row: dict[str, Any]) -> str:
 
 def budget_cell(row: dict[str, Any]) -> str:
     if row.get("steps"):
-        return f"{row['steps']} ({row['epochs']} ep)"
+        return f"{row['steps']} ({row['epochs']:.3g} ep)"
     return "L-BFGS" if "linear" in row["arm"] or row["arm"] == "pixels" else "-"
 
 
@@ -147,8 +165,7 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{r['label_count']:>6} ({pct(r['fraction']):>5})  {title(r['arm'], summary):<32} "
                      f"{acc(r):<38} {r['worst_class']:>11.3f} {budget_cell(r):>12}")
     for p in summary.get("paired", []):
-        lines.append(f"{pct(p['fraction'])}: {title(p['a'], summary)} - {title(p['b'], summary)} = "
-                     f"{p['diff']['mean']:+.4f} (McNemar p = {p['p']:.3g}): {p['verdict']}")
+        lines.append(f"{pct(p['fraction'])}: {p['verdict']}")
     return "\n".join(lines)
 
 

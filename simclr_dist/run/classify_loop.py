@@ -54,7 +54,7 @@ from simclr_dist.run.evaluation import EvalData, load_eval_data, predict, select
 from simclr_dist.run.pretrained import Normalization, init_from_pretrained
 from simclr_dist.run.step import build_model, classify_step
 
-CURVE_POINTS = 8
+CURVE_POINTS = 6
 
 
 def run_uri(scfg: SupervisedConfig) -> str:

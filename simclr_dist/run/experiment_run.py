@@ -9,7 +9,9 @@ Every finished run is kept in ``--out`` and reused by a rerun.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import time
 from typing import Any
 
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 
 from simclr_dist.console import Log, emit
+from simclr_dist.report.experiments_md import report
+from simclr_dist.report.experiments_plots import plots
 from simclr_dist.core.models import Classifier
 from simclr_dist.core.knn import extract_features
 from simclr_dist.core.precision import Precision
@@ -241,7 +245,8 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]
             "subset_sha256": final["subset_sha256"], "top1": final["top1"], "top5": final["top5"],
             "predictions": final["predictions"], "chosen": {"lr": best[0], "wd": best[1]},
             "selection": {f"lr={lr:g},wd={wd:g}": s for (lr, wd), s in scores.items()}, "folds": cell.folds,
-            "curves": curves[best], "history": final["history"], "steps": p["steps"], "epochs": p["epochs"],
+            "curves": curves[best], "history": final["history"], "steps": p["steps"],
+            "epochs": p["steps"] / p["steps_per_epoch"],
             "global_batch": p["global_batch"], "peak_lr": p["peak_lr"], "lr_rule": p["lr_rule"],
             "augment": p["augment"], "train_time_s": final["train_time_s"], "selection_time_s": spent,
             "reused": bool(final.get("cached")), "normalization": final.get("normalization"), "run": final["run"]}
@@ -278,3 +283,18 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
             raise RuntimeError(f"{r['arm']} at {r['fraction']:g} trained on another label subset than the other arms")
     return {"plan": plan, "records": records, "pretraining": pretraining, "budget": budget,
             "elapsed_s": time.perf_counter() - t_start, "data": data}
+
+
+def write_outputs(out: str, summary: dict[str, Any]) -> None:
+    """results.json, results.csv (one row per arm and fraction), report.md and the plots, into ``--out``."""
+    storage.write_json(storage.join(out, "results.json"), summary)
+    buf = io.StringIO()
+    fields = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci_high", "worst_class", "macro_f1",
+              "steps", "epochs", "train_time_s"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary.get("rows", []))
+    storage.write_bytes(storage.join(out, "results.csv"), buf.getvalue().encode())
+    for name, data in plots(summary).items():
+        storage.write_bytes(storage.join(out, name), data)
+    storage.write_bytes(storage.join(out, "report.md"), report(summary).encode())
