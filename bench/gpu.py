@@ -52,9 +52,9 @@ from bench.common import (
     sync,
     write_report,
 )
-from simclr_dist.loss import nt_xent
-from simclr_dist.models import SimCLRModel, forward_flops
-from simclr_dist.optim import build_optimizer, scale_lr
+from simclr_dist.core.loss import nt_xent
+from simclr_dist.core.models import SimCLRModel, forward_flops
+from simclr_dist.core.optim import build_optimizer, scale_lr
 
 TAU = 0.1
 LOADERS = ("synthetic", "ffcv")

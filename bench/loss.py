@@ -5,7 +5,7 @@
 For each global batch G (projection dim 128) and world size W in {1, 2, 8} it times, interleaved in one
 process (median of repeats), one forward+backward of
 
-* ``prod``  - ``simclr_dist.loss.nt_xent`` as rank 0 of W: logits (2G/W, 2G) per rank;
+* ``prod``  - ``simclr_dist.core.loss.nt_xent`` as rank 0 of W: logits (2G/W, 2G) per rank;
 * ``naive`` - the full-matrix peer implementation below; gather-then-loss codes run it on the
   all-gathered projections, so every rank pays for the whole (2G, 2G) matrix whatever W is;
 * ``lean``  - a candidate rewrite of ``ntxent_logits`` (same logits; see ``lean_nt_xent``), as rank 0 of W.
@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-import simclr_dist.loss as L
+import simclr_dist.core.loss as L
 from bench.common import (Column, Row, base_parser, interleaved, machine_info, mem_available_bytes, median,
                           peak_bytes, set_threads, write_report)
 
@@ -57,11 +57,11 @@ def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
 
 
 def lean_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gather: bool = True) -> torch.Tensor:
-    """Candidate for ``simclr_dist.loss`` (not used in production): the same (2B, 2BW) logits and loss,
+    """Candidate for ``simclr_dist.core.loss`` (not used in production): the same (2B, 2BW) logits and loss,
     with 1/T folded into the (2B, D) queries instead of a pass over the logits, and the 2B self-similarities
     overwritten in place (index_put_) instead of a full-size boolean mask plus ``masked_fill`` copy.
     In place is safe: the matmul's backward needs its inputs, not its output."""
-    rank, world = L._rank_world() if gather else (0, 1)
+    rank, world = L.rank_world() if gather else (0, 1)
     b = z1.shape[0]
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     keys = torch.cat([L.gather_with_grad(z1), L.gather_with_grad(z2)]) if world > 1 else torch.cat([z1, z2])
@@ -76,9 +76,9 @@ def lean_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, gath
 
 @contextlib.contextmanager
 def emulated_ranks(world: int, rank: int, foreign: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Run ``simclr_dist.loss`` as rank ``rank`` of ``world`` without a process group.
+    """Run ``simclr_dist.core.loss`` as rank ``rank`` of ``world`` without a process group.
 
-    ``_rank_world`` reports (rank, world) and ``gather_with_grad`` splices the local (B, D) rows into
+    ``rank_world`` reports (rank, world) and ``gather_with_grad`` splices the local (B, D) rows into
     ``foreign[k]``, the other ranks' rows of the k-th gathered tensor (((W-1)*B, D), rank order; k counts
     the calls modulo len(foreign): view 1, view 2). The production code thus builds exactly the per-rank
     (2B, 2BW) logits; in backward, autograd computes the gradient of every gathered row, as the real path
@@ -91,7 +91,7 @@ def emulated_ranks(world: int, rank: int, foreign: Sequence[torch.Tensor]) -> It
         split = rank * x.shape[0]
         return torch.cat([other[:split], x, other[split:]])
 
-    with mock.patch.object(L, "_rank_world", lambda: (rank, world)), mock.patch.object(L, "gather_with_grad", gather):
+    with mock.patch.object(L, "rank_world", lambda: (rank, world)), mock.patch.object(L, "gather_with_grad", gather):
         yield
 
 

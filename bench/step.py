@@ -2,7 +2,7 @@
 
     python -m bench.step [--quick] [--out PATH.json] [--threads N] [--no-ray]
 
-Table "steps": the production step of ``simclr_dist.train`` (both views in one forward, ``nt_xent``,
+Table "steps": the production step ``simclr_dist.run.step.pretrain_step`` (both views in one forward, ``nt_xent``,
 backward, LARS) run in this process per model and batch size, with the median time of each phase:
 data (the real digits loader, augmentation in-process, or pre-made synthetic views), forward, loss,
 backward (loss and network), optimizer. FLOP count per sample = ``forward_flops`` x 3 (forward +
@@ -31,9 +31,10 @@ import torch
 from bench.common import Column, Row, base_parser, machine_info, median, set_threads, sync, write_report
 from simclr_dist.config import PretrainConfig, parse_config
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
-from simclr_dist.loss import nt_xent
-from simclr_dist.models import SimCLRModel, forward_flops
-from simclr_dist.optim import WarmupCosine, build_optimizer, scale_lr
+from simclr_dist.core.models import SimCLRModel, forward_flops
+from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
+from simclr_dist.core.precision import Precision
+from simclr_dist.run.step import build_model, pretrain_step
 
 TAU = 0.5
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
@@ -114,26 +115,20 @@ def time_steps(cfg: StepConfig, batch: int, device: torch.device) -> dict[str, A
     model = cfg.model().to(device).train()
     opt = build_optimizer(model, "lars", scale_lr(0.3, batch), weight_decay=1e-6)
     batches = view_batches(cfg, batch)
+    precision = Precision.of("fp32", device)
+    scaler = precision.scaler()
     times: dict[str, list[float]] = {p: [] for p in (*PHASES, "total")}
     probe: list[float] = []
     for i in range(1 + cfg.steps):
         t = [time.perf_counter()]
+
+        def mark(_: str) -> None:
+            sync(device)
+            t.append(time.perf_counter())
+
         v1, v2 = next(batches)
         t.append(time.perf_counter())
-        _, z = model(torch.cat([v1, v2]).to(device))
-        sync(device)
-        t.append(time.perf_counter())
-        z1, z2 = z.float().chunk(2)
-        loss = nt_xent(z1, z2, TAU)
-        sync(device)
-        t.append(time.perf_counter())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sync(device)
-        t.append(time.perf_counter())
-        opt.step()
-        sync(device)
-        t.append(time.perf_counter())
+        pretrain_step(model, opt, scaler, v1, v2, temperature=TAU, precision=precision, device=device, phase=mark)
         if i == 0:
             continue  # warm-up
         for p, a, b in zip(PHASES, t, t[1:]):
@@ -177,28 +172,26 @@ STEP_COLUMNS: list[Column] = [
 
 # ---------------------------------------------------------------------------- one epoch: process vs Ray
 def single_process_epoch(cfg: PretrainConfig, threads: int) -> dict[str, float]:
-    """One epoch of train.py's loop (same model, loader, LARS, schedule) in this process, measured the same way."""
+    """One epoch of the pretraining loop's step (same model, loader, LARS, schedule, ``pretrain_step``) in this
+    process, measured the same way."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(cfg.seed)
-        model = SimCLRModel(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width,
-                            proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim).train()
+        model = build_model(cfg).train()
         loader = digits_loader(cfg.image_size, cfg.batch_size)
         lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
         opt = build_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
         schedule = WarmupCosine(opt, lr, round(cfg.warmup_epochs * len(loader)), cfg.epochs * len(loader))
+        precision = Precision.of(cfg.precision, "cpu")
+        scaler = precision.scaler()
         data_wait, step = 0.0, 0
         t_epoch = t_ready = time.perf_counter()
         for v1, v2, _ in loader:
             data_wait += time.perf_counter() - t_ready
             schedule.apply(step)
-            _, z = model(torch.cat([v1, v2]))
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            pretrain_step(model, opt, scaler, v1, v2, temperature=cfg.temperature, precision=precision,
+                          device=torch.device("cpu"))
             step += 1
             t_ready = time.perf_counter()
         epoch = time.perf_counter() - t_epoch

@@ -13,7 +13,7 @@ Protocol hygiene, because each one is a classic way to inflate numbers:
 - fine-tuning reports the *last* epoch's test accuracy (no early stopping on test), on class-stratified label
   subsets drawn with a fixed seed, whose indices are saved with the results.
 
-``--pretrained FORMAT:PATH_OR_URI`` evaluates an imported encoder instead (:mod:`simclr_dist.pretrained`: SimCLR v1
+``--pretrained FORMAT:PATH_OR_URI`` evaluates an imported encoder instead (:mod:`simclr_dist.run.pretrained`: SimCLR v1
 converted, Spijkervet/SimCLR, torchvision ImageNet weights, or our own checkpoint) with the same protocols, on
 ``--dataset``, with the input normalisation the importer records (SimCLR v1: raw [0, 1] pixels, no mean/std).
 
@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from simclr_dist import storage
-from simclr_dist.checkpoints import (
+from simclr_dist.run import storage
+from simclr_dist.run.checkpoint import (
     latest_checkpoint,
     list_complete_checkpoints,
     read_complete,
 )
-from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
+from simclr_dist.config import ConfigError, PretrainConfig, build_parser, flag
 from simclr_dist.console import Log, emit
 from simclr_dist.data.augment import (
     build_eval_transform,
@@ -56,21 +56,15 @@ from simclr_dist.data.augment import (
     default_augment,
 )
 from simclr_dist.data.datasets import DatasetError, dataset_info, load_dataset
-from simclr_dist.knn import knn_accuracy
-from simclr_dist.optim import WarmupCosine, scale_lr
-from simclr_dist.pretrained import (
-    FORMATS,
-    PretrainedEncoder,
-    PretrainedError,
-    load_pretrained,
-    parse_spec,
-)
-from simclr_dist.train import (
-    MANIFEST_FILE,
-    build_model,
-    labelled_splits,
-    load_checkpoint,
-)
+from simclr_dist.core.knn import knn_accuracy
+from simclr_dist.core.optim import WarmupCosine, scale_lr
+from simclr_dist.config import FORMATS, PretrainedError, parse_spec
+from simclr_dist.run.pretrained import PretrainedEncoder, load_pretrained
+from simclr_dist.run.checkpoint import MANIFEST_FILE, load_checkpoint
+from simclr_dist.run.step import build_model
+from simclr_dist.core.models import Classifier
+from simclr_dist.core.precision import Precision
+from simclr_dist.data.splits import balanced_subset, labelled_splits, stratified_split
 
 PROTOCOLS = ("linear", "knn", "finetune")
 RESULTS_DIR = "eval"
@@ -88,44 +82,44 @@ class EvalError(ValueError):
 # ---------------------------------------------------------------------------- configuration
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = _f(None, "one checkpoint directory (local path, s3:// or gs:// URI)")
-    run: str | None = _f(None, "a run directory STORAGE/NAME: evaluate its latest complete checkpoint")
-    pretrained: str | None = _f(None, "an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
-                                      f"{', '.join(FORMATS)} (see simclr_dist.pretrained)")
-    strict: bool = _f(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+    checkpoint: str | None = flag(None, "one checkpoint directory (local path, s3:// or gs:// URI)")
+    run: str | None = flag(None, "a run directory STORAGE/NAME: evaluate its latest complete checkpoint")
+    pretrained: str | None = flag(None, "an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
+                                      f"{', '.join(FORMATS)} (see simclr_dist.run.pretrained)")
+    strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
                             "mismatch); --no-strict loads the matching tensors and warns")
-    dataset: str | None = _f(None, "with --pretrained: dataset to evaluate on (default: a simclr-dist "
+    dataset: str | None = flag(None, "with --pretrained: dataset to evaluate on (default: a simclr-dist "
                                    "checkpoint's own; required for the other formats)")
-    image_size: int | None = _f(None, "with --pretrained: evaluation resolution (default: the simclr-dist "
+    image_size: int | None = flag(None, "with --pretrained: evaluation resolution (default: the simclr-dist "
                                       "checkpoint's, else the dataset's: 224 imagenet, 96 stl10, 32 cifar, 24 digits)")
-    results_dir: str | None = _f(None, "with --pretrained: result files go to RESULTS_DIR/eval/ (default: next to a "
+    results_dir: str | None = flag(None, "with --pretrained: result files go to RESULTS_DIR/eval/ (default: next to a "
                                        "simclr-dist checkpoint evaluated on its own data, else "
                                        "./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px)")
-    watch: bool = _f(False, "with --run: poll the run and evaluate every new complete checkpoint once")
-    interval: float = _f(60.0, "seconds between polls of --watch")
-    watch_until_epoch: int | None = _f(None, "stop --watch once a checkpoint of this epoch (or later) is evaluated")
-    protocols: str = _f("linear,knn", "comma-separated protocols: linear, knn, finetune")
-    force: bool = _f(False, "re-evaluate even when a result file already exists")
-    data_root: str | None = _f(None, "dataset directory on this machine (default: the pretraining run's)")
-    batch_size: int = _f(256, "images per forward pass when extracting features and testing")
-    loader_workers: int = _f(0, "DataLoader worker processes (0: load in this process)")
-    threads: int = _f(0, "torch CPU threads (0: torch's default, one per core; 1 is much faster for small "
+    watch: bool = flag(False, "with --run: poll the run and evaluate every new complete checkpoint once")
+    interval: float = flag(60.0, "seconds between polls of --watch")
+    watch_until_epoch: int | None = flag(None, "stop --watch once a checkpoint of this epoch (or later) is evaluated")
+    protocols: str = flag("linear,knn", "comma-separated protocols: linear, knn, finetune")
+    force: bool = flag(False, "re-evaluate even when a result file already exists")
+    data_root: str | None = flag(None, "dataset directory on this machine (default: the pretraining run's)")
+    batch_size: int = flag(256, "images per forward pass when extracting features and testing")
+    loader_workers: int = flag(0, "DataLoader worker processes (0: load in this process)")
+    threads: int = flag(0, "torch CPU threads (0: torch's default, one per core; 1 is much faster for small "
                          "models on a shared, busy machine)")
-    seed: int = _f(0, "seed of the validation split, label subsets, head init and data order")
+    seed: int = flag(0, "seed of the validation split, label subsets, head init and data order")
     # kNN
-    knn_k: int = _f(200, "kNN neighbours")
-    knn_temperature: float = _f(0.1, "temperature of the kNN weighted vote")
+    knn_k: int = flag(200, "kNN neighbours")
+    knn_temperature: float = flag(0.1, "temperature of the kNN weighted vote")
     # linear probe
-    l2_grid: str = _f(",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
+    l2_grid: str = flag(",".join(f"{v:g}" for v in DEFAULT_L2_GRID),
                       "L2 strengths of the logistic-regression sweep (chosen on a validation split of train)")
-    val_fraction: float = _f(0.2, "fraction of the labelled train split held out to choose the L2 strength")
-    linear_max_iter: int = _f(300, "L-BFGS iterations of each logistic-regression fit")
+    val_fraction: float = flag(0.2, "fraction of the labelled train split held out to choose the L2 strength")
+    linear_max_iter: int = flag(300, "L-BFGS iterations of each logistic-regression fit")
     # fine-tuning
-    label_fractions: str = _f("0.01,0.1,1.0", "fractions of the train labels to fine-tune on, each in (0, 1]")
-    finetune_epochs: int | None = _f(None, "fine-tuning epochs (default: paper's 60 for <=1%% labels, 30 above; "
+    label_fractions: str = flag("0.01,0.1,1.0", "fractions of the train labels to fine-tune on, each in (0, 1]")
+    finetune_epochs: int | None = flag(None, "fine-tuning epochs (default: paper's 60 for <=1%% labels, 30 above; "
                                            "digits: 30)")
-    finetune_batch_size: int = _f(64, "fine-tuning batch size (capped at the subset size)")
-    finetune_lr: float | None = _f(None, "fine-tuning SGD (Nesterov) learning rate per 256 images, scaled "
+    finetune_batch_size: int = flag(64, "fine-tuning batch size (capped at the subset size)")
+    finetune_lr: float | None = flag(None, "fine-tuning SGD (Nesterov) learning rate per 256 images, scaled "
                                          "linearly to the batch (default: paper's 0.05; digits: 0.4)")
 
     def validate(self) -> "EvalConfig":
@@ -232,11 +226,6 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on GPU (as in pretraining), exact fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 # ---------------------------------------------------------------------------- data
 @dataclass
 class EvalData:
@@ -282,35 +271,6 @@ class TransformedSubset(Dataset):
         return self.transform(img), int(label)
 
 
-def _class_permutations(labels: np.ndarray, seed: int) -> dict[int, np.ndarray]:
-    """One seeded shuffle of each class's indices; prefixes of it give nested subsets (1% within 10%)."""
-    rng = np.random.default_rng(seed)
-    return {int(c): rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels[labels >= 0])}
-
-
-def balanced_subset(labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """Sorted indices of a class-stratified subset: each class keeps ``round(fraction * n_c)`` of its images, and
-    at least one. The same seed always gives the same subset, and smaller fractions are subsets of larger ones,
-    so a label-fraction curve varies only the number of labels. Unlabelled items (label < 0) are never drawn."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    labels = np.asarray(labels)
-    chosen = [perm[:max(1, round(fraction * len(perm)))] for perm in _class_permutations(labels, seed).values()]
-    return np.sort(np.concatenate(chosen))
-
-
-def stratified_split(labels: Sequence[int] | np.ndarray, val_fraction: float,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, val) indices: ``round(val_fraction * n_c)`` of each class held out, but every class keeps one item
-    to fit on."""
-    fit, val = [], []
-    for perm in _class_permutations(np.asarray(labels), seed).values():
-        n_val = min(len(perm) - 1, max(1, round(val_fraction * len(perm))))
-        val.append(perm[:n_val])
-        fit.append(perm[n_val:])
-    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))
-
-
 # ---------------------------------------------------------------------------- features
 @dataclass
 class Features:
@@ -334,7 +294,7 @@ def embed(encoder: nn.Module, dataset: Dataset, transform: Callable, *, device: 
     feats, labels = [], []
     try:
         for x, y in loader:
-            with _autocast(device):
+            with Precision.of("auto", device).autocast():
                 feats.append(encoder(x.to(device)).float().cpu())
             labels.append(y)
     finally:
@@ -461,19 +421,6 @@ def knn_eval(features: Features, *, num_classes: int, k: int = 200, temperature:
 
 
 # ---------------------------------------------------------------------------- fine-tuning
-class Classifier(nn.Module):
-    """Encoder + a new linear head (zero-initialised, so training starts from uniform predictions)."""
-
-    def __init__(self, encoder: nn.Module, feat_dim: int, num_classes: int):
-        super().__init__()
-        self.encoder, self.fc = encoder, nn.Linear(feat_dim, num_classes)
-        nn.init.zeros_(self.fc.weight)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.encoder(x))
-
-
 def finetune_components(dataset: str) -> str:
     """The paper fine-tunes with random crop + flip only; digits drop the flip (a mirrored digit is not one)."""
     return "crop" if dataset == "digits" else "crop,flip"
@@ -489,7 +436,7 @@ def classify(model: nn.Module, dataset: Dataset, transform: Callable, *, device:
     logits, labels = [], []
     try:
         for x, y in DataLoader(TransformedSubset(dataset, transform), batch_size=batch_size, num_workers=num_workers):
-            with _autocast(device):
+            with Precision.of("auto", device).autocast():
                 logits.append(model(x.to(device)).float().cpu())
             labels.append(y)
     finally:
@@ -528,7 +475,7 @@ def finetune(encoder: nn.Module, data: EvalData, *, fraction: float, epochs: int
         for x, y in loader:
             schedule.apply(step)
             x, y = x.to(device), y.to(device)
-            with _autocast(device):
+            with Precision.of("auto", device).autocast():
                 logits = model(x).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ per epoch), ``accuracy_vs_time.png``, ``linear/`` and ``runs/<arm>-<fraction>-<e
 runs' checkpoints and results). A rerun reuses every arm already finished in ``--out``; the recipe is part of a run's
 name, so other flags train new runs rather than extend finished ones.
 
-``--pretrained FORMAT:PATH_OR_URI`` runs the same experiments on an imported encoder (:mod:`simclr_dist.pretrained`:
+``--pretrained FORMAT:PATH_OR_URI`` runs the same experiments on an imported encoder (:mod:`simclr_dist.run.pretrained`:
 SimCLR v1 converted, Spijkervet/SimCLR, torchvision ImageNet weights, or our own checkpoint), with the conventions
 of ``evaluate --pretrained``: the network (architecture, width, stem) is the import's, the data are ``--dataset``
 (required except for simclr-dist, whose checkpoint names its own) at ``--image-size`` (default: the checkpoint's on
@@ -49,17 +49,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from simclr_dist import storage
+from simclr_dist.run import storage
 from simclr_dist import supervised as sup
-from simclr_dist.checkpoints import latest_checkpoint
-from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
+from simclr_dist.run.checkpoint import latest_checkpoint
+from simclr_dist.config import ConfigError, PretrainConfig, build_parser, flag
 from simclr_dist.console import Log, emit
 from simclr_dist.data.datasets import DatasetError, check_available, dataset_info
 from simclr_dist.evaluate import (
     DEFAULT_L2_GRID,
     EvalError,
     Features,
-    balanced_subset,
     compute_features,
     linear_probe_features,
     parse_floats,
@@ -67,19 +66,11 @@ from simclr_dist.evaluate import (
     require_complete,
     select_device,
 )
-from simclr_dist.pretrained import (
-    FORMATS,
-    PretrainedEncoder,
-    PretrainedError,
-    load_pretrained,
-    parse_spec,
-)
-from simclr_dist.train import (
-    MANIFEST_FILE,
-    build_model,
-    labelled_splits,
-    load_checkpoint,
-)
+from simclr_dist.config import FORMATS, PretrainedError, parse_spec
+from simclr_dist.run.pretrained import PretrainedEncoder, load_pretrained
+from simclr_dist.run.checkpoint import MANIFEST_FILE, load_checkpoint
+from simclr_dist.run.step import build_model
+from simclr_dist.data.splits import balanced_subset, labelled_splits
 
 ARMS = ("linear", "finetune", "supervised")
 ARM_TITLES = {"linear": "SimCLR + linear head", "finetune": "SimCLR fine-tuned", "supervised": "supervised from scratch"}
@@ -98,49 +89,49 @@ class ExperimentError(ValueError):
 # ---------------------------------------------------------------------------- configuration
 @dataclass
 class ExperimentsConfig:
-    checkpoint: str | None = _f(None, "the SimCLR checkpoint directory (local path, s3:// or gs:// URI)")
-    run: str | None = _f(None, "a pretraining run STORAGE/NAME: its latest complete checkpoint, pretrained first "
+    checkpoint: str | None = flag(None, "the SimCLR checkpoint directory (local path, s3:// or gs:// URI)")
+    run: str | None = flag(None, "a pretraining run STORAGE/NAME: its latest complete checkpoint, pretrained first "
                                "when it has none (default: ./runs/simclr-<dataset>-resnet18, the run `make demo` "
                                "writes)")
-    pretrained: str | None = _f(None, "an imported encoder FORMAT:PATH_OR_URI instead of a SimCLR checkpoint, FORMAT "
-                                      f"one of {', '.join(FORMATS)} (see simclr_dist.pretrained); needs --dataset "
+    pretrained: str | None = flag(None, "an imported encoder FORMAT:PATH_OR_URI instead of a SimCLR checkpoint, FORMAT "
+                                      f"one of {', '.join(FORMATS)} (see simclr_dist.run.pretrained); needs --dataset "
                                       "except for simclr-dist")
-    strict: bool = _f(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+    strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
                             "mismatch); --no-strict loads the matching tensors and warns")
-    image_size: int | None = _f(None, "with --pretrained: resolution (default: a simclr-dist checkpoint's on its own "
+    image_size: int | None = flag(None, "with --pretrained: resolution (default: a simclr-dist checkpoint's on its own "
                                       "dataset, else the dataset's: 224 imagenet, 96 stl10, 32 cifar, 24 digits)")
-    pretrain: bool = _f(False, "pretrain (or finish) the --run with simclr_dist.pretrain before the experiments, "
+    pretrain: bool = flag(False, "pretrain (or finish) the --run with simclr_dist.pretrain before the experiments, "
                                "even if it already has a checkpoint")
-    pretrain_args: str = _f("", "extra simclr_dist.pretrain flags for that pretraining, e.g. '--epochs 10'")
-    dataset: str | None = _f(None, "dataset (default: the checkpoint's; digits when pretraining a new run; required "
+    pretrain_args: str = flag("", "extra simclr_dist.pretrain flags for that pretraining, e.g. '--epochs 10'")
+    dataset: str | None = flag(None, "dataset (default: the checkpoint's; digits when pretraining a new run; required "
                                    "with --pretrained except for simclr-dist)")
-    data_root: str | None = _f(None, "dataset directory on this machine (default: the pretraining run's)")
-    out: str | None = _f(None, "output directory, local or storage URI (default: ./runs/experiments-<dataset>; with "
+    data_root: str | None = flag(None, "dataset directory on this machine (default: the pretraining run's)")
+    out: str | None = flag(None, "output directory, local or storage URI (default: ./runs/experiments-<dataset>; with "
                                "--pretrained ./runs/experiments-<dataset>-<format>-<file>)")
-    fractions: str = _f(DEFAULT_FRACTIONS, "label fractions of the sweep, each in (0, 1]")
-    small_fraction: float = _f(0.1, "Experiment A's small labelled set (added to the sweep if missing)")
-    arms: str = _f(",".join(ARMS), f"comma-separated arms: {', '.join(ARMS)}")
-    seed: int = _f(0, "seed of the label subsets (shared by every arm), inits and data order")
+    fractions: str = flag(DEFAULT_FRACTIONS, "label fractions of the sweep, each in (0, 1]")
+    small_fraction: float = flag(0.1, "Experiment A's small labelled set (added to the sweep if missing)")
+    arms: str = flag(",".join(ARMS), f"comma-separated arms: {', '.join(ARMS)}")
+    seed: int = flag(0, "seed of the label subsets (shared by every arm), inits and data order")
     # the trained arms (fine-tuned and from scratch share the recipe; see simclr_dist.supervised)
-    epochs: int | None = _f(None, "epochs of the fine-tuned and supervised arms (default on digits: ~330 steps "
+    epochs: int | None = flag(None, "epochs of the fine-tuned and supervised arms (default on digits: ~330 steps "
                                   "within 15..30 epochs, i.e. 30 up to 50%% of the labels, 15 at 100%%; else "
                                   "evaluate's fine-tuning budget: 60 for <= 1%%, 30 above)")
-    batch_size: int = _f(64, "global batch size of the trained arms (capped at the label count)")
-    lr: float | None = _f(None, "learning rate per 256 images of the trained arms (default: simclr_dist.supervised's)")
-    ray: bool | None = _f(None, "train the fine-tuned and supervised arms under Ray Train (--ray) or in this "
+    batch_size: int = flag(64, "global batch size of the trained arms (capped at the label count)")
+    lr: float | None = flag(None, "learning rate per 256 images of the trained arms (default: simclr_dist.supervised's)")
+    ray: bool | None = flag(None, "train the fine-tuned and supervised arms under Ray Train (--ray) or in this "
                                 "process (--no-ray); default: Ray on a cluster (--ray-address / RAY_ADDRESS) or for "
                                 "datasets on disk, in-process for the embedded digits, where starting a Ray worker "
                                 "group per arm costs more than training it")
-    num_workers: int = _f(2, "Ray Train workers per trained arm")
-    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
-    use_gpu: bool | None = _f(None, "one GPU per worker (default: when the cluster has GPUs)")
-    ray_address: str | None = _f(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    threads: int = _f(1, "torch CPU threads of this process: linear arm, --no-ray arms (0: torch's default). 1 "
+    num_workers: int = flag(2, "Ray Train workers per trained arm")
+    cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
+    use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
+    ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    threads: int = flag(1, "torch CPU threads of this process: linear arm, --no-ray arms (0: torch's default). 1 "
                          "by default: on a busy 2-core machine one epoch of these small models took 4-11 s with one "
                          "thread and 40-70 s with two contending ones")
     # the linear arm
-    l2_grid: str = _f(",".join(f"{v:g}" for v in DEFAULT_L2_GRID), "L2 strengths of the linear arm's sweep")
-    val_fraction: float = _f(0.2, "share of each labelled subset held out to choose the linear arm's L2")
+    l2_grid: str = flag(",".join(f"{v:g}" for v in DEFAULT_L2_GRID), "L2 strengths of the linear arm's sweep")
+    val_fraction: float = flag(0.2, "share of each labelled subset held out to choose the linear arm's L2")
 
     def validate(self) -> "ExperimentsConfig":
         """Raise :class:`ExperimentError` for the first bad flag (nothing is read or written); returns self."""
@@ -399,7 +390,7 @@ def arm_config(plan: Plan, arm: str, fraction: float, checkpoint: str) -> sup.Su
 
 
 # ---------------------------------------------------------------------------- the arms
-def _order(plan: Plan) -> list[tuple[str, float]]:
+def run_order(plan: Plan) -> list[tuple[str, float]]:
     """Experiment A first (every arm on the small fraction), then B's full-label supervised run, then the rest of
     the sweep: an interrupted run has the headline numbers first."""
     small = plan.ecfg.small_fraction
@@ -408,7 +399,7 @@ def _order(plan: Plan) -> list[tuple[str, float]]:
     return list(dict.fromkeys(jobs))
 
 
-def _linear_key(plan: Plan, fraction: float) -> dict[str, Any]:
+def linear_key(plan: Plan, fraction: float) -> dict[str, Any]:
     source: dict[str, Any] = {"checkpoint": plan.checkpoint}
     if plan.pretrained_spec is not None:  # the import, and the data it is evaluated on
         source = {"pretrained": plan.pretrained_spec, "dataset": plan.model_cfg.dataset,
@@ -422,7 +413,7 @@ def cached_linear(plan: Plan, fraction: float) -> dict[str, Any] | None:
     uri = storage.join(plan.out, "linear", f"linear-{fraction:g}.json")
     if storage.exists(uri):
         saved = storage.read_json(uri)
-        if saved.get("key") == _linear_key(plan, fraction):
+        if saved.get("key") == linear_key(plan, fraction):
             return {**saved, "cached": True}
     return None
 
@@ -434,7 +425,7 @@ def run_linear(plan: Plan, features: Features, num_classes: int, fraction: float
     sub = Features(features.train_x[idx], features.train_y[idx], features.test_x, features.test_y)
     out = linear_probe_features(sub, num_classes=num_classes, l2_grid=_floats("l2_grid", plan.ecfg.l2_grid),
                                 val_fraction=plan.ecfg.val_fraction, seed=plan.ecfg.seed, log=log)
-    result = {**out, "arm": "linear", "label_fraction": fraction, "key": _linear_key(plan, fraction),
+    result = {**out, "arm": "linear", "label_fraction": fraction, "key": linear_key(plan, fraction),
               "history": [], "subset_indices": plan.subsets[fraction].tolist(),
               "subset_sha256": sup.subset_digest(plan.subsets[fraction]),
               # the probe plus the one feature pass a standalone probe would also need
@@ -521,7 +512,7 @@ def execute(plan: Plan, *, log: Log = emit) -> dict[str, Any]:
     titles = arm_titles(plan)
     features, feature_time = None, 0.0
     results: dict[tuple[str, float], dict[str, Any]] = {}
-    jobs = _order(plan)
+    jobs = run_order(plan)
     for i, (arm, f) in enumerate(jobs, 1):
         count = len(plan.subsets[f])
         log(f"[exp] ({i}/{len(jobs)}) {titles[arm]} on {count} labels ({100 * f:g}% of {len(data.train_labels)})")
@@ -849,7 +840,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    from simclr_dist.pretrain import RunError
+    from simclr_dist.run.launch import RunError
 
     try:
         plan = make_plan(parse_args(argv))

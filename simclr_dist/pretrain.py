@@ -12,15 +12,12 @@ import sys
 import time
 from typing import Any
 
-from simclr_dist import storage
 from simclr_dist.config import ConfigError, PretrainConfig, parse_config
 from simclr_dist.data.datasets import DatasetError, check_available
+from simclr_dist.run import storage
+from simclr_dist.run.launch import RunError, fit
 
 RUN_CONFIG_FILE = "simclr_config.json"
-
-
-class RunError(RuntimeError):
-    """The run could not start or did not finish; one line for the user."""
 
 
 def check_config(cfg: PretrainConfig) -> PretrainConfig:
@@ -63,60 +60,14 @@ def _download_data(cfg: PretrainConfig) -> None:
         load_dataset(cfg.dataset, cfg.split, root=cfg.data_root, download=True, image_size=cfg.image_size)
 
 
-def connect_ray(address: str | None) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # A local Ray instance for a laptop; quiet its dashboard/metrics noise but keep worker logs streaming.
-    ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
-
-
-def _check_resources(cfg: PretrainConfig, use_gpu: bool) -> None:
-    import ray
-    res = ray.cluster_resources()
-    need_cpu = cfg.num_workers * cfg.cpus_per_worker
-    if need_cpu > res.get("CPU", 0):
-        raise RunError(f"--num-workers {cfg.num_workers} x --cpus-per-worker {cfg.cpus_per_worker} needs "
-                       f"{need_cpu:g} CPUs; the Ray cluster has {res.get('CPU', 0):g}")
-    if use_gpu and cfg.num_workers > res.get("GPU", 0):
-        raise RunError(f"--num-workers {cfg.num_workers} with --use-gpu needs {cfg.num_workers} GPUs; "
-                       f"the Ray cluster has {res.get('GPU', 0):g}")
-
-
 def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) pretraining; returns a summary with the checkpoint path, history and kNN accuracy."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from simclr_dist.train import train_loop_per_worker
+    from simclr_dist.run.pretrain_loop import train_loop_per_worker
 
     cfg = preflight(cfg)
     _download_data(cfg)
-    connect_ray(cfg.ray_address)
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    _check_resources(cfg, use_gpu)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
-            callbacks=callbacks or None),
-    )
     t0 = time.perf_counter()
-    try:
-        result = trainer.fit()
-    except Exception as e:  # TrainingFailedError and friends: keep the cause, drop Ray's wall of text
-        cause = e.__cause__ or e
-        raise RunError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}") from e
+    result = fit(train_loop_per_worker, cfg.to_dict(), cfg, callbacks=callbacks)
     wall = time.perf_counter() - t0
     ret = result.return_value or {}
     history = ret.get("history", [])

@@ -13,7 +13,7 @@ initialisation and the weight decay (the paper fine-tunes without it; from scrat
 random-resized crop (+ flip, except on digits where a mirrored digit is another symbol), SGD with Nesterov
 momentum, a per-step cosine decay from ``lr * batch / 256``, last-epoch test accuracy (no early stopping on test).
 
-``--init-pretrained FORMAT:PATH_OR_URI`` starts from an imported encoder instead (:mod:`simclr_dist.pretrained`:
+``--init-pretrained FORMAT:PATH_OR_URI`` starts from an imported encoder instead (:mod:`simclr_dist.run.pretrained`:
 SimCLR v1 converted, Spijkervet/SimCLR, torchvision ImageNet weights, or our own checkpoint): the network
 (architecture, width, stem) is the import's, ``--dataset`` is required (except for a simclr-dist checkpoint, whose
 own dataset is the default), and the import's input normalisation replaces the dataset's in the training and test
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,9 +41,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from simclr_dist import storage
-from simclr_dist.checkpoints import latest_checkpoint, list_complete_checkpoints
-from simclr_dist.config import ConfigError, PretrainConfig, _f, build_parser
+from simclr_dist.run import storage
+from simclr_dist.run.checkpoint import latest_checkpoint, list_complete_checkpoints
+from simclr_dist.config import ConfigError, PretrainConfig, build_parser, flag
 from simclr_dist.console import Log, emit
 from simclr_dist.data.augment import (
     build_view_transform,
@@ -57,35 +56,27 @@ from simclr_dist.data.datasets import (
     dataset_info,
     load_dataset,
 )
+from simclr_dist.core.dist import all_sum, broadcast_buffers
+from simclr_dist.core.models import Classifier
+from simclr_dist.core.precision import Precision
+from simclr_dist.data.splits import balanced_subset, labelled_splits
+from simclr_dist.run.chaos import chaos_kill
+from simclr_dist.run.checkpoint import load_checkpoint, make_uploader, save_checkpoint
+from simclr_dist.run.launch import RunError, fit
+from simclr_dist.run.step import build_model
 from simclr_dist.evaluate import (
-    Classifier,
     EvalConfig,
     EvalData,
     TransformedSubset,
-    _autocast,
-    balanced_subset,
     classify,
     finetune_components,
     load_eval_data,
     require_complete,
     select_device,
 )
-from simclr_dist.optim import WarmupCosine, scale_lr
-from simclr_dist.pretrained import (
-    FORMATS,
-    Normalization,
-    PretrainedEncoder,
-    PretrainedError,
-    init_from_pretrained,
-    load_pretrained,
-    parse_spec,
-)
-from simclr_dist.train import (
-    build_model,
-    labelled_splits,
-    load_checkpoint,
-    save_checkpoint,
-)
+from simclr_dist.core.optim import WarmupCosine, scale_lr
+from simclr_dist.config import FORMATS, PretrainedError, parse_spec
+from simclr_dist.run.pretrained import Normalization, PretrainedEncoder, init_from_pretrained, load_pretrained
 
 RUN_CONFIG_FILE = "supervised_config.json"
 RESULTS_FILE = "results.json"
@@ -105,54 +96,54 @@ CLUSTER_FIELDS = ("ray", "num_workers", "use_gpu", "cpus_per_worker", "ray_addre
 @dataclass
 class SupervisedConfig:
     # what to train
-    dataset: str | None = _f(None, "dataset (default: the --init-checkpoint's or a simclr-dist --init-pretrained's, "
+    dataset: str | None = flag(None, "dataset (default: the --init-checkpoint's or a simclr-dist --init-pretrained's, "
                                    "else digits)")
-    data_root: str | None = _f(None, "dataset directory (default: the --init-checkpoint's; not needed for digits)")
-    image_size: int | None = _f(None, "resolution (default: the --init-checkpoint's, else as pretraining: 24 digits)")
-    arch: str | None = _f(None, "backbone (default: the --init-checkpoint's or --init-pretrained's, else resnet18)")
-    width: float | None = _f(None, "channel width multiplier (default: the --init-checkpoint's or "
+    data_root: str | None = flag(None, "dataset directory (default: the --init-checkpoint's; not needed for digits)")
+    image_size: int | None = flag(None, "resolution (default: the --init-checkpoint's, else as pretraining: 24 digits)")
+    arch: str | None = flag(None, "backbone (default: the --init-checkpoint's or --init-pretrained's, else resnet18)")
+    width: float | None = flag(None, "channel width multiplier (default: the --init-checkpoint's or "
                                    "--init-pretrained's, else as pretraining)")
-    cifar_stem: bool | None = _f(None, "3x3 stride-1 stem (default: the --init-checkpoint's or --init-pretrained's, "
+    cifar_stem: bool | None = flag(None, "3x3 stride-1 stem (default: the --init-checkpoint's or --init-pretrained's, "
                                        "else on for <= 64 px)")
-    init_checkpoint: str | None = _f(None, "start from this SimCLR checkpoint's encoder (fine-tune the whole "
+    init_checkpoint: str | None = flag(None, "start from this SimCLR checkpoint's encoder (fine-tune the whole "
                                            "network) instead of a random init: SimCLR fine-tuning with this loop")
-    init_pretrained: str | None = _f(None, "start from an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
-                                           f"{', '.join(FORMATS)} (see simclr_dist.pretrained): its network, and its "
+    init_pretrained: str | None = flag(None, "start from an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
+                                           f"{', '.join(FORMATS)} (see simclr_dist.run.pretrained): its network, and its "
                                            "input normalisation instead of the dataset's; needs --dataset except "
                                            "for simclr-dist")
-    init_strict: bool = _f(True, "with --init-pretrained: refuse a partial load (any missing/unexpected key or "
+    init_strict: bool = flag(True, "with --init-pretrained: refuse a partial load (any missing/unexpected key or "
                                  "shape mismatch); --no-init-strict loads the matching tensors and warns")
-    fraction: float = _f(1.0, "fraction of the train labels, class-balanced (1: all labels)")
-    seed: int = _f(0, "seed of the label subset (the same seed gives the subset evaluate and experiments use), "
+    fraction: float = flag(1.0, "fraction of the train labels, class-balanced (1: all labels)")
+    seed: int = flag(0, "seed of the label subset (the same seed gives the subset evaluate and experiments use), "
                       "the initialisation and the data order")
     # recipe
-    epochs: int | None = _f(None, "epochs (default: evaluate's fine-tuning budget: 30 on digits; 60 for <= 1%% "
+    epochs: int | None = flag(None, "epochs (default: evaluate's fine-tuning budget: 30 on digits; 60 for <= 1%% "
                                   "of the labels, else 30)")
-    batch_size: int = _f(64, "global batch size (capped at the label count, rounded down to the workers)")
-    lr: float | None = _f(None, "SGD (Nesterov) learning rate per 256 images, scaled linearly to the batch "
+    batch_size: int = flag(64, "global batch size (capped at the label count, rounded down to the workers)")
+    lr: float | None = flag(None, "SGD (Nesterov) learning rate per 256 images, scaled linearly to the batch "
                                 "(default: digits 0.4; else 0.05 fine-tuning (paper), 0.1 from scratch)")
-    weight_decay: float | None = _f(None, "weight decay (default: 0 when fine-tuning, as the paper; from scratch "
+    weight_decay: float | None = flag(None, "weight decay (default: 0 when fine-tuning, as the paper; from scratch "
                                           "5e-4, 1e-4 on imagenet/imagefolder)")
-    momentum: float = _f(0.9, "SGD momentum (Nesterov)")
-    augment: str | None = _f(None, "augmentation components (default: crop on digits, crop,flip elsewhere)")
-    eval_batch_size: int = _f(256, "images per forward pass when testing")
-    loader_workers: int = _f(0, "DataLoader worker processes per training process")
+    momentum: float = flag(0.9, "SGD momentum (Nesterov)")
+    augment: str | None = flag(None, "augmentation components (default: crop on digits, crop,flip elsewhere)")
+    eval_batch_size: int = flag(256, "images per forward pass when testing")
+    loader_workers: int = flag(0, "DataLoader worker processes per training process")
     # cluster, checkpoints (as pretraining)
-    ray: bool = _f(True, "train under Ray Train (DDP workers); --no-ray: the same loop in this process")
-    num_workers: int = _f(2, "Ray Train workers (one process each, DDP)")
-    use_gpu: bool | None = _f(None, "one GPU per worker (default: when the cluster has GPUs)")
-    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
-    ray_address: str | None = _f(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    threads: int = _f(0, "with --no-ray: torch CPU threads (0: torch's default)")
-    storage_path: str = _f("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://...")
-    name: str | None = _f(None, "run name; rerunning with the same storage path and name resumes (default: "
+    ray: bool = flag(True, "train under Ray Train (DDP workers); --no-ray: the same loop in this process")
+    num_workers: int = flag(2, "Ray Train workers (one process each, DDP)")
+    use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
+    cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)")
+    ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    threads: int = flag(0, "with --no-ray: torch CPU threads (0: torch's default)")
+    storage_path: str = flag("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://...")
+    name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: "
                                 "supervised-<dataset>-<arch>-<fraction>, finetune-... with --init-checkpoint or "
                                 "--init-pretrained)")
-    checkpoint_every: int = _f(1, "save a checkpoint every K epochs (and always after the last)")
-    num_to_keep: int = _f(2, "checkpoints kept in storage")
-    max_failures: int = _f(0, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
-    verbose: bool = _f(False, "show Ray Train's INFO logs")
-    chaos_kill_epoch: int = _f(-1, "fault drill: SIGKILL the last worker once, after epoch N's checkpoint (-1: off)")
+    checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last)")
+    num_to_keep: int = flag(2, "checkpoints kept in storage")
+    max_failures: int = flag(0, "worker failures Ray Train recovers from (restarting from the last checkpoint)")
+    verbose: bool = flag(False, "show Ray Train's INFO logs")
+    chaos_kill_epoch: int = flag(-1, "fault drill: SIGKILL the last worker once, after epoch N's checkpoint (-1: off)")
 
     def validate(self) -> "SupervisedConfig":
         """Raise :class:`ConfigError` for the first bad flag (no data or storage is touched); returns self."""
@@ -423,47 +414,28 @@ class RaySession:
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         import ray.train
 
-        from simclr_dist.train import make_uploader
-
         if state is None:
             ray.train.report(metrics)
             return
-        # make_uploader only reads these three fields of a pretraining config
-        target = SimpleNamespace(storage_path=self.scfg.storage_path, name=self.scfg.name, chaos_kill_in_upload=-1)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
                 save_checkpoint(tmp, state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=make_uploader(target))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=make_uploader(run_uri(self.scfg)))
 
     def after_report(self, epoch: int) -> None:
         if epoch == self.scfg.chaos_kill_epoch and self.rank == self.world - 1:
-            from simclr_dist.train import _chaos_kill
-            _chaos_kill(self.scfg)  # once per run (a marker in the run directory), after the checkpoint registers
+            chaos_kill(run_uri(self.scfg))  # once per run (a marker in the run directory), after it registers
 
 
 # ---------------------------------------------------------------------------- the loop
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
-def _sync_buffers(model: torch.nn.Module) -> None:
-    """Rank 0's BatchNorm running statistics on every rank, so the sharded test pass and the checkpoint agree."""
-    if dist.is_available() and dist.is_initialized():
-        for b in model.buffers():
-            dist.broadcast(b, 0)
-
-
 def sharded_test(model: torch.nn.Module, data: EvalData, *, rank: int, world: int, device: torch.device,
                  batch_size: int) -> tuple[float, float]:
     """Test top-1/top-5: each rank classifies every world-th image and the hit counts are summed."""
     idx = list(range(rank, len(data.test), world))
     top1, top5 = classify(model, Subset(data.test, idx), data.eval_transform(), device=device, batch_size=batch_size)
-    hits = _all_sum(torch.tensor([top1 * len(idx), top5 * len(idx), float(len(idx))], dtype=torch.float64))
+    hits = all_sum(torch.tensor([top1 * len(idx), top5 * len(idx), float(len(idx))], dtype=torch.float64))
     return float(hits[0] / hits[2]), float(hits[1] / hits[2])
 
 
@@ -542,7 +514,7 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Loca
         for x, y in loader:
             schedule.apply(step)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
+            with Precision.of("auto", device).autocast():
                 logits = ddp(x).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -551,12 +523,12 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Loca
             step += 1
             sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)],
                                  dtype=torch.float64)
-        sums = _all_sum(sums)
+        sums = all_sum(sums)
         train_time = time.perf_counter() - t0
         train_loss = float(sums[0] / sums[2])
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: lower --lr")
-        _sync_buffers(model)
+        broadcast_buffers(model)
         t1 = time.perf_counter()
         top1, top5 = sharded_test(model, data, rank=rank, world=world, device=device,
                                   batch_size=scfg.eval_batch_size)
@@ -598,33 +570,7 @@ def subset_digest(indices: list[int] | np.ndarray) -> str:
 
 
 def _fit_ray(scfg: SupervisedConfig, mcfg: PretrainConfig) -> dict[str, Any]:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from simclr_dist.pretrain import RunError, _check_resources, connect_ray
-
-    connect_ray(scfg.ray_address)
-    use_gpu = scfg.use_gpu if scfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    _check_resources(scfg, use_gpu)  # reads num_workers / cpus_per_worker, which this config shares
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"supervised": scfg.to_dict(), "model": mcfg.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=scfg.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": scfg.cpus_per_worker,
-                                                                     **({"GPU": 1} if use_gpu else {})}),
-        run_config=ray.train.RunConfig(
-            name=scfg.name, storage_path=scfg.storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=scfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scfg.num_to_keep),
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if scfg.verbose else "WARNING")),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # TrainingFailedError and friends: keep the cause, drop Ray's wall of text
-        cause = e.__cause__ or e
-        raise RunError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}") from e
+    result = fit(train_loop_per_worker, {"supervised": scfg.to_dict(), "model": mcfg.to_dict()}, scfg)
     return {**(result.return_value or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
 
 
@@ -698,8 +644,6 @@ def parse_args(argv: list[str] | None = None) -> SupervisedConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simclr_dist.pretrain import RunError
-
     try:
         result = run(parse_args(argv))  # flag errors are ConfigErrors: one line, exit 2
     except (ConfigError, DatasetError, storage.StorageError, PretrainedError) as e:

@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from simclr_dist import storage
-from simclr_dist.config import ConfigError, PretrainConfig, _base_type, _is_uri
+from simclr_dist.run import storage
+from simclr_dist.config import ConfigError, PretrainConfig, base_type, is_uri
 from simclr_dist.data.augment import COMPONENTS, parse_components
 from simclr_dist.data.datasets import DatasetError
 
@@ -156,7 +156,7 @@ def _check_field(where: str, key: str, *, allow_resources: bool = False) -> None
 
 def _coerce(where: str, key: str, value: Any) -> Any:
     """A YAML value as the field's type (int for float is fine; bool is never a number), or a one-line error."""
-    tp, optional = _base_type(_HINTS[key])
+    tp, optional = base_type(_HINTS[key])
     if value is None:
         if optional:
             return None
@@ -208,8 +208,8 @@ def _parse_dimension(where: str, key: str, raw: Any) -> Dimension:
         lo, hi = (float(v) for v in values)
         if not lo < hi or (kind == "loguniform" and lo <= 0):
             _fail(where, f"{kind} needs 0 {'<' if kind == 'loguniform' else '<='} low < high, got {values!r}")
-        if _base_type(_HINTS[key])[0] is not float:
-            _fail(where, f"{kind} draws floats; {key} is a {_base_type(_HINTS[key])[0].__name__}: use a grid")
+        if base_type(_HINTS[key])[0] is not float:
+            _fail(where, f"{kind} draws floats; {key} is a {base_type(_HINTS[key])[0].__name__}: use a grid")
         return Dimension(kind, [lo, hi])
     vals = [_coerce(where, key, v) for v in values]
     if key == "augment":  # canonical form, so the heatmap and the table name each policy once
@@ -277,7 +277,7 @@ def parse_spec(data: Any, source: str = "<sweep>", overrides: typing.Sequence[st
         spec.base[k] = _coerce(f"{source}: base.{k}", k, v)
     for k in ("data_root", "beton"):  # trials run in Tune's trial directories: make a relative path absolute here
         v = spec.base.get(k)
-        if isinstance(v, str) and v and not _is_uri(v) and not v.startswith("~") and "," not in v:
+        if isinstance(v, str) and v and not is_uri(v) and not v.startswith("~") and "," not in v:
             spec.base[k] = os.path.abspath(v)
     for k, v in data["search"].items():
         _check_field(f"{source}: search.{k}", k)
@@ -304,7 +304,7 @@ def parse_spec(data: Any, source: str = "<sweep>", overrides: typing.Sequence[st
     sp = data.get("storage_path", spec.storage_path)
     if not isinstance(sp, str) or not sp:
         _fail(f"{source}: storage_path", f"must be a path or URI, got {sp!r}")
-    spec.storage_path = sp if _is_uri(sp) else os.path.abspath(os.path.expanduser(sp))
+    spec.storage_path = sp if is_uri(sp) else os.path.abspath(os.path.expanduser(sp))
     if not spec.search:
         _fail(f"{source}: search", "is empty: a sweep needs at least one dimension")
     return spec
@@ -673,7 +673,7 @@ def _cluster_resources(address: str | None, connect: bool) -> dict[str, float] |
     if not ray.is_initialized():
         if not connect:
             return None
-        from simclr_dist.pretrain import connect_ray
+        from simclr_dist.run.launch import connect_ray
         connect_ray(address)
     return dict(ray.cluster_resources())
 
@@ -762,7 +762,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from simclr_dist.pretrain import RunError
+    from simclr_dist.run.launch import RunError
 
     args = parse_args(argv)
     try:

@@ -16,7 +16,7 @@ from simclr_dist.data import (
     default_augment,
     parse_components,
 )
-from simclr_dist.data.augment import _blur_kernel
+from simclr_dist.data.augment import blur_kernel
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_sobel_finds_edges_and_rotate_is_exact():
 
 
 def test_blur_kernel_matches_paper():
-    assert _blur_kernel(224) == 23 and _blur_kernel(32) == 3 and _blur_kernel(96) % 2 == 1
+    assert blur_kernel(224) == 23 and blur_kernel(32) == 3 and blur_kernel(96) % 2 == 1
 
 
 def test_config_validates():

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from bench import common, gpu, loss as bench_loss, step
-from simclr_dist.loss import nt_xent, ntxent_logits
+from simclr_dist.core.loss import nt_xent, ntxent_logits
 
 MACHINE_KEYS = {"date", "cpu_model", "cpu_cores", "torch", "ray", "cuda_device"}
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from simclr_dist import storage
-from simclr_dist.checkpoints import latest_checkpoint, list_complete_checkpoints
-from simclr_dist.optim import WarmupCosine, scale_lr
+from simclr_dist.run import storage
+from simclr_dist.run.checkpoint import latest_checkpoint, list_complete_checkpoints
+from simclr_dist.core.optim import WarmupCosine, scale_lr
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def cluster(tmp_path_factory):
     aws = {"AWS_ACCESS_KEY_ID": "simclr-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}"}
     saved = {k: os.environ.get(k) for k in aws}
-    os.environ.update(aws)  # this process reads the bucket through simclr_dist.storage too
+    os.environ.update(aws)  # this process reads the bucket through simclr_dist.run.storage too
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", s3_port), timeout=0.2).close()

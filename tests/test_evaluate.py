@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from simclr_dist import evaluate as ev
-from simclr_dist.checkpoints import latest_checkpoint, list_complete_checkpoints
+from simclr_dist.data.splits import balanced_subset, stratified_split
+from simclr_dist.run.checkpoint import latest_checkpoint, list_complete_checkpoints
 from simclr_dist.config import PretrainConfig
-from simclr_dist.train import CHECKPOINT_FILE, MANIFEST_FILE, build_model, save_checkpoint
+from simclr_dist.run.checkpoint import CHECKPOINT_FILE, MANIFEST_FILE, save_checkpoint
+from simclr_dist.run.step import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,7 +75,7 @@ def test_latest_checkpoint_is_highest_complete_epoch(tmp_path):
 def test_balanced_subset_stratified_deterministic_nested(data):
     labels = data.train_labels
     counts = np.bincount(labels)
-    subsets = {f: ev.balanced_subset(labels, f, seed=0) for f in (0.01, 0.1, 1.0)}
+    subsets = {f: balanced_subset(labels, f, seed=0) for f in (0.01, 0.1, 1.0)}
     for f, idx in subsets.items():
         assert len(np.unique(idx)) == len(idx)
         per_class = np.bincount(labels[idx], minlength=10)
@@ -82,16 +84,16 @@ def test_balanced_subset_stratified_deterministic_nested(data):
             assert per_class.max() - per_class.min() <= 1
     assert np.array_equal(subsets[1.0], np.arange(len(labels)))
     assert set(subsets[0.01]) <= set(subsets[0.1])  # nested: a label-fraction curve only adds labels
-    np.testing.assert_array_equal(subsets[0.1], ev.balanced_subset(labels, 0.1, seed=0))
-    assert not np.array_equal(subsets[0.1], ev.balanced_subset(labels, 0.1, seed=1))
-    assert -1 not in np.array([0, -1, 1, -1])[ev.balanced_subset(np.array([0, -1, 1, -1]), 1.0)]
+    np.testing.assert_array_equal(subsets[0.1], balanced_subset(labels, 0.1, seed=0))
+    assert not np.array_equal(subsets[0.1], balanced_subset(labels, 0.1, seed=1))
+    assert -1 not in np.array([0, -1, 1, -1])[balanced_subset(np.array([0, -1, 1, -1]), 1.0)]
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="fraction"):
-            ev.balanced_subset(labels, bad)
+            balanced_subset(labels, bad)
 
 
 def test_stratified_split_partitions_train(data):
-    fit, val = ev.stratified_split(data.train_labels, 0.2, seed=0)
+    fit, val = stratified_split(data.train_labels, 0.2, seed=0)
     assert not set(fit) & set(val) and len(fit) + len(val) == len(data.train_labels)
     assert set(data.train_labels[val]) == set(range(10)) == set(data.train_labels[fit])
     assert abs(len(val) - 0.2 * len(data.train_labels)) <= 10
@@ -163,7 +165,7 @@ def test_finetune_trains_encoder_and_records_curves(data):
     out = ev.finetune(enc, data, fraction=0.1, epochs=2, batch_size=32, lr=0.4, log=lambda m: None)
 
     assert any(not torch.equal(p, b) for p, b in zip(enc.parameters(), before))  # the whole network trains
-    assert out["subset_indices"] == ev.balanced_subset(data.train_labels, 0.1, seed=0).tolist()
+    assert out["subset_indices"] == balanced_subset(data.train_labels, 0.1, seed=0).tolist()
     assert out["label_count"] == len(out["subset_indices"]) == 142
     assert [h["epoch"] for h in out["history"]] == [1, 2]
     for h in out["history"]:

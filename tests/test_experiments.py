@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from simclr_dist import evaluate as ev
+from simclr_dist.data.splits import balanced_subset, stratified_split
 from simclr_dist import experiments as exp
 from simclr_dist import supervised as sup
 from simclr_dist.config import PretrainConfig
-from simclr_dist.train import build_model, load_checkpoint, save_checkpoint
+from simclr_dist.run.checkpoint import load_checkpoint, save_checkpoint
+from simclr_dist.run.step import build_model
 
 TINY = dict(image_size=16, width=0.125)
 
@@ -155,7 +157,7 @@ def test_experiments_cli_writes_report_plots_results_on_one_shared_subset(tmp_pa
     labels = ev.load_eval_data(PretrainConfig(dataset="digits", **TINY).resolved()).train_labels
     subsets = {float(f): idx for f, idx in summary["subsets"].items()}
     assert set(subsets[0.1]) < set(subsets[1.0]) and len(subsets[0.1]) == 142
-    assert subsets[0.1] == ev.balanced_subset(labels, 0.1, seed=0).tolist()
+    assert subsets[0.1] == balanced_subset(labels, 0.1, seed=0).tolist()
     assert np.bincount(labels[subsets[0.1]]).min() >= 14
     for f, idx in subsets.items():
         digests = {r["subset_sha256"] for r in summary["results"] if r["fraction"] == f}
@@ -181,7 +183,7 @@ def test_order_puts_experiment_a_then_b_first(tmp_path):
     ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
     plan = exp.make_plan(exp.parse_args(["--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--no-ray"]))
     assert plan.fractions == (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-    order = exp._order(plan)
+    order = exp.run_order(plan)
     assert order[:4] == [("linear", 0.1), ("finetune", 0.1), ("supervised", 0.1), ("supervised", 1.0)]
     assert sorted(order) == sorted((a, f) for a in exp.ARMS for f in plan.fractions)
     for small, big in zip(plan.fractions, plan.fractions[1:]):

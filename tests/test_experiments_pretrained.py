@@ -17,9 +17,10 @@ from simclr_dist import experiments as exp
 from simclr_dist import supervised as sup
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
-from simclr_dist.models import build_backbone
-from simclr_dist.pretrained import IMAGENET_MEAN_STD
-from simclr_dist.train import build_model, save_checkpoint
+from simclr_dist.core.models import build_backbone
+from simclr_dist.run.pretrained import IMAGENET_MEAN_STD
+from simclr_dist.run.checkpoint import save_checkpoint
+from simclr_dist.run.step import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -186,4 +187,4 @@ def test_plan_on_simclr_dist_run_dir_pins_its_checkpoint_and_takes_its_data(tmp_
     ft, scratch = (exp.arm_config(plan, a, 0.1, "pending") for a in ("finetune", "supervised"))
     assert ft.init_pretrained == plan.pretrained_spec and ft.init_checkpoint is None and "-pt" in ft.name
     assert scratch.init_pretrained is None and scratch.init_checkpoint is None and "-pt" not in scratch.name
-    assert exp._linear_key(plan, 0.1)["pretrained"] == plan.pretrained_spec
+    assert exp.linear_key(plan, 0.1)["pretrained"] == plan.pretrained_spec

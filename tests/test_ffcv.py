@@ -23,7 +23,7 @@ from simclr_dist.data.augment import AugmentConfig
 from simclr_dist.data.convert import ConvertError, ConvertSpec, convert, embedded_beton
 from simclr_dist.data.ffcv_loader import (
     BetonError,
-    _rank_sharded_order,
+    rank_sharded_order,
     check_beton,
     inspect_beton,
     resolve_betons,
@@ -144,7 +144,7 @@ def test_ranks_partition_every_epoch(loader, shards):
     seen = {}
     for epoch in (0, 1):
         rank0 = epoch_labels(loader, epoch)
-        rank1_order = _rank_sharded_order(1, 2, 7)(loader.loader).sample_order(epoch)
+        rank1_order = rank_sharded_order(1, 2, 7)(loader.loader).sample_order(epoch)
         rank1 = [int(i) for i in rank1_order]  # label i is sample i (one image per class)
         assert len(rank0) == len(rank1) == N_IMAGES // 2
         assert sorted(rank0 + rank1) == list(range(N_IMAGES))  # every sample exactly once per epoch

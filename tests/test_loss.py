@@ -1,4 +1,4 @@
-"""Tests for simclr_dist.loss: naive-reference equivalence, low precision, and the
+"""Tests for simclr_dist.core.loss: naive-reference equivalence, low precision, and the
 DDP exactness invariant on real 2-process gloo groups."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from simclr_dist.loss import NTXentLoss, gather_with_grad, nt_xent, ntxent_logits
+from simclr_dist.core.dist import gather_with_grad
+from simclr_dist.core.loss import NTXentLoss, nt_xent, ntxent_logits
 
 WORLD, B, IN_DIM, HID, OUT_DIM, TAU = 2, 4, 6, 16, 5, 0.3
 

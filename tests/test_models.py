@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from simclr_dist.models import (
+from simclr_dist.core.models import (
     ARCHS,
     ProjectionHead,
     SimCLRModel,

@@ -25,7 +25,7 @@ import yaml
 
 from simclr_dist import pretrain
 from simclr_dist.config import parse_config
-from simclr_dist.metrics import METRICS, exported_names, window_stats
+from simclr_dist.run.metrics import METRICS, exported_names, window_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus-rules.yml"
@@ -161,7 +161,7 @@ def _annotations(alert: str, labels: dict[str, str], value: str) -> dict[str, st
 def test_dashboard_references_only_exported_metrics():
     dashboard = json.loads(DASHBOARD.read_text())
     used = dashboard_metric_names(dashboard)
-    assert used <= exported_names(), f"not exported by simclr_dist.metrics: {sorted(used - exported_names())}"
+    assert used <= exported_names(), f"not exported by simclr_dist.run.metrics: {sorted(used - exported_names())}"
     wanted = {"samples_per_second", "images_per_second", "data_wait_ratio", "loss", "learning_rate",
               "gpu_utilization_ratio", "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes"}
     assert {f"ray_simclr_{w}" for w in wanted} <= used

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from simclr_dist.optim import LARS, WarmupCosine, build_optimizer, param_groups, scale_lr
+from simclr_dist.core.optim import LARS, WarmupCosine, build_optimizer, param_groups, scale_lr
 
 
 def _net() -> nn.Module:

@@ -12,8 +12,8 @@ import pytest
 
 from simclr_dist import pretrain
 from simclr_dist.config import parse_config
-from simclr_dist.optim import WarmupCosine, scale_lr
-from simclr_dist.train import load_checkpoint
+from simclr_dist.core.optim import WarmupCosine, scale_lr
+from simclr_dist.run.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.ray
 STEPS_PER_EPOCH = 1437 // 64  # digits train split, global batch 64, last partial batch dropped

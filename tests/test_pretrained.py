@@ -1,4 +1,4 @@
-"""Importers of published checkpoints (simclr_dist.pretrained), each checked against a source model written here in
+"""Importers of published checkpoints (simclr_dist.run.pretrained), each checked against a source model written here in
 that format's own layout (random weights, never downloaded): the imported encoder must compute the *same features*
 as the source network, not merely load. Plus the published R50 1x/2x/4x parameter counts, the one-line errors and
 the evaluate CLI end to end on digits with ``--pretrained``."""
@@ -17,12 +17,13 @@ from torch import nn
 from simclr_dist import evaluate as ev
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
-from simclr_dist.models import build_backbone, count_parameters
-from simclr_dist.pretrained import (
+from simclr_dist.core.models import build_backbone, count_parameters
+from simclr_dist.run.pretrained import (
     IMAGENET_MEAN_STD, BNFreeProjectionHead, PretrainedError, compare_state_dict, import_encoder, infer_resnet,
     load_pretrained, parse_spec,
 )
-from simclr_dist.train import build_model, save_checkpoint
+from simclr_dist.run.checkpoint import save_checkpoint
+from simclr_dist.run.step import build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -379,7 +380,7 @@ def test_evaluate_cli_bad_pretrained_exit_2_one_line(r18_file, tmp_path, capsys,
 # ---------------------------------------------------------------------------- init of a pretraining run
 def test_init_from_pretrained_copies_encoder_and_matching_head(tmp_path, r18_file):
     from simclr_dist.config import ConfigError
-    from simclr_dist.pretrained import init_from_pretrained
+    from simclr_dist.run.pretrained import init_from_pretrained
 
     ckpt, src = write_checkpoint(tmp_path / "checkpoint_000001")
     torch.manual_seed(5)

@@ -297,7 +297,7 @@ def test_augmentation_switch_changes_the_pipeline(tmp_path):
 def test_knn_validation_split_is_fixed_stratified_and_disjoint_from_test():
     from simclr_dist.config import build_parser
     from simclr_dist.data.datasets import load_dataset
-    from simclr_dist.train import validation_split
+    from simclr_dist.data.splits import validation_split
 
     train = load_dataset("digits", "train", image_size=8)
     bank, val = validation_split(train)

@@ -87,7 +87,7 @@ class Sobel(torch.nn.Module):
         return mag.expand(-1, 3, -1, -1).reshape(x.shape)
 
 
-def _blur_kernel(image_size: int) -> int:
+def blur_kernel(image_size: int) -> int:
     """Odd kernel ~10% of the side (23 at 224 px as in the paper), at least 3."""
     return max(3, int(0.1 * image_size) | 1)
 
@@ -110,7 +110,7 @@ def build_view_transform(cfg: AugmentConfig) -> Callable[[ImageLike], Tensor]:
     if "gray" in on:
         ops.append(v2.RandomGrayscale(p=cfg.gray_p))
     if "blur" in on:
-        ops.append(v2.RandomApply([v2.GaussianBlur(_blur_kernel(s), sigma=(0.1, 2.0))], p=cfg.blur_p))
+        ops.append(v2.RandomApply([v2.GaussianBlur(blur_kernel(s), sigma=(0.1, 2.0))], p=cfg.blur_p))
     if "rotate" in on:
         ops.append(RandomRot90())
     ops.append(v2.ToDtype(torch.float32, scale=True))

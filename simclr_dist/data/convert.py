@@ -253,7 +253,7 @@ def convert(spec: ConvertSpec) -> ConvertResult:
     """Write ``spec.dataset``/``spec.split`` to ``spec.out`` (or its shards); returns what was written."""
     from tqdm import tqdm
 
-    from simclr_dist import storage
+    from simclr_dist.run import storage
 
     spec.validate()
     t0 = time.perf_counter()
@@ -335,7 +335,7 @@ def _upload(local: str, uri: str) -> None:
     """Stream a finished file to storage; on a filesystem write a temporary sibling and move it into place."""
     import pyarrow.fs as pafs
 
-    from simclr_dist import storage
+    from simclr_dist.run import storage
 
     fs, path = storage.resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -39,6 +39,7 @@ class DatasetInfo:
     pretrain_split: str  # split pretraining uses by default
     blur: bool  # Gaussian blur in the default recipe (paper: on for ImageNet-size, off for 32 px)
     embedded: bool  # ships with a dependency: no data root needed
+    labelled: tuple[str, str] = ("train", "test")  # (labelled train split, held-out test split) for evaluation
 
 
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -55,10 +56,11 @@ DATASETS: dict[str, DatasetInfo] = {
     "stl10": DatasetInfo(
         "stl10", 10, 96, *_IMAGENET_STATS, ("unlabeled", "train", "test", "train+unlabeled"), "unlabeled", True, False
     ),
-    "imagenet": DatasetInfo("imagenet", 1000, 224, *_IMAGENET_STATS, ("train", "val"), "train", True, False),
+    "imagenet": DatasetInfo("imagenet", 1000, 224, *_IMAGENET_STATS, ("train", "val"), "train", True, False,
+                            ("train", "val")),
     "imagefolder": DatasetInfo(
-        "imagefolder", 0, 224, *_IMAGENET_STATS, ("train", "val", "test", "all"), "train", True, False
-    ),
+        "imagefolder", 0, 224, *_IMAGENET_STATS, ("train", "val", "test", "all"), "train", True, False,
+        ("train", "val")),
 }
 
 _TORCHVISION = {"cifar10": CIFAR10, "cifar100": CIFAR100, "stl10": STL10}

@@ -279,7 +279,7 @@ def _sharded_sources(files: Sequence[str]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- order
-def _rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
+def rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
     """FFCV instantiates ``order(loader)`` when ``order`` is a TraversalOrder instance: this factory is one."""
     from ffcv.traversal_order.base import TraversalOrder
 
@@ -373,7 +373,7 @@ class FFCVPretrainLoader:
         pipelines = {IMAGE_FIELD: [decoder, ToTensor(), *to_device], LABEL_FIELD: [IntDecoder(), ToTensor()]}
         with _sharded_sources(self.files):
             self.loader = Loader(self.files[0], batch_size=spec.batch_size, num_workers=self.threads, os_cache=True,
-                                 order=_rank_sharded_order(spec.rank, spec.world_size, spec.seed),
+                                 order=rank_sharded_order(spec.rank, spec.world_size, spec.seed),
                                  distributed=spec.world_size > 1, seed=spec.seed, pipelines=pipelines,
                                  drop_last=True, batches_ahead=batches_ahead)
         _reuse_buffers(self.loader)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from simclr_dist.data.augment import AugmentConfig, Sobel, _blur_kernel
+from simclr_dist.data.augment import AugmentConfig, Sobel, blur_kernel
 
 _LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -157,7 +157,7 @@ class BatchedViewAugment:
             x = self._masked(x, self._rand(g, n) < cfg.gray_p, lambda t: _gray(t).expand(-1, 3, -1, -1))
         if "blur" in on:
             apply, sigma = self._rand(g, n) < cfg.blur_p, 0.1 + 1.9 * self._rand(g, n)
-            x = self._masked(x, apply, lambda t, sd: gaussian_blur(t, sd, _blur_kernel(s)), sigma)
+            x = self._masked(x, apply, lambda t, sd: gaussian_blur(t, sd, blur_kernel(s)), sigma)
         if "rotate" in on:
             k = (self._rand(g, n) * 4).long().clamp_(max=3)
             for r in (1, 2, 3):

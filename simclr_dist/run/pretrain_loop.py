@@ -9,37 +9,31 @@ the negatives of all workers with exact gradients. Rank 0 writes the checkpoint;
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import os
-import signal
 import socket
 import tempfile
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from simclr_dist import storage
-from simclr_dist.config import ARCH_FIELDS, PretrainConfig
+from simclr_dist.config import PretrainConfig
 from simclr_dist.console import emit
+from simclr_dist.core.dist import max_across, mean_across
+from simclr_dist.core.knn import extract_features_distributed, knn_accuracy
+from simclr_dist.core.precision import Precision
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
-from simclr_dist.knn import extract_features_distributed, knn_accuracy
-from simclr_dist.loss import nt_xent
-from simclr_dist.metrics import WorkerMetrics
-from simclr_dist.models import SimCLRModel
-from simclr_dist.optim import WarmupCosine, build_optimizer, scale_lr
-
-CHECKPOINT_FILE = "checkpoint.pt"
-MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+from simclr_dist.data.splits import labelled_splits, validation_split
+from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
+from simclr_dist.run import storage
+from simclr_dist.run.chaos import chaos_kill
+from simclr_dist.run.checkpoint import FORMAT_VERSION, load_checkpoint, make_uploader, save_checkpoint
+from simclr_dist.run.metrics import WorkerMetrics
+from simclr_dist.run.step import build_model, pretrain_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -47,67 +41,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: str, state: dict[str, Any]) -> str:
-    """Write ``checkpoint.pt`` then a manifest with its checksum; the manifest is written last, so a
-    directory without a matching manifest is incomplete and :func:`load_checkpoint` refuses it."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    storage.write_bytes(os.path.join(directory, CHECKPOINT_FILE), data)
-    cfg = state["config"]
-    manifest = {"format_version": FORMAT_VERSION, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                "epoch": state["epoch"], "step": state["step"], "arch": {k: cfg.get(k) for k in ARCH_FIELDS},
-                "dataset": cfg.get("dataset"), "history": state.get("history", [])}
-    storage.write_json(os.path.join(directory, MANIFEST_FILE), manifest)
-    return directory
-
-
-def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and verify a checkpoint directory (local path or URI)."""
-    manifest_uri, ckpt_uri = storage.join(directory, MANIFEST_FILE), storage.join(directory, CHECKPOINT_FILE)
-    if not storage.exists(manifest_uri):
-        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE}); it was not fully written")
-    manifest = storage.read_json(manifest_uri)
-    data = storage.read_bytes(ckpt_uri)
-    if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
-        raise ValueError(f"{ckpt_uri}: checksum mismatch with {MANIFEST_FILE}; the checkpoint is corrupt")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-
-
-def make_uploader(cfg: PretrainConfig):
-    """Ray Train ``checkpoint_upload_fn``: upload ``checkpoint.pt`` first and ``manifest.json`` last.
-
-    Ray's default upload (``pyarrow.fs.copy_files``) copies files in no particular order, so a crash mid-upload
-    could leave a manifest beside half the weights. With this order, a directory in storage that has a manifest
-    is complete (and the manifest's checksum proves it); Ray itself only registers the directory for resume
-    after this function returns.
-    """
-    def upload(checkpoint, dir_name: str):
-        import ray.train
-
-        dest = storage.join(cfg.storage_path, cfg.name, dir_name)
-        names = sorted(os.listdir(checkpoint.path), key=lambda n: n == MANIFEST_FILE)  # manifest last
-        for name in names:
-            with open(os.path.join(checkpoint.path, name), "rb") as f:
-                data = f.read()
-            if name == CHECKPOINT_FILE and cfg.chaos_kill_in_upload == _epoch_of(checkpoint.path):
-                _chaos_once(cfg, "upload", lambda: storage.write_bytes(storage.join(dest, name), data[: len(data) // 2]))
-            storage.write_bytes(storage.join(dest, name), data)
-        fs, path = storage.resolve(dest)
-        return ray.train.Checkpoint(path=path, filesystem=fs)
-    return upload
-
-
-def _epoch_of(local_dir: str) -> int:
-    with open(os.path.join(local_dir, MANIFEST_FILE)) as f:
-        return json.load(f)["epoch"]
-
-
-def build_model(cfg: PretrainConfig) -> SimCLRModel:
-    return SimCLRModel(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width,
-                       proj_hidden_dim=cfg.proj_hidden_dim, proj_out_dim=cfg.proj_out_dim)
-
-
 # ---------------------------------------------------------------------------- evaluation
 def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.device, channels_last: bool) -> dict:
     """kNN top-1/top-5 of the frozen encoder: labelled train split as memory bank, held-out test split as queries.
@@ -131,23 +64,6 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     return {f"val_{k}": v for k, v in acc.items()} if cfg.knn_split == "val" else acc
 
 
-VAL_FRACTION, VAL_SEED = 0.2, 0  # the kNN monitor's validation split: fixed, so every trial of a sweep shares it
-
-
-def validation_split(labelled: torch.utils.data.Dataset) -> tuple[torch.utils.data.Subset, torch.utils.data.Subset]:
-    """(bank, queries) of a labelled split: a fixed class-stratified VAL_FRACTION held out as queries (labels read
-    from ``.targets``, no image decoded)."""
-    from simclr_dist.evaluate import (
-        stratified_split,  # lazy: evaluate imports this module
-    )
-    fit_idx, val_idx = stratified_split(torch.as_tensor(labelled.targets).numpy(), VAL_FRACTION, VAL_SEED)
-    return (torch.utils.data.Subset(labelled, fit_idx.tolist()), torch.utils.data.Subset(labelled, val_idx.tolist()))
-
-
-def labelled_splits(dataset: str) -> tuple[str, str]:
-    return {"imagenet": ("train", "val"), "imagefolder": ("train", "val")}.get(dataset, ("train", "test"))
-
-
 # ---------------------------------------------------------------------------- the loop
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
@@ -162,21 +78,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     log = emit if rank == 0 else (lambda msg: None)
     if not cfg.verbose:
-        _quiet_report_log()
+        quiet_report_log()
 
     # -- model, loss precision, optimizer, schedule
     model = build_model(cfg)
     if cfg.pretrained and ray.train.get_checkpoint() is None:  # a fresh run's init; a resume restores its own
-        from simclr_dist.pretrained import init_from_pretrained
+        from simclr_dist.run.pretrained import init_from_pretrained
         init_from_pretrained(model, cfg.pretrained, strict=cfg.pretrained_strict, log=log)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     channels_last = cfg.channels_last if cfg.channels_last is not None else on_gpu
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    precision = Precision.of(cfg.precision, device)
+    scaler = precision.scaler()
 
     per_worker = cfg.batch_size // world
     loader = build_pretrain_loader(LoaderSpec(
@@ -215,13 +129,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     raw = model._orig_mod if hasattr(model, "_orig_mod") else model
 
     log(f"[simclr] {cfg.arch} x{cfg.width} on {cfg.dataset}/{cfg.split} {cfg.image_size}px | {world} worker(s) x "
-        f"{per_worker} = batch {cfg.batch_size} | {steps_per_epoch} steps/epoch | lr {lr:.4f} | {precision} on "
+        f"{per_worker} = batch {cfg.batch_size} | {steps_per_epoch} steps/epoch | lr {lr:.4f} | {precision.name} on "
         f"{device.type}")
 
     node = socket.gethostname()
     mon = WorkerMetrics(cfg.name, rank, node, samples_per_step=per_worker, device=device, model=raw,
                         image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
-    node_ids = _all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
+    node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
     result: dict[str, Any] = {"status": "ok"}
     init_knn = {}
     if start_epoch == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
@@ -239,28 +153,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         for i, (v1, v2, _) in enumerate(loader):
             data_wait += time.perf_counter() - t_ready
             cur_lr = schedule.apply(step)
-            x = torch.cat([v1, v2]).to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                _, z = ddp(x)
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.temperature)
-            if step == cfg.chaos_nan_step:
-                loss = loss * float("nan")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss = pretrain_step(ddp, optimizer, scaler, v1, v2, temperature=cfg.temperature, precision=precision,
+                                 device=device, channels_last=channels_last, poison=step == cfg.chaos_nan_step)
             # no host sync per step: remember the first non-finite step on the device
-            loss = loss.detach()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
             loss_sum += loss
             step += 1
             if cfg.chaos_kill_step == step and rank == world - 1:
-                _chaos_kill(cfg)
+                chaos_kill(storage.join(cfg.storage_path, cfg.name))
             if step % cfg.log_every == 0 or i + 1 == steps_per_epoch:
-                first_bad = _max_across(bad_step)
+                first_bad = max_across(bad_step)
                 if first_bad >= 0:
                     result = {"status": "nonfinite", "step": first_bad, "epoch": epoch}
                     break
@@ -275,13 +177,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             break
 
         epoch_time = time.perf_counter() - t_epoch
-        mean_loss = _mean_across(loss_sum / steps_per_epoch)
+        mean_loss = mean_across(loss_sum / steps_per_epoch)
         metrics = {
             "epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": schedule.lr_at(step - 1),
             "samples_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "worker_samples_per_s": steps_per_epoch * per_worker / epoch_time,
             "epoch_time_s": epoch_time, "data_wait_s": data_wait, "rank": rank, "node": node,
-            "node_id": _ray_node_id(), "world_size": world, "status": "ok", "node_ids": node_ids, **init_knn,
+            "node_id": ray_node_id(), "world_size": world, "status": "ok", "node_ids": node_ids, **init_knn,
         }
         init_knn = {}
         last = epoch + 1 == cfg.epochs
@@ -306,7 +208,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
                 metrics["checkpoint_save_s"] = time.perf_counter() - t_save
                 mon.checkpoint_saved(metrics["checkpoint_save_s"])
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=make_uploader(cfg))
+                ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=make_uploader(
+                    storage.join(cfg.storage_path, cfg.name), kill_in_upload_epoch=cfg.chaos_kill_in_upload))
         else:
             ray.train.report(metrics)
 
@@ -319,22 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 
-def _max_across(t: torch.Tensor) -> int:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _mean_across(t: torch.Tensor) -> float:
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t.item())
-
-
-def _quiet_report_log() -> None:
+def quiet_report_log() -> None:
     """Ray Train 2.60 logs every report (metrics dict included) at INFO through ``logging.getLogger(__file__)`` of
     its worker context module, a logger outside the ``ray.train`` tree that ``LoggingConfig`` sets; without
     ``--verbose`` that is two lines per epoch of noise around our own progress lines."""
@@ -345,15 +233,15 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _all_node_ids() -> list[str]:
-    ids = [_ray_node_id()]
+def all_node_ids() -> list[str]:
+    ids = [ray_node_id()]
     if dist.is_available() and dist.is_initialized():
         ids = [None] * dist.get_world_size()
-        dist.all_gather_object(ids, _ray_node_id())
+        dist.all_gather_object(ids, ray_node_id())
     return ids
 
 
-def _ray_node_id() -> str:
+def ray_node_id() -> str:
     import ray
     try:
         return ray.get_runtime_context().get_node_id()
@@ -361,22 +249,3 @@ def _ray_node_id() -> str:
         return ""
 
 
-def _chaos_kill(cfg: PretrainConfig) -> None:
-    """Fault drill: SIGKILL this worker at ``--chaos-kill-step`` (once per run)."""
-    import ray.train
-    # Wait until Ray has registered every checkpoint reported so far, so the drill always exercises
-    # "resume from the last checkpoint" rather than racing the controller's 2 s poll.
-    ray.train.get_all_reported_checkpoints(timeout_s=120)
-    _chaos_once(cfg, "kill")
-
-
-def _chaos_once(cfg: PretrainConfig, what: str, before=None) -> None:
-    """Kill this process the first time a drill fires; a marker in the run's storage makes it once per run."""
-    marker = storage.join(cfg.storage_path, cfg.name, f".chaos-{what}-done")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, b"done\n")
-    if before is not None:
-        before()
-    emit(f"[simclr] chaos ({what}): killing worker pid {os.getpid()}")
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -133,6 +133,19 @@ class SimCLRModel(nn.Module):
         return h, self.head(h)  # z: what the NT-Xent loss sees
 
 
+class Classifier(nn.Module):
+    """Encoder + a new linear head (zero-initialised, so training starts from uniform predictions)."""
+
+    def __init__(self, encoder: nn.Module, feat_dim: int, num_classes: int):
+        super().__init__()
+        self.encoder, self.fc = encoder, nn.Linear(feat_dim, num_classes)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x))
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -110,7 +110,7 @@ class WorkerMetrics:
                    for s in METRICS if self.on_gpu or not s.gpu}
         self.flops_per_sample: float | None = None
         if self.on_gpu and model is not None and image_size is not None:
-            from simclr_dist.models import forward_flops
+            from simclr_dist.core.models import forward_flops
             try:  # monitoring must never stop training: without a count the FLOP/s series is just absent
                 self.flops_per_sample = 3 * 2 * forward_flops(model, (3, image_size, image_size))
             except Exception as e:

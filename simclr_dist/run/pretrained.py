@@ -44,11 +44,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from simclr_dist import storage
+from simclr_dist.config import FORMATS, PretrainedError, parse_spec
 from simclr_dist.console import Log
-from simclr_dist.models import ResNetEncoder, build_backbone, count_parameters
+from simclr_dist.core.models import ResNetEncoder, build_backbone, count_parameters
+from simclr_dist.run import storage
 
-FORMATS: tuple[str, ...] = ("simclr-v1", "spijkervet", "torchvision", "simclr-dist")
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -57,10 +57,6 @@ _LAYOUTS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resne
             ("bottleneck", (3, 4, 6, 3)): "resnet50"}
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 
-
-
-class PretrainedError(ValueError):
-    """The weight file cannot be imported (unreadable, wrong layout, partial under --strict); one line."""
 
 
 # ---------------------------------------------------------------------------- verification
@@ -194,25 +190,13 @@ def _fmt3(v: tuple[float, ...]) -> str:
 
 class BNFreeProjectionHead(nn.Sequential):
     """Spijkervet/SimCLR's projector ``Linear(no bias) -> ReLU -> Linear(no bias)``, without the BatchNorm of our
-    :class:`~simclr_dist.models.ProjectionHead`; its child names ``0``/``2`` are the file's ``projector.0/2``."""
+    :class:`~simclr_dist.core.models.ProjectionHead`; its child names ``0``/``2`` are the file's ``projector.0/2``."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
         super().__init__(nn.Linear(in_dim, hidden_dim, bias=False), nn.ReLU(), nn.Linear(hidden_dim, out_dim, bias=False))
 
 
 # ---------------------------------------------------------------------------- spec and file reading
-def parse_spec(spec: str) -> tuple[str, str]:
-    """``"simclr-v1:/w/r50-2x.pth"`` -> ``("simclr-v1", "/w/r50-2x.pth")``; URIs keep their ``s3://``."""
-    fmt, sep, path = spec.partition(":")
-    fmt = fmt.strip().lower()
-    if not sep or not path.strip():
-        raise PretrainedError(f"--pretrained {spec!r}: expected FORMAT:PATH_OR_URI with FORMAT one of "
-                              f"{', '.join(FORMATS)}")
-    if fmt not in FORMATS:
-        raise PretrainedError(f"--pretrained {spec!r}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    return fmt, path.strip()
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     m = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. |\n|$)", text)
@@ -412,10 +396,10 @@ def _load_torchvision(path: str, where: str, strict: bool) -> dict[str, Any]:
 
 def _load_simclr_dist(uri: str, where: str, strict: bool) -> dict[str, Any]:
     # imported here: train pulls in the data/Ray-side modules, not needed by the external formats
-    from simclr_dist.checkpoints import latest_checkpoint, read_complete
     from simclr_dist.config import PretrainConfig
     from simclr_dist.data.datasets import dataset_info
-    from simclr_dist.train import MANIFEST_FILE, build_model, load_checkpoint
+    from simclr_dist.run.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint, read_complete
+    from simclr_dist.run.step import build_model
 
     try:
         if read_complete(uri) is None:
@@ -475,7 +459,7 @@ def load_pretrained(spec: str, *, strict: bool = True, log: Log | None = None) -
 # ---------------------------------------------------------------------------- init of a training run
 def init_from_pretrained(model: nn.Module, spec: str, *, strict: bool = True, log: Log | None = None
                          ) -> PretrainedEncoder:
-    """Initialise a :class:`~simclr_dist.models.SimCLRModel` (``.encoder``, ``.head``) from ``spec`` before the
+    """Initialise a :class:`~simclr_dist.core.models.SimCLRModel` (``.encoder``, ``.head``) from ``spec`` before the
     first step of a pretraining run (``--pretrained``; a resumed run restores its own checkpoint instead).
 
     The run's encoder must have the import's architecture (same keys and shapes: choose ``--arch``/``--width``/

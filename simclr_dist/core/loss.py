@@ -10,66 +10,13 @@ gradient of one process with batch W*B.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["gather_with_grad", "ntxent_logits", "nt_xent", "NTXentLoss"]
+from simclr_dist.core.dist import gather_with_grad, rank_world
+
+__all__ = ["ntxent_logits", "nt_xent", "NTXentLoss"]
 
 _HALF = (torch.float16, torch.bfloat16)
-_MAX_DIMS = 8  # shape check payload: [ndim, *shape, padding]
-
-
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size), or (0, 1) when not running distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _check_equal_shapes(x: torch.Tensor, world: int) -> None:
-    """all_gather needs equal shapes; mismatches would hang or corrupt, so fail loudly on every rank."""
-    if x.dim() > _MAX_DIMS:
-        raise ValueError(f"gather_with_grad supports at most {_MAX_DIMS} dims, got shape {tuple(x.shape)}")
-    meta = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.long, device=x.device)
-    meta[0] = x.dim()
-    meta[1 : 1 + x.dim()] = torch.tensor(x.shape, dtype=torch.long)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta)
-    shapes = [tuple(m[1 : 1 + int(m[0])].tolist()) for m in metas]
-    if any(s != shapes[0] for s in shapes):
-        raise ValueError(f"gather_with_grad requires equal shapes on all ranks, got {shapes} (rank order)")
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather forward; backward sums the gradient over ranks and keeps this rank's slice.
-
-    Every rank's loss depends on every rank's embeddings, so d(sum_r L_r)/dz_local is the
-    all-reduced (summed) gradient. DDP then averages parameter gradients, giving
-    d(mean_r L_r)/dθ == the single-process gradient on the concatenated batch.
-    Uses all_reduce (not reduce_scatter) so it also works on gloo.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        rank, world = _rank_world()
-        _check_equal_shapes(x, world)
-        ctx.rank, ctx.batch = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad_out.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad.narrow(0, ctx.rank * ctx.batch, ctx.batch)
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) -> (W*B, D) in rank order, differentiable; identity when not distributed or W == 1."""
-    if _rank_world()[1] == 1:
-        return x
-    return _GatherWithGrad.apply(x)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -92,7 +39,7 @@ def ntxent_logits(
     if z1.dim() != 2 or z1.shape[0] < 1:
         raise ValueError(f"expected (B, D) projections with B >= 1, got shape {tuple(z1.shape)}")
 
-    rank, world = _rank_world() if gather else (0, 1)
+    rank, world = rank_world() if gather else (0, 1)
     b = z1.shape[0]
     z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)]) if world > 1 else torch.cat([z1, z2])

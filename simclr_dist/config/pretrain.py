@@ -1,0 +1,164 @@
+"""The pretraining job's configuration: its flags, their rules, and the dataset-dependent defaults.
+
+Why one class: each bad input must fail *before* any Ray resources are claimed, with one line naming the
+culprit. Fields left at ``None`` mean "the dataset's default" and are filled by :meth:`PretrainConfig.resolved`,
+so ``python -m simclr_dist.pretrain`` with no flags is the small, fast digits run, while ``--dataset imagenet``
+gets paper-sized defaults without the user restating them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from simclr_dist.core.models import ARCHS
+from simclr_dist.core.precision import PRECISIONS
+from simclr_dist.data.datasets import DATASETS, dataset_info
+from simclr_dist.config.base import JobConfig, bad, check_plain_name, flag, is_uri, parse_into, parse_spec
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+LR_SCALING = ("linear", "sqrt", "none")
+LOADERS = ("auto", "torch", "ffcv")
+KNN_SPLITS = ("test", "val")
+
+# Fields that change the network's shapes: a run may not be resumed with different values.
+ARCH_FIELDS = ("arch", "width", "cifar_stem", "proj_hidden_dim", "proj_out_dim")
+
+
+def dataset_names() -> tuple[str, ...]:
+    return tuple(DATASETS)
+
+
+def _embedded(dataset: str) -> bool:
+    return dataset in DATASETS and DATASETS[dataset].embedded
+
+
+@dataclass
+class PretrainConfig(JobConfig):
+    # data
+    dataset: str = flag("digits", "dataset: digits (embedded, no download), cifar10, cifar100, stl10, imagenet, imagefolder", choices=dataset_names, what="dataset")
+    data_root: str | None = flag(None, "directory holding the dataset (not needed for digits)")
+    download: bool = flag(False, "let torchvision download cifar10/cifar100/stl10 into --data-root")
+    split: str | None = flag(None, "split to pretrain on (default: the dataset's pretraining split, e.g. stl10 'unlabeled')")
+    image_size: int | None = flag(None, "training resolution in pixels (default: the dataset's, 24 for digits)", ge=8)
+    augment: str | None = flag(None, "comma-separated augmentation components, e.g. crop,flip,color,gray,blur "
+                                   "(default: the paper's recipe adapted to the dataset)")
+    jitter_strength: float | None = flag(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)", ge=0, le=2.5)
+    loader_workers: int = flag(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
+                                "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)", ge=0)
+    loader: str = flag("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
+                             "when --beton is given or the dataset is embedded (digits: each node converts it once "
+                             "into a cache, ~30%% faster end to end), else torch", choices=LOADERS, what="loader")
+    beton: str | None = flag(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
+                                 "comma list of shards (local disk)")
+    # model
+    arch: str = flag("resnet18", "backbone: resnet18, resnet34, resnet50", choices=ARCHS, what="architecture")
+    width: float | None = flag(None, "channel width multiplier of every ResNet stage (default 1.0; 0.25 for digits)", gt=0, le=8)
+    cifar_stem: bool | None = flag(None, "3x3 stride-1 first conv and no max-pool (default: on for images <= 64 px)")
+    proj_hidden_dim: int | None = flag(None, "projection head hidden size (default: the encoder's feature size)")
+    proj_out_dim: int = flag(128, "projection head output size")
+    sync_bn: bool = flag(False, "synchronise BatchNorm statistics across workers (the paper's global BN)")
+    pretrained: str | None = flag(None, "initialise the encoder (and a same-layout projection head) from "
+                                      "FORMAT:PATH_OR_URI before the first step, FORMAT one of simclr-v1, spijkervet, "
+                                      "torchvision, simclr-dist (a resumed run restores its own checkpoint instead)")
+    pretrained_strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
+                                       "mismatch)")
+    # objective and optimisation
+    temperature: float = flag(0.5, "NT-Xent temperature (paper: 0.1 at large batch on ImageNet, 0.5 on CIFAR)", gt=0)
+    batch_size: int = flag(128, "global batch size (images per step over all workers; each contributes two views)")
+    epochs: int | None = flag(None, "training epochs (default: 100; 20 for digits)", ge=1)
+    optimizer: str = flag("lars", "optimizer: lars, sgd, adamw", choices=OPTIMIZERS, what="optimizer")
+    lr_scaling: str | None = flag(None, "lr = base_lr*batch/256 (linear), base_lr*sqrt(batch) (sqrt) or base_lr (none); "
+                                      "default: sqrt below a global batch of 1024, linear above (SimCLR appendix B.1)", choices=LR_SCALING, what="rule")
+    base_lr: float | None = flag(None, "learning rate before scaling (default: 0.3 for linear, 0.075 for sqrt scaling)", gt=0)
+    weight_decay: float = flag(1e-6, "weight decay (not applied to biases and BatchNorm parameters)", ge=0)
+    momentum: float = flag(0.9, "momentum of lars/sgd")
+    warmup_epochs: float | None = flag(None, "linear warm-up epochs before the cosine decay (default: 10%% of epochs, at most 10)")
+    precision: str = flag("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16, fp16", choices=PRECISIONS, what="precision")
+    channels_last: bool | None = flag(None, "channels_last memory format (default: on for GPU)")
+    compile: bool = flag(False, "torch.compile the model")
+    seed: int = flag(0, "seed of model init, data order and augmentation")
+    # cluster
+    num_workers: int = flag(2, "Ray Train workers (one process each, DDP)", ge=1)
+    use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
+    cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)", gt=0)
+    ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    # checkpoints and fault tolerance
+    storage_path: str = flag("./runs", "checkpoint storage: a local/NFS directory, s3://bucket/prefix or gs://bucket/prefix")
+    name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: simclr-<dataset>-<arch>)")
+    checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last)", ge=1)
+    num_to_keep: int = flag(2, "checkpoints kept in storage (the newest are kept)", ge=1)
+    max_failures: int = flag(1, "worker failures the run survives by restarting from the last checkpoint (-1: unlimited)", ge=-1)
+    summary_json: str | None = flag(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")
+    # monitoring and evaluation
+    log_every: int = flag(10, "print progress (and check the loss is finite) every N steps", ge=1)
+    knn_every: int = flag(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
+    knn_k: int = flag(200, "neighbours of the kNN monitor", ge=1)
+    knn_temperature: float = flag(0.1, "temperature of the kNN monitor's weighted vote")
+    knn_split: str = flag("test", "queries of the kNN monitor: test (the held-out test split; metrics knn_top1/5) or val "
+                                "(a fixed class-stratified 20%% of the labelled train split, the other 80%% the bank; "
+                                "metrics val_knn_top1/5): what sweeps select on, never the test split", choices=KNN_SPLITS, what="split")
+    verbose: bool = flag(False, "show Ray Train's INFO logs (worker placement, every report)")
+    chaos_kill_step: int = flag(-1, "fault drill: SIGKILL the last worker once, at this global step (-1: off)")
+    chaos_kill_in_upload: int = flag(-1, "fault drill: kill rank 0 halfway through uploading this epoch's checkpoint (-1: off)")
+    chaos_nan_step: int = flag(-1, "fault drill: make the loss NaN at this global step to exercise the stop (-1: off)")
+
+    # ------------------------------------------------------------------ defaults
+    def resolved(self) -> "PretrainConfig":
+        """Fill every ``None`` default from the dataset's preset (a copy; idempotent)."""
+
+        cfg = dataclasses.replace(self)
+        if cfg.dataset not in DATASETS:
+            bad("dataset", f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
+        info = dataset_info(cfg.dataset)
+        tiny = cfg.dataset == "digits"
+        cfg.split = cfg.split or info.pretrain_split
+        cfg.image_size = cfg.image_size or (24 if tiny else info.image_size)
+        cfg.width = cfg.width if cfg.width is not None else (0.25 if tiny else 1.0)
+        cfg.cifar_stem = cfg.cifar_stem if cfg.cifar_stem is not None else cfg.image_size <= 64
+        cfg.epochs = cfg.epochs if cfg.epochs is not None else (20 if tiny else 100)
+        cfg.lr_scaling = cfg.lr_scaling or ("sqrt" if cfg.batch_size < 1024 else "linear")
+        if cfg.base_lr is None:
+            cfg.base_lr = {"linear": 0.3, "sqrt": 0.075, "none": 0.3}[cfg.lr_scaling]
+        if cfg.warmup_epochs is None:
+            cfg.warmup_epochs = min(10.0, 0.1 * cfg.epochs)
+        cfg.name = cfg.name or f"simclr-{cfg.dataset}-{cfg.arch}"
+        if cfg.loader == "auto":
+            cfg.loader = "ffcv" if cfg.beton or info.embedded else "torch"
+        if not is_uri(cfg.storage_path):
+            cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+        return cfg
+
+    # ------------------------------------------------------------------ validation
+    def check(self) -> None:
+        """The rules that relate fields (each field's own rules are in its ``flag(...)``)."""
+        if self.batch_size % self.num_workers:
+            bad("batch_size", f"{self.batch_size} is not divisible by --num-workers {self.num_workers}")
+        if self.batch_size // self.num_workers < 2:
+            bad("batch_size", f"{self.batch_size} gives {self.batch_size // self.num_workers} image(s) per worker; "
+                              "NT-Xent needs at least 2 per worker")
+        if self.warmup_epochs is not None and self.epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
+            bad("warmup_epochs", f"must be within [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset):
+            bad("loader", "ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
+        if self.loader == "torch" and self.beton:
+            bad("beton", "is only read by --loader ffcv (or auto); drop it or choose --loader ffcv")
+        if self.augment is not None:
+            from simclr_dist.data.augment import parse_components
+            try:
+                parse_components(self.augment)
+            except ValueError as e:
+                bad("augment", str(e))
+        if self.pretrained is not None:
+            parse_spec(self.pretrained)
+        check_plain_name(self.name)
+
+    def arch_signature(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ARCH_FIELDS}
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    return parse_into(PretrainConfig, argv, "python -m simclr_dist.pretrain",
+                      "SimCLR pretraining on Ray Train (DDP workers, all-gather NT-Xent).")

@@ -1,0 +1,35 @@
+"""Fault drills: kill a worker at a chosen moment, once per run, to prove that resume works.
+
+Why a marker in storage: a drill must fire once per *run*, not once per attempt, or the restarted worker would
+kill itself again; the run directory is the one place every attempt (and every node) shares.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+from simclr_dist.console import emit
+from simclr_dist.run import storage
+
+
+def chaos_once(run_uri: str, what: str, before: Callable[[], None] | None = None) -> None:
+    """Kill this process the first time drill ``what`` fires in the run at ``run_uri``."""
+    marker = storage.join(run_uri, f".chaos-{what}-done")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"done\n")
+    if before is not None:
+        before()
+    emit(f"[simclr] chaos ({what}): killing worker pid {os.getpid()}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def chaos_kill(run_uri: str) -> None:
+    """SIGKILL this Ray Train worker (once per run) after every reported checkpoint is registered, so the drill
+    always exercises "resume from the last checkpoint" rather than racing the controller's poll."""
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    chaos_once(run_uri, "kill")
