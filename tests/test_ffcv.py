@@ -294,3 +294,101 @@ def test_pretraining_epoch_on_ray_reads_the_beton(ray_cluster, tiny_args, tmp_pa
     assert (h["epoch"], h["step"]) == (1, 360 // 64)
     assert 0 < h["loss"] < 10
     assert glob.glob(str(tmp_path / "runs" / "ffcv" / "checkpoint_*"))
+
+
+# ---------------------------------------------------------------------------- the CPU side against reference ops
+def _smooth_image(rng, w: int, h: int) -> Image.Image:
+    coarse = rng.integers(0, 256, size=(max(2, h // 12), max(2, w // 12), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture(scope="module")
+def photo_beton(tmp_path_factory):
+    """Stored as JPEG (large) and raw (small, under the 'smart' threshold); sample i is alone in class i."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(4)
+    for i, (w, h) in enumerate([(300, 260), (520, 400), (40, 30), (5, 7), (200, 150), (640, 480), (64, 90), (260, 300)]):
+        d = root / "train" / f"c{i:03d}"
+        d.mkdir(parents=True)
+        _smooth_image(rng, w, h).save(d / "img.png")
+    out = tmp_path_factory.mktemp("photo-beton") / "photos.beton"
+    return convert(ConvertSpec(dataset="imagefolder", split="train", data_root=str(root), out=str(out), num_workers=1,
+                               progress=False)).files[0]
+
+
+def _stored_images(beton: str) -> list[tuple[np.ndarray, bool]]:
+    """(raw bytes of the stored image, is JPEG) per sample, read straight from the file."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    reader = Reader(beton)
+    meta, table = reader.metadata["f0"], reader.alloc_table
+    size = dict(zip(table["ptr"].tolist(), table["size"].tolist()))
+    data = np.fromfile(beton, np.uint8)
+    return [(data[int(m["data_ptr"]):int(m["data_ptr"]) + size[int(m["data_ptr"])]], m["mode"] == IMAGE_MODES["jpg"],
+             int(m["height"]), int(m["width"])) for m in meta]
+
+
+def _decode(stored: np.ndarray, jpeg: bool, h: int, w: int, d: int) -> np.ndarray:
+    from ffcv.libffcv import imdecode
+
+    if not jpeg:
+        return stored.reshape(h, w, 3)
+    hs, ws = -(-h // d), -(-w // d)
+    out = np.empty(hs * ws * 3, np.uint8)
+    imdecode(stored, out, h, w, h, w, 0, 0, 1, d, False, False)
+    return out.reshape(hs, ws, 3)
+
+
+@pytest.mark.parametrize("resample", ["linear", "area"])
+def test_views_equal_reference_crop_and_resize(photo_beton, resample):
+    """Each uint8 view is the seeded crop box of its sample (torchvision's RandomResizedCrop algorithm from
+    (seed, epoch, sample, view)), cut from the image decoded once - at 1/d scale when both boxes keep >= S pixels a
+    side - and resized by the chosen kernel; with the antialiased kernel, reduced-scale views stay close to
+    full-resolution ones (bilinear aliases differently at each scale when it shrinks by more than 2x)."""
+    import cv2
+    import numba
+    from ffcv.libffcv import resize_crop
+
+    from simclr_dist.data.ffcv_decode import decode_scale, make_crop_fn, mix64, scaled_box
+
+    size, seed, epoch = 32, 3, 5
+    ld = build_pretrain_loader(spec(photo_beton, world=1, image_size=size, augment="crop", seed=seed,
+                                    resample=resample))
+    ld.set_epoch(epoch)
+    stored = _stored_images(photo_beton)
+    crop, epoch_seed = numba.njit(make_crop_fn(ld.augment.crop_scale)), np.uint64(mix64(seed, epoch))
+    scales, seen = [], 0
+    for views, labels in ld.cpu_batches():
+        assert views.shape == (BATCH, 2, size, size, 3) and views.dtype == torch.uint8
+        for b, sample in enumerate(labels.reshape(-1).tolist()):
+            data, jpeg, h, w = stored[sample]
+            boxes = [crop(epoch_seed, np.uint64(sample), np.uint64(v), np.uint32(h), np.uint32(w)) for v in (0, 1)]
+            d = decode_scale(size, boxes[0][2], boxes[0][3], boxes[1][2], boxes[1][3], True) if jpeg else 1
+            scales.append(d)
+            image = _decode(data, jpeg, h, w, d)
+            for v, (i, j, bh, bw) in enumerate(boxes):
+                (r0, r1), (c0, c1) = scaled_box(i, bh, d, image.shape[0]), scaled_box(j, bw, d, image.shape[1])
+                if resample == "area":
+                    ref = np.empty((size, size, 3), np.uint8)
+                    resize_crop(np.ascontiguousarray(image), r0, r1, c0, c1, ref)
+                else:
+                    ref = cv2.resize(image[r0:r1, c0:c1], (size, size), interpolation=cv2.INTER_LINEAR)
+                got = views[b, v].numpy().astype(int)
+                assert np.abs(got - ref).max() <= 1, (sample, v, d)
+                if d > 1 and resample == "area":  # the reduced-scale decode shows the full-resolution picture
+                    full = np.empty((size, size, 3), np.uint8)  # of the box as snapped to whole pixels at 1/d
+                    resize_crop(_decode(data, jpeg, h, w, 1), r0 * d, min(h, r1 * d), c0 * d, min(w, c1 * d), full)
+                    assert np.abs(got - full).mean() < 4, (sample, v, d)  # another crop: ~40
+            seen += 1
+    assert seen == len(ld) * BATCH and 1 in scales and max(scales) > 1
+
+
+def test_decode_scale_only_when_both_crops_keep_the_output_size():
+    from simclr_dist.data.ffcv_decode import decode_scale, scaled_box
+
+    assert decode_scale(224, 448, 500, 460, 449, True) == 2
+    assert decode_scale(224, 448, 500, 447, 449, True) == 1  # one side of the second box is 1 px short
+    assert decode_scale(32, 256, 300, 260, 512, True) == 8 and decode_scale(32, 255, 300, 260, 512, True) == 4
+    assert decode_scale(32, 256, 300, 260, 512, False) == 1
+    assert scaled_box(3, 10, 2, 100) == (1, 7) and scaled_box(90, 11, 4, 26) == (22, 26)  # covers, within the image

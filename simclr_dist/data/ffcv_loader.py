@@ -1,9 +1,9 @@
 """Two-view SimCLR loader over FFCV ``.beton`` file(s), behind the same interface as the torch loader.
 
 Pipeline per batch: FFCV reads pages through the OS cache (``os_cache=True``) and, in numba-compiled parallel
-code, decodes each image and crops + resizes it **twice** - two decoder pipelines on the one ``image`` field
-(``image`` and ``image2``) - so a view costs one decode of the stored image. The rest of the recipe runs as
-batched tensor ops on the training device (:mod:`simclr_dist.data.gpu_augment`; why: README "FFCV data path").
+code, decodes each image once and crops + resizes it twice (:mod:`simclr_dist.data.ffcv_decode`). The rest of the
+recipe runs as batched tensor ops on the training device (:mod:`simclr_dist.data.gpu_augment`; why: README
+"FFCV data path").
 
 Reproducibility (a resumed epoch is replayed exactly): the order is a permutation drawn from (seed, epoch),
 sharded by rank like ``DistributedSampler(drop_last=True)``; crop boxes come from a counter-based hash of
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import math
 import os
 import re
 import sys
@@ -32,12 +31,12 @@ import numpy as np
 import torch
 
 from simclr_dist.data.datasets import DatasetError
+from simclr_dist.data.ffcv_decode import EpochSeed, mix64, two_view_decoder
 
 if TYPE_CHECKING:
     from simclr_dist.data.loaders import LoaderSpec
 
-IMAGE_FIELD, LABEL_FIELD, IMAGE2 = "image", "label", "image2"
-CROP_RATIO = (3 / 4, 4 / 3)
+IMAGE_FIELD, LABEL_FIELD = "image", "label"
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<k>\d{5})-of-(?P<n>\d{5})\.beton$")
 
 
@@ -279,17 +278,7 @@ def _sharded_sources(files: Sequence[str]) -> Iterator[None]:
             ffl.Reader, ffl.OSCacheManager = saved
 
 
-# ---------------------------------------------------------------------------- order and crops
-def _mix64(*xs: int) -> int:
-    """splitmix64 over the arguments: well-spread 64-bit seeds from (seed, rank, epoch, ...)."""
-    z = 0x9E3779B97F4A7C15
-    for x in xs:
-        z = (z ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        z ^= z >> 31
-    return z
-
-
+# ---------------------------------------------------------------------------- order
 def rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
     """FFCV instantiates ``order(loader)`` when ``order`` is a TraversalOrder instance: this factory is one."""
     from ffcv.traversal_order.base import TraversalOrder
@@ -313,125 +302,6 @@ def rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
             raise TypeError("factory only")
 
     return Factory()
-
-
-class EpochSeed:
-    """A 64-bit seed that compiled decoders read at run time (through its address), so ``set_epoch`` takes effect
-    without recompiling (numba freezes closure arrays as constants)."""
-
-    def __init__(self) -> None:
-        self.cell = np.zeros(1, np.uint64)
-        self.address = int(self.cell.ctypes.data)
-
-    def set(self, value: int) -> None:
-        self.cell[0] = np.uint64(value & 0xFFFFFFFFFFFFFFFF)
-
-
-def _load_u64():
-    from llvmlite import ir
-    from numba import types
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def load_u64(typingctx, address):
-        def codegen(context, builder, signature, args):
-            return builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))))
-        return types.uint64(address), codegen
-
-    return load_u64
-
-
-def _seeded_crop_decoder(output_size: int, scale: tuple[float, float], seed: EpochSeed, salt: int) -> Any:
-    """FFCV's RandomResizedCrop decoder with crop boxes hashed from (epoch seed, sample id, view)."""
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-    from ffcv.libffcv import imdecode, resize_crop
-    from ffcv.pipeline.compiler import Compiler
-
-    class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
-        def __init__(self) -> None:
-            super().__init__((output_size, output_size))
-            self.scale, self.ratio = scale, CROP_RATIO
-
-        @property
-        def get_crop_generator(self) -> Any:
-            raise NotImplementedError  # generate_code below draws the crop itself
-
-        def generate_code(self) -> Any:
-            jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
-            imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-            crop_c = Compiler.compile(_make_crop_fn(scale, CROP_RATIO))
-            load_u64, address, view = _load_u64(), seed.address, np.uint64(salt)
-
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
-                epoch_seed = load_u64(address)
-                for dst_ix in my_range(len(batch_indices)):
-                    source_ix = batch_indices[dst_ix]
-                    field = metadata[source_ix]
-                    image_data = mem_read(field["data_ptr"], storage_state)
-                    height, width = np.uint32(field["height"]), np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
-                    else:
-                        temp_buffer = image_data.reshape(height, width, 3)
-                    i, j, h, w = crop_c(epoch_seed, np.uint64(source_ix), view, height, width)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                return destination[: len(batch_indices)]
-
-            decode.is_parallel = True
-            return decode
-
-    return SeededRandomResizedCrop()
-
-
-def _make_crop_fn(scale: tuple[float, float], ratio: tuple[float, float]) -> Any:
-    """torchvision's RandomResizedCrop.get_params (10 tries, then the centre crop), drawing from splitmix64."""
-    s0, s1 = float(scale[0]), float(scale[1])
-    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
-    golden, m1, m2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-    r30, r27, r31, r11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
-
-    from ffcv.pipeline.compiler import Compiler
-
-    def mix(z):
-        z = (z ^ (z >> r30)) * m1
-        z = (z ^ (z >> r27)) * m2
-        return z ^ (z >> r31)
-
-    mix = Compiler.compile(mix)
-
-    def crop(epoch_seed, sample, view, height, width):
-        state = mix(epoch_seed ^ mix(sample * golden + view))
-        area = np.float64(height) * np.float64(width)
-        for _ in range(10):
-            state = state + golden
-            u1 = np.float64(mix(state) >> r11) * 2.0 ** -53
-            state = state + golden
-            u2 = np.float64(mix(state) >> r11) * 2.0 ** -53
-            target_area = area * (s0 + (s1 - s0) * u1)
-            aspect = np.exp(lr0 + (lr1 - lr0) * u2)
-            w = int(round(np.sqrt(target_area * aspect)))
-            h = int(round(np.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                state = state + golden
-                u3 = np.float64(mix(state) >> r11) * 2.0 ** -53
-                state = state + golden
-                u4 = np.float64(mix(state) >> r11) * 2.0 ** -53
-                return int(u3 * (height - h + 1)), int(u4 * (width - w + 1)), h, w
-        in_ratio = np.float64(width) / np.float64(height)
-        if in_ratio < ratio[0]:
-            w = int(width)
-            h = int(round(w / ratio[0]))
-        elif in_ratio > ratio[1]:
-            h = int(height)
-            w = int(round(h * ratio[1]))
-        else:
-            w, h = int(width), int(height)
-        return (int(height) - h) // 2, (int(width) - w) // 2, h, w
-
-    return crop
 
 
 # ---------------------------------------------------------------------------- the loader
@@ -467,13 +337,14 @@ def _default_device(spec: "LoaderSpec") -> torch.device:
 
 
 class FFCVPretrainLoader:
-    """``len()``, ``set_epoch(epoch)`` and iteration over ``(view1, view2, label)`` like ``TorchPretrainLoader``."""
+    """``len()``, ``set_epoch(epoch)`` and iteration over ``(view1, view2, label)`` like ``TorchPretrainLoader``.
+
+    Two stages: :meth:`cpu_batches` is the CPU side (FFCV's compiled decode + two crops per image, uint8), the
+    iteration adds the rest of the recipe as batched tensor ops on ``self.device`` (:mod:`gpu_augment`)."""
 
     def __init__(self, spec: "LoaderSpec", batches_ahead: int = 3):
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader
-        from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToDevice, ToTensor
 
         from simclr_dist.data.augment import default_augment
@@ -495,24 +366,17 @@ class FFCVPretrainLoader:
         self.views = BatchedViewAugment(self.augment, self.device)
         self.generator = torch.Generator(device=self.device)
         self.seed = EpochSeed()
-        size = self.augment.image_size
-
-        def view_pipeline(salt: int) -> list:
-            if "crop" in self.augment.components:
-                decoder = _seeded_crop_decoder(size, self.augment.crop_scale, self.seed, salt)
-            else:  # the torch path's Resize(shorter side) + CenterCrop, in one decode
-                decoder = CenterCropRGBImageDecoder((size, size), ratio=1.0)
-            to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
-            return [decoder, ToTensor(), *to_device]
-
-        first, second = view_pipeline(0), view_pipeline(1)
-        pipelines = {IMAGE_FIELD: first, LABEL_FIELD: [IntDecoder(), ToTensor()],
-                     IMAGE2: PipelineSpec(IMAGE_FIELD, decoder=second[0], transforms=second[1:])}
+        crop_scale = self.augment.crop_scale if "crop" in self.augment.components else None
+        decoder = two_view_decoder(self.augment.image_size, crop_scale, self.seed, scaled_decode=spec.scaled_decode,
+                                   resample=spec.resample)
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+        pipelines = {IMAGE_FIELD: [decoder, ToTensor(), *to_device], LABEL_FIELD: [IntDecoder(), ToTensor()]}
         with _sharded_sources(self.files):
             self.loader = Loader(self.files[0], batch_size=spec.batch_size, num_workers=self.threads, os_cache=True,
                                  order=rank_sharded_order(spec.rank, spec.world_size, spec.seed),
                                  distributed=spec.world_size > 1, seed=spec.seed, pipelines=pipelines,
                                  drop_last=True, batches_ahead=batches_ahead)
+        _reuse_buffers(self.loader)
         self.outputs = {name: i for i, name in enumerate(self.loader.pipeline_specs)}
         self.epoch = 0
         self._live: Any = None
@@ -523,8 +387,8 @@ class FFCVPretrainLoader:
     def _apply_epoch(self, epoch: int) -> None:
         s = self.spec
         self.loader.next_epoch = epoch                     # the order: (seed, epoch)
-        self.seed.set(_mix64(s.seed, epoch))               # the crops: (seed, epoch, sample, view)
-        self.generator.manual_seed(_mix64(s.seed, s.rank, epoch) >> 1)  # the tensor ops: (seed, rank, epoch)
+        self.seed.set(mix64(s.seed, epoch))                # the crops: (seed, epoch, sample, view)
+        self.generator.manual_seed(mix64(s.seed, s.rank, epoch) >> 1)  # the tensor ops: (seed, rank, epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -536,26 +400,48 @@ class FFCVPretrainLoader:
             self._live.join()
             self._live = None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def cpu_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The next epoch's CPU side: ``(views, labels)`` with uint8 views ``(B, 2, S, S, 3)`` (on ``self.device``
+        when it is a GPU). Both are FFCV's reused buffers, valid until ``batches_ahead`` batches later."""
         self._close_live()
         _record_thread_errors()
         self._apply_epoch(self.epoch)
         self.epoch += 1  # iterating again without set_epoch gives the next epoch, as FFCV does
-        self._live = iter(self.loader)
-        return self._batches(self._live)
-
-    def _batches(self, it: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cuda":  # the reused device buffers may still be read by the last epoch's kernels
+            torch.cuda.current_stream(self.device).synchronize()
+        self._live = it = iter(self.loader)
         o = self.outputs
         try:
             for batch in _drain(it):
-                # FFCV reuses its output buffers a few batches later: the views are fresh tensors, the label a copy.
-                with _single_threaded(self.device.type == "cpu"):
-                    v1 = self.views(batch[o[IMAGE_FIELD]], self.generator)
-                    v2 = self.views(batch[o[IMAGE2]], self.generator)
-                yield v1, v2, batch[o[LABEL_FIELD]].reshape(-1).clone()
+                yield batch[o[IMAGE_FIELD]], batch[o[LABEL_FIELD]]
         finally:
             if self._live is it:
                 self._close_live()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for views, labels in self.cpu_batches():
+            # FFCV reuses its output buffers a few batches later: the views are fresh tensors, the label a copy.
+            with _single_threaded(self.device.type == "cpu"):
+                v1 = self.views(views[:, 0], self.generator)
+                v2 = self.views(views[:, 1], self.generator)
+            yield v1, v2, labels.reshape(-1).clone()
+
+
+def _reuse_buffers(loader: Any) -> None:
+    """Allocate FFCV's batch buffers (pinned where CUDA exists) once per loader instead of once per epoch.
+
+    FFCV's ``EpochIterator`` asks the pipeline graph for fresh buffers at every epoch: ``batches_ahead + 2`` slots of
+    every output and every decode scratch area (a max-size image per sample), pinned and first touched anew. The
+    loader runs one epoch at a time (the previous epoch's thread is joined first), so one set serves every epoch."""
+    graph, cache = loader.graph, {}
+    allocate = graph.allocate_memory
+
+    def reuse(batch_size: int, batches_ahead: int) -> Any:
+        if (batch_size, batches_ahead) not in cache:
+            cache[batch_size, batches_ahead] = allocate(batch_size, batches_ahead)
+        return cache[batch_size, batches_ahead]
+
+    graph.allocate_memory = reuse
 
 
 @contextlib.contextmanager

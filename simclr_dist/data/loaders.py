@@ -34,6 +34,8 @@ class LoaderSpec:
     backend: str = "torch"       # "torch" | "ffcv" (the resolved --loader)
     beton: str | None = None     # .beton path, list or glob (ffcv)
     device: str | None = None    # where ffcv's batched augmentation runs; None: the Ray Train device
+    scaled_decode: bool = True   # ffcv: reduced-scale JPEG decode when both crops allow it (see data/ffcv_decode.py)
+    resample: str = "linear"     # ffcv: crop resize kernel, linear | area (see data/ffcv_decode.py)
 
 
 def _seed_worker(worker_id: int) -> None:
