@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.common import Row, format_table, machine_info, median, sync
 from bench.gpu import make_image_folder, matmul_tflops, peak_tflops

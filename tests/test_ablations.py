@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from simclr_dist.config import ConfigError, PretrainConfig, parse_config
 from simclr_dist.core.loss import NTXentLoss, nt_xent
-from simclr_dist.core.val_probe import probe_accuracy
+from simclr_dist.core.probe import probe_accuracy
 
 
 def raw_dot_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

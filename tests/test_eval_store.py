@@ -5,7 +5,6 @@ watcher restarts, printed by ``evaluate --run``; the index on a real S3-compatib
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess

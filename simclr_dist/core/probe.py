@@ -70,3 +70,19 @@ def select_l2(fit_x: Tensor, fit_y: Tensor, val_x: Tensor, val_y: Tensor, *, num
         log(f"[eval] linear probe: L2 {l2:g} -> validation top-1 {val_acc[f'{l2:g}']:.4f}")
     best = max(l2_grid, key=lambda l2: (val_acc[f"{l2:g}"], l2))
     return best, val_acc
+
+
+# The pretraining loop's quick probe (``--linear-probe``): one fixed L2 and a capped iteration count keep it cheap
+# enough for every evaluation of a CPU sweep, and score every trial the same way; the evaluation command's probe
+# (which also chooses L2 with select_l2) is the one to report.
+PROBE_L2 = 1e-4       # on standardised features
+PROBE_MAX_ITER = 100  # L-BFGS iterations: the convex fit has converged to well under a query's worth of accuracy
+
+
+def probe_accuracy(fit_x: Tensor, fit_y: Tensor, query_x: Tensor, query_y: Tensor, *,
+                   num_classes: int) -> dict[str, float]:
+    """Top-1/top-5 accuracy on the queries of a probe fitted on (fit_x, fit_y) with PROBE_L2; all on the CPU."""
+    fit_x, fit_y, query_x, query_y = (t.detach().cpu() for t in (fit_x, fit_y, query_x, query_y))
+    clf = fit_logistic(fit_x, fit_y.long(), num_classes=num_classes, l2=PROBE_L2, max_iter=PROBE_MAX_ITER)
+    top1, top5 = topk_accuracy(clf.logits(query_x), query_y.long())
+    return {"linear_top1": top1, "linear_top5": top5}

@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simclr_dist.config import PretrainConfig
 from simclr_dist.console import emit
-from simclr_dist.core.dist import max_across, mean_across
+from simclr_dist.core.dist import mean_across
 from simclr_dist.core.knn import extract_features_distributed, knn_accuracy
-from simclr_dist.core.val_probe import probe_accuracy
+from simclr_dist.core.probe import probe_accuracy
 from simclr_dist.core.precision import Precision
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset

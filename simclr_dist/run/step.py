@@ -37,6 +37,17 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      phase: Phase = _noop) -> None:
+    """Backward (scaled for fp16, a no-op scale otherwise) and one optimizer step: the tail both steps share."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    phase("backward")
+    scaler.step(optimizer)
+    scaler.update()
+    phase("optimizer")
+
+
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   v1: Tensor, v2: Tensor, *, temperature: float, precision: Precision, device: torch.device,
                   channels_last: bool = False, poison: bool = False, normalize: bool = True,
@@ -57,12 +68,7 @@ def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     if poison:
         loss = loss * float("nan")
     phase("loss")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    phase("backward")
-    scaler.step(optimizer)
-    scaler.update()
-    phase("optimizer")
+    backward_and_step(loss, optimizer, scaler, phase)
     return loss.detach()
 
 
@@ -80,12 +86,7 @@ def classify_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     phase("forward")
     loss = F.cross_entropy(logits, y)
     phase("loss")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    phase("backward")
-    scaler.step(optimizer)
-    scaler.update()
-    phase("optimizer")
+    backward_and_step(loss, optimizer, scaler, phase)
     n = torch.tensor(float(len(y)), dtype=torch.float64, device=device)
     correct = (logits.detach().argmax(1) == y).sum().to(torch.float64)
     return torch.stack([loss.detach().to(torch.float64) * n, correct, n])
