@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from simclr_dist.data.datasets import DatasetError
+from simclr_dist.data.epoch_order import batch_seed
 from simclr_dist.data.ffcv_decode import EpochSeed, mix64, two_view_decoder
 
 if TYPE_CHECKING:
@@ -284,12 +285,16 @@ def rank_sharded_order(rank: int, world_size: int, seed: int) -> Any:
     from ffcv.traversal_order.base import TraversalOrder
 
     class RankSharded(TraversalOrder):
-        """A permutation of (seed, epoch), cut to a multiple of world_size, then every world_size-th from rank."""
+        """A permutation of (seed, epoch), cut to a multiple of world_size, then every world_size-th from rank;
+        ``[start:stop]`` of it when set (a resumed epoch goes on at batch ``start / B``; FFCV's drop_last is only
+        its cut at ``len(loader) * B``, so a shortened order must end at ``stop`` itself)."""
+
+        start, stop = 0, None
 
         def sample_order(self, epoch: int) -> np.ndarray:
             n = len(self.indices)
             perm = np.random.default_rng([seed, epoch]).permutation(n)[: n // world_size * world_size]
-            return self.indices[perm[rank::world_size]]
+            return self.indices[perm[rank::world_size]][self.start:self.stop]
 
     class Factory(TraversalOrder):
         def __init__(self) -> None:  # no loader yet: FFCV calls us with it
@@ -378,17 +383,18 @@ class FFCVPretrainLoader:
                                  drop_last=True, batches_ahead=batches_ahead)
         _reuse_buffers(self.loader)
         self.outputs = {name: i for i, name in enumerate(self.loader.pipeline_specs)}
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self._live: Any = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def _apply_epoch(self, epoch: int) -> None:
         s = self.spec
         self.loader.next_epoch = epoch                     # the order: (seed, epoch)
+        order = self.loader.traversal_order
+        order.start, order.stop = self.start_batch * s.batch_size, len(self.loader) * s.batch_size
         self.seed.set(mix64(s.seed, epoch))                # the crops: (seed, epoch, sample, view)
-        self.generator.manual_seed(mix64(s.seed, s.rank, epoch) >> 1)  # the tensor ops: (seed, rank, epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -406,7 +412,7 @@ class FFCVPretrainLoader:
         self._close_live()
         _record_thread_errors()
         self._apply_epoch(self.epoch)
-        self.epoch += 1  # iterating again without set_epoch gives the next epoch, as FFCV does
+        self.epoch, self.start_batch = self.epoch + 1, 0  # iterating again without set_epoch: the next epoch
         if self.device.type == "cuda":  # the reused device buffers may still be read by the last epoch's kernels
             torch.cuda.current_stream(self.device).synchronize()
         self._live = it = iter(self.loader)
@@ -419,7 +425,10 @@ class FFCVPretrainLoader:
                 self._close_live()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for views, labels in self.cpu_batches():
+        epoch, first, s = self.epoch, self.start_batch, self.spec  # read before cpu_batches moves to the next epoch
+        for b, (views, labels) in enumerate(self.cpu_batches(), start=first):
+            # the tensor ops of batch b: (seed, rank, epoch, b), whether the epoch started at 0 or at b
+            self.generator.manual_seed(batch_seed(s.seed, s.rank, epoch, b))
             # FFCV reuses its output buffers a few batches later: the views are fresh tensors, the label a copy.
             with _single_threaded(self.device.type == "cpu"):
                 v1 = self.views(views[:, 0], self.generator)

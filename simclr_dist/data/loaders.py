@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from simclr_dist.data.augment import TwoViewDataset, TwoViewTransform, build_view_transform, default_augment
 from simclr_dist.data.datasets import dataset_info, load_dataset
+from simclr_dist.data.epoch_order import ResumableSampler, SeededItems, mix64
 
 
 @dataclass(frozen=True)
@@ -61,20 +62,19 @@ class TorchPretrainLoader:
         if len(self.dataset) < spec.batch_size * spec.world_size:
             raise ValueError(f"{spec.dataset}/{spec.split}: {len(self.dataset)} images is fewer than one global batch "
                              f"({spec.batch_size * spec.world_size}); lower --batch-size")
-        self.sampler = DistributedSampler(self.dataset, num_replicas=spec.world_size, rank=spec.rank,
-                                          shuffle=True, seed=spec.seed, drop_last=True)
+        self.sampler = ResumableSampler(self.dataset, num_replicas=spec.world_size, rank=spec.rank, seed=spec.seed,
+                                        batch_size=spec.batch_size)
         self.generator = torch.Generator()
-        self.loader = DataLoader(self.dataset, batch_size=spec.batch_size, sampler=self.sampler, drop_last=True,
+        self.loader = DataLoader(SeededItems(self.dataset), batch_size=spec.batch_size, sampler=self.sampler,
+                                 drop_last=True,
                                  num_workers=spec.num_workers, pin_memory=spec.pin_memory,
                                  persistent_workers=False, worker_init_fn=_seed_worker, generator=self.generator)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        # Augmentation draws: a function of (seed, rank, epoch) only, so a resumed epoch is replayed exactly.
-        aug_seed = (self.spec.seed * 1_000_003 + self.spec.rank * 10_007 + epoch) % 2**63
-        self.generator.manual_seed(aug_seed)
-        if self.spec.num_workers == 0:
-            torch.manual_seed(aug_seed)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Epoch ``epoch``'s batches from ``start_batch`` on; each sample's views come from its own seed
+        (:mod:`simclr_dist.data.epoch_order`), so batch k is the same whether the epoch starts at 0 or at k."""
+        self.sampler.set_epoch(epoch, start_batch)
+        self.generator.manual_seed(mix64(self.spec.seed, self.spec.rank, epoch) >> 1)  # DataLoader workers' seeds
 
     def __len__(self) -> int:
         return len(self.loader)
