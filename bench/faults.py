@@ -88,8 +88,9 @@ def worker_kill(runs: Path, env: dict, E: int, every: int) -> dict:
     name, kill_step = f"kill-{every}", STEPS + STEPS // 2
     s = runs / f"{name}.json"
     _run(_cmd(runs, name, s, E, every, "--max-failures", "1", "--chaos-kill-step", str(kill_step)), env)
-    return _row("worker-kill", every, json.loads(s.read_text()), (runs / name / ".chaos-kill-done").stat().st_mtime,
-                kill_step, E)
+    marker = runs / name / ".chaos-kill-done"  # "done at step N": later than asked if a checkpoint was deferred
+    return _row("worker-kill", every, json.loads(s.read_text()), marker.stat().st_mtime,
+                int(marker.read_text().split()[-1]), E)
 
 
 def upload_crash(runs: Path, env: dict, E: int, every: int) -> dict:
@@ -178,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = base_parser("bench.faults", "fault-injection drills on a local two-node Ray cluster")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--every-steps", type=int, default=5, help="--checkpoint-every-steps of the 'step' rows")
+    ap.add_argument("--report-interval", type=float, default=0.2,
+                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S of the cluster (how often Ray takes a report)")
     args = ap.parse_args(argv)
     machine = machine_info()
     ray_port, dash_port = _free_port(), _free_port()
     script = str(ROOT / "cluster" / "local-cluster.sh")
     cenv = {**os.environ, "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dash_port),
-            "RAY": str(Path(sys.executable).parent / "ray")}
+            "RAY": str(Path(sys.executable).parent / "ray"),
+            # Ray Train's controller takes one report per poll (default 2 s); digits steps take ~0.1 s, so at the
+            # default most checkpoints every 5 steps would be deferred (README "Checkpoints")
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.report_interval)}
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token"}
     subprocess.run(["bash", script, "start"], env=cenv, check=True, capture_output=True)
     rows, E, N = [], args.epochs, args.every_steps
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report("faults", args.out, {"faults": (rows, columns), "watcher": ([watch_row], watch_cols),
                                       "checkpoint_cost": (cost, [("what", "step checkpoint on digits", ""),
                                                                  ("seconds", "seconds", ".4f")])},
-                 machine=machine, epochs=E, every_steps=N)
+                 machine=machine, epochs=E, every_steps=N, report_interval_s=args.report_interval)
     return 0
 
 

@@ -226,27 +226,31 @@ class AsyncCheckpointer:
 
     Rank 0 copies the state to CPU memory (what the step waits for), then Ray's single upload thread
     (``CheckpointUploadMode.ASYNC``) serialises it, uploads it with :func:`make_uploader` and registers it, in
-    report order. At most one checkpoint is in flight: a save that finds the previous upload unfinished waits
-    for it (memory stays bounded; the wait is counted in the blocked time and logged).
+    report order. Ray's controller takes one report per worker per poll (every 2 s), so uploads can fall behind
+    a short interval: :meth:`busy` says so, and the loop then defers a step/time checkpoint to the next step
+    rather than wait; a save that must happen now (an epoch end) waits for the previous upload, counted in the
+    blocked time. At most two snapshots are in memory.
     """
 
-    def __init__(self, run_uri: str, rank: int, *, kill_in_upload_epoch: int = -1, log=lambda msg: None):
-        self.run_uri, self.rank, self.kill_in_upload_epoch, self.log = run_uri, rank, kill_in_upload_epoch, log
+    def __init__(self, run_uri: str, rank: int, *, kill_in_upload_epoch: int = -1):
+        self.run_uri, self.rank, self.kill_in_upload_epoch = run_uri, rank, kill_in_upload_epoch
         self._inflight: threading.Event | None = None
-        self.blocked_s: list[float] = []  # per save: how long the training thread was held
+        self.blocked_s: list[float] = []  # per save (rank 0): how long the training thread was held
+
+    def busy(self) -> bool:
+        """Rank 0's previous checkpoint is still being serialised/uploaded (always False on other ranks)."""
+        return self._inflight is not None and not self._inflight.is_set()
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> float:
-        """``ray.train.report`` with an asynchronous checkpoint of ``state`` (rank 0; ``None`` elsewhere).
-        Returns the seconds this call held the training thread."""
+        """``ray.train.report`` with an asynchronous checkpoint of ``state`` (rank 0; ``None`` elsewhere, and for a
+        metrics-only report). Returns the seconds this call held the training thread."""
         import ray.train
 
         t0 = time.perf_counter()
         ckpt, upload = None, None
         if self.rank == 0 and state is not None:
-            if self._inflight is not None and not self._inflight.is_set():
+            if self._inflight is not None:
                 self._inflight.wait()
-                self.log(f"[simclr] waited {time.perf_counter() - t0:.1f}s for the previous checkpoint upload "
-                         "(uploads are slower than the checkpoint interval)")
             snapshot = plain(state, copy=True)
             local = tempfile.mkdtemp(prefix="simclr-ckpt-")
             self._inflight = threading.Event()
@@ -257,5 +261,6 @@ class AsyncCheckpointer:
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
         blocked = time.perf_counter() - t0
-        self.blocked_s.append(blocked)
+        if ckpt is not None:
+            self.blocked_s.append(blocked)
         return blocked

@@ -139,13 +139,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                         image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
     node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
     saver = AsyncCheckpointer(storage.join(cfg.storage_path, cfg.name), rank,
-                              kill_in_upload_epoch=cfg.chaos_kill_in_upload, log=log)
+                              kill_in_upload_epoch=cfg.chaos_kill_in_upload)
     every_s = cfg.checkpoint_every_minutes * 60
-    last_save = time.monotonic()
+    last_save, pending = time.monotonic(), False  # pending: a step/time checkpoint deferred while uploads catch up
+    drilled = pos.step >= cfg.chaos_kill_step
 
     def save(metrics: dict[str, Any], *, epochs_done: int, batch: int, loss_sum: torch.Tensor | None) -> None:
         """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
-        nonlocal last_save
+        nonlocal last_save, pending
         sums = gather_all(loss_sum) if batch else None  # the epoch's running loss of every rank, to go on from
         state = None
         if rank == 0:
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                      "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history,
                      "epoch_loss_sums": sums, "init_knn": init_knn}
         mon.checkpoint_saved(saver.report(metrics, state))
-        last_save = time.monotonic()
+        last_save, pending = time.monotonic(), False
 
     result: dict[str, Any] = {"status": "ok"}
     if step == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
@@ -184,13 +185,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
             loss_sum += loss
             step += 1
-            if cfg.chaos_kill_step == step and rank == world - 1:
-                chaos_kill(storage.join(cfg.storage_path, cfg.name))
+            if cfg.chaos_kill_step >= 0 and step >= cfg.chaos_kill_step and not (pending or drilled):
+                drilled = True  # once per attempt; the marker in storage makes it once per run
+                if rank == world - 1:
+                    chaos_kill(storage.join(cfg.storage_path, cfg.name), step)
             end_of_epoch = i + 1 == steps_per_epoch
             save_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 and not end_of_epoch
-            if step % cfg.log_every == 0 or end_of_epoch or save_due:
+            if step % cfg.log_every == 0 or end_of_epoch or save_due or pending:
                 late = every_s > 0 and not end_of_epoch and time.monotonic() - last_save >= every_s
-                first_bad, time_due = max_over_ranks(bad_step, late)  # rank 0's clock decides for everyone
+                # rank 0's clock and upload thread decide for everyone
+                first_bad, time_due, busy = max_over_ranks(bad_step, late, saver.busy())
                 if first_bad >= 0:
                     result = {"status": "nonfinite", "step": first_bad, "epoch": epoch}
                     break
@@ -198,7 +202,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
                         f"loss {loss.item():.4f} lr {cur_lr:.5f}")
                     mon.observe(step=step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
-                if save_due or time_due:
+                pending = save_due or time_due or pending  # deferred while rank 0's last upload is still going
+                if pending and not busy and not end_of_epoch:
                     save({"epoch": epoch, "step": step, "batch": i + 1, "status": "ok"},
                          epochs_done=epoch, batch=i + 1, loss_sum=loss_sum)
             t_ready = time.perf_counter()
@@ -230,10 +235,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else ""))
 
         step_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-        time_due = every_s > 0 and max_over_ranks(torch.full((), -1, device=device),
-                                                  time.monotonic() - last_save >= every_s)[1]
-        if last or (epoch + 1) % cfg.checkpoint_every == 0 or step_due or time_due:
-            save(metrics, epochs_done=epoch + 1, batch=0, loss_sum=None)
+        _, time_due, busy = max_over_ranks(torch.full((), -1, device=device),
+                                           every_s > 0 and time.monotonic() - last_save >= every_s, saver.busy())
+        pending = step_due or time_due or pending
+        if last or (epoch + 1) % cfg.checkpoint_every == 0 or (pending and not busy):
+            save(metrics, epochs_done=epoch + 1, batch=0, loss_sum=None)  # waits only for an --checkpoint-every save
         else:
             saver.report(metrics, None)
 
@@ -245,15 +251,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "epochs_done": history[-1]["epoch"] if history else pos.epoch}
 
 
-def max_over_ranks(first_bad: torch.Tensor, flag: bool) -> tuple[int, bool]:
-    """(max over ranks of ``first_bad``, whether rank 0 raised ``flag``) in one all-reduce: the loop's sync point."""
-    t = torch.stack([first_bad.reshape(()).long(), torch.tensor(int(flag), device=first_bad.device)])
+def max_over_ranks(first_bad: torch.Tensor, *flags: bool) -> tuple[int, ...]:
+    """(max over ranks of ``first_bad``, then rank 0's ``flags`` as bools) in one all-reduce: the loop's sync
+    point, where every rank learns what rank 0 decided (a checkpoint due by its clock, its upload still busy)."""
+    t = torch.tensor([0, *map(int, flags)], device=first_bad.device)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        t.zero_()
+    t = torch.cat([first_bad.reshape(1).long(), t[1:]])
     if dist.is_available() and dist.is_initialized():
-        if dist.get_rank() != 0:
-            t[1] = 0
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    bad, raised = t.tolist()
-    return int(bad), bool(raised)
+    bad, *raised = t.tolist()
+    return (int(bad), *map(bool, raised))
 
 
 def gather_all(t: torch.Tensor) -> list[torch.Tensor]:
