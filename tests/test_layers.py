@@ -13,6 +13,7 @@ Every import counts, also one inside a function (a lazy import is still an arrow
 from __future__ import annotations
 
 import ast
+import gc
 import sys
 from pathlib import Path
 
@@ -23,6 +24,17 @@ PACKAGE = ROOT / "simclr_dist"
 COMMANDS = {f"simclr_dist.{c}" for c in ("pretrain", "evaluate", "supervised", "experiments", "sweep",
                                          "data.convert")}
 LAYER_NAMES = ("util", "core", "data", "config", "run", "commands")
+
+
+def parse(path: Path) -> ast.Module:
+    """``ast.parse`` with the garbage collector held off: a finalizer that raises while the AST is being built (numba
+    freeing compiled FFCV kernels, after the FFCV tests in the same process) would surface as a SystemError here."""
+    gc.collect()
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(), str(path))
+    finally:
+        gc.enable()
 
 
 def module_name(path: Path) -> str:
@@ -59,7 +71,7 @@ def resolve(importer: str, node: ast.ImportFrom, known: set[str]) -> str:
 def imports(name: str, path: Path, known: set[str]) -> list[tuple[str, str | None, int]]:
     """(imported module, imported name or None, line) for every import of a package module in ``path``."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse(path)):
         if isinstance(node, ast.Import):
             out += [(a.name, None, node.lineno) for a in node.names if a.name.split(".")[0] == "simclr_dist"]
         elif isinstance(node, ast.ImportFrom):
@@ -118,7 +130,7 @@ def private_imports(extra: tuple[Path, ...] = ()) -> list[str]:
     bad = []
     for path in [*sorted(PACKAGE.rglob("*.py")), *(p.resolve() for p in extra)]:
         name = module_name(path) if path.is_relative_to(PACKAGE) else path.stem
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parse(path)
         aliases: dict[str, str] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
@@ -176,7 +188,7 @@ def test_core_is_torch_only():
     """core/ imports no third-party package but torch (and torchvision's ResNet blocks) and the standard library."""
     allowed = {"torch", "torchvision", "numpy", "__future__", "simclr_dist"}
     for path in sorted((PACKAGE / "core").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(parse(path)):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for n in names:
