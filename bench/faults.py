@@ -13,9 +13,9 @@ after mid-epoch checkpoints:
                  checkpoints (--num-to-keep 1): results kept (index) vs what results-inside-checkpoints would keep
 For each training drill: survived, epochs duplicated or skipped in the final history (must be 0), the step it
 resumed from, steps recomputed (known for the drills that fire at a step) and recovery time = when the resumed
-attempt had restored its checkpoint minus when the fault happened. The second table is what a step checkpoint
-costs the training thread (seconds blocked per save: the in-memory copy) against serialising and uploading the
-same checkpoint synchronously, as every save did before.
+attempt had restored its checkpoint minus when the fault happened. The last table is what a step checkpoint
+costs the training thread (seconds blocked per save in the runs, and in this process the in-memory copy) against
+serialising and uploading the same state synchronously, as every save did before; ``--cost-only`` runs just that.
 """
 
 from __future__ import annotations
@@ -157,32 +157,64 @@ def watcher(runs: Path, env: dict, E: int) -> dict:
             "results_kept_index": len(entries), "evaluated_twice": len(entries) - len(evaluated)}
 
 
-def sync_save_s(run_dir: Path, repeats: int = 5) -> float:
-    """Median seconds to serialise and upload the run's last checkpoint in the calling thread (the old save)."""
+def state_costs(what: str, state: dict, repeats: int = 3) -> list[dict]:
+    """In this process: median seconds of the in-memory copy a save holds training for, and of serialising and
+    uploading the same state to local storage in the calling thread (what every save did before)."""
     import ray.train
 
-    from simclr_dist.run.checkpoint import latest_checkpoint, load_checkpoint, make_uploader, save_checkpoint
+    from simclr_dist.run.checkpoint import make_uploader, plain, save_checkpoint
 
-    state = load_checkpoint(latest_checkpoint(str(run_dir)))
-    times = []
+    copy_s, save_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
+            t0 = time.perf_counter()
+            plain(state, copy=True)
+            copy_s.append(time.perf_counter() - t0)
             local = Path(tmp) / f"local{i}"
             t0 = time.perf_counter()
             save_checkpoint(str(local), state)
             make_uploader(str(Path(tmp) / "store"))(ray.train.Checkpoint.from_directory(str(local)), f"c{i}")
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            save_s.append(time.perf_counter() - t0)
+    return [{"what": f"{what}: in-memory copy (what a save now holds training for)", "seconds": statistics.median(copy_s)},
+            {"what": f"{what}: serialise + upload to local disk in the training thread (before)",
+             "seconds": statistics.median(save_s)}]
+
+
+def cost_rows() -> list[dict]:
+    """The copy vs the synchronous save for the digits state and an ImageNet-size one (ResNet-50, LARS momentum)."""
+    import torch
+
+    from simclr_dist.config import PretrainConfig
+    from simclr_dist.core.optim import build_optimizer
+    from simclr_dist.run.step import build_model
+
+    rows = []
+    for what, cfg in (("digits r18 x0.125", PretrainConfig(dataset="digits", image_size=16, width=0.125)),
+                      ("imagenet r50 x1", PretrainConfig(dataset="imagenet", arch="resnet50"))):
+        cfg = cfg.resolved()
+        model = build_model(cfg)
+        opt = build_optimizer(model, "lars", 0.1, weight_decay=1e-6, momentum=0.9)
+        model(torch.randn(2, 3, 32, 32))[1].sum().backward()
+        opt.step()  # momentum buffers exist, as in a real checkpoint
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1, "step": 1,
+                 "config": cfg.to_dict(), "history": []}
+        rows += state_costs(what, state)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = base_parser("bench.faults", "fault-injection drills on a local two-node Ray cluster")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--every-steps", type=int, default=5, help="--checkpoint-every-steps of the 'step' rows")
+    ap.add_argument("--cost-only", action="store_true", help="only the in-process checkpoint cost table (no cluster)")
     ap.add_argument("--report-interval", type=float, default=0.2,
                     help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S of the cluster (how often Ray takes a report)")
     args = ap.parse_args(argv)
     machine = machine_info()
+    cost_cols = [("what", "checkpoint cost", ""), ("seconds", "seconds", ".4f")]
+    if args.cost_only:
+        write_report("faults-cost", args.out, {"checkpoint_cost": (cost_rows(), cost_cols)}, machine=machine)
+        return 0
     ray_port, dash_port = _free_port(), _free_port()
     script = str(ROOT / "cluster" / "local-cluster.sh")
     cenv = {**os.environ, "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dash_port),
@@ -203,10 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(node_stop(runs, env, cenv, script, E, 0))
             watch_row = watcher(runs, env, E)
             step_saves = [r["blocked_s_per_save"] for r in rows if r["checkpoints"] != "epoch ends"]
-            cost = [{"what": "blocked per save (in-memory copy; serialise + upload in the background)",
-                     "seconds": statistics.median(step_saves)},
-                    {"what": "serialise + upload in the training thread (every save before)",
-                     "seconds": sync_save_s(runs / f"kill-{N}")}]
+            cost = [{"what": "digits, in the runs above: blocked per save (copy + ray.train.report)",
+                     "seconds": statistics.median(step_saves)}, *cost_rows()]
     finally:
         subprocess.run(["bash", script, "stop"], env=cenv, capture_output=True)
     columns = [("drill", "drill", ""), ("checkpoints", "checkpoints", ""), ("survived", "survived", ""),
@@ -219,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                   ("results_kept_index", "kept in eval/index.jsonl (after)", ""),
                   ("evaluated_twice", "evaluated twice", "")]
     write_report("faults", args.out, {"faults": (rows, columns), "watcher": ([watch_row], watch_cols),
-                                      "checkpoint_cost": (cost, [("what", "step checkpoint on digits", ""),
-                                                                 ("seconds", "seconds", ".4f")])},
+                                      "checkpoint_cost": (cost, cost_cols)},
                  machine=machine, epochs=E, every_steps=N, report_interval_s=args.report_interval)
     return 0
 
