@@ -20,12 +20,10 @@ from typing import Any
 
 import torch
 
-from simclr_dist.config import ConfigError, parse_into
+from simclr_dist.config import parse_into
 from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.console import emit
 from simclr_dist.run import eval_store
-from simclr_dist.data.datasets import DatasetError
-from simclr_dist.run import storage
 from simclr_dist.run.classify_plan import require_complete
 from simclr_dist.run.eval_jobs import (
     evaluate_checkpoint,
@@ -35,6 +33,7 @@ from simclr_dist.run.eval_jobs import (
     watch_run,
 )
 from simclr_dist.run.evaluation import select_device
+from simclr_dist.run.failure import FAILURES, fail
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
@@ -72,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             require_complete(ecfg.checkpoint)
             results = evaluate_checkpoint(ecfg.checkpoint, ecfg, device=device)
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FAILURES as e:
+        return fail(e)
     except KeyboardInterrupt:
         emit("\n[eval] interrupted; every result completed so far is saved")
         return 130

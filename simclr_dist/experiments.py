@@ -22,15 +22,14 @@ import sys
 
 import torch
 
-from simclr_dist.config import ConfigError, parse_into
+from simclr_dist.config import parse_into
 from simclr_dist.config.experiments import ARMS, ExperimentsConfig
 from simclr_dist.console import emit
-from simclr_dist.data.datasets import DatasetError
 from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist.run import storage
 from simclr_dist.run.experiment import make_plan
 from simclr_dist.run.experiment_run import execute, plan_budget, write_outputs
-from simclr_dist.run.launch import RunError
+from simclr_dist.run.failure import FAILURES, fail
 
 __all__ = ["ARMS", "main", "parse_args"]
 
@@ -44,9 +43,8 @@ def parse_args(argv: list[str] | None = None) -> ExperimentsConfig:
 def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(parse_args(argv))
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FAILURES as e:
+        return fail(e)
 
     if plan.ecfg.dry_run:
         if plan.ecfg.threads:
@@ -61,12 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         done = execute(plan, on_update=progress)
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FAILURES as e:
+        return fail(e)
     except KeyboardInterrupt:
         emit(f"\n[exp] interrupted; finished runs are kept in {plan.out} and reused by a rerun")
         return 130

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from simclr_dist.config import ConfigError, parse_into
+from simclr_dist.config import parse_into
 from simclr_dist.config.supervised import SupervisedConfig
-from simclr_dist.data.datasets import DatasetError
 from simclr_dist.run import storage
 from simclr_dist.run.classify_plan import RESULTS_FILE, run_classifier
-from simclr_dist.run.launch import RunError
+from simclr_dist.run.failure import FAILURES, fail
 
 
 def parse_args(argv: list[str] | None = None) -> SupervisedConfig:
@@ -35,12 +34,8 @@ def parse_args(argv: list[str] | None = None) -> SupervisedConfig:
 def main(argv: list[str] | None = None) -> int:
     try:
         result = run_classifier(parse_args(argv))  # flag errors are ConfigErrors: one line, exit 2
-    except (ConfigError, DatasetError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FAILURES as e:
+        return fail(e)
     p = result["params"]
     score = (f"validation top-1 {result['val_top1']:.4f} (split {p['val_split']}; the test split was not read)"
              if p["val_split"] is not None else f"test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")

@@ -211,7 +211,7 @@ def test_plan_orders_cells_and_names_runs(tmp_path):
     plan = make_plan(exp.parse_args(["--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--fractions",
                                      "0.1,0.5", "--seeds", "2"]))
     e = plan.ecfg
-    assert (e.steps, e.batch_size, e.ray, e.small_fraction) == (200, 64, False, 0.1)  # digits defaults
+    assert (e.steps, e.batch_size, e.ray, e.small_fraction) == (120, 64, False, 0.1)  # digits defaults
     assert plan.fractions == (0.1, 0.5) and [r.subset_seed for r in plan.replicates] == [0, 1]
     cells = [(c.arm, c.fraction, c.rep.index) for c in plan.cells]
     assert cells[:5] == [("finetune", 0.1, 0), ("supervised", 0.1, 0), ("finetune", 0.5, 0), ("supervised", 0.5, 0),
@@ -222,7 +222,7 @@ def test_plan_orders_cells_and_names_runs(tmp_path):
     ft = arm_config(plan, plan.cells[0], 0.4, 0.0, split=0)
     sc = arm_config(plan, plan.cells[1], 0.4, 0.0, split=None)
     assert ft.init_checkpoint == ckpt and sc.init_checkpoint is None and not sc.ray
-    assert ft.name == "finetune-0.1-s0-i0-lr0.4-wd0-200st-b64-v0" and sc.val_split is None
+    assert ft.name == "finetune-0.1-s0-i0-lr0.4-wd0-120st-b64-v0" and sc.val_split is None
 
 
 def test_linear_probe_with_one_label_per_class_uses_strongest_l2():

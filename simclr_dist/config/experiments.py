@@ -47,7 +47,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Defaults of the fields a preset sets, per dataset (others: "*").
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(fractions="0.1", small_fraction=0.1, seeds=2, steps=200, batch_size=64, lr_grid="0.1,0.4",
+    "digits": dict(fractions="0.1", small_fraction=0.1, seeds=2, steps=120, batch_size=64, lr_grid="0.1,0.4",
                    wd_grid="0,5e-4", ray=False, threads=1),
     "fashion-mnist": PRESETS["fashion-mnist-cpu"],
     "*": dict(fractions="0.01,0.1", small_fraction=0.1, seeds=3, steps=2000, batch_size=256, lr_grid="0.05,0.2",

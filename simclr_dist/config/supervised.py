@@ -87,7 +87,8 @@ class SupervisedConfig(JobConfig):
     name: str | None = flag(None, "run name; rerunning with the same storage path and name resumes (default: "
                                 "supervised-<dataset>-<arch>-<fraction>, finetune-... with --init-checkpoint or "
                                 "--init-pretrained)")
-    checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last)", ge=1)
+    checkpoint_every: int = flag(1, "save a checkpoint every K epochs (and always after the last); 0: none (the "
+                                    "results file only, as the experiments' model-selection runs)", ge=0)
     num_to_keep: int = flag(2, "checkpoints kept in storage", ge=1)
     max_failures: int = flag(0, "worker failures Ray Train recovers from (restarting from the last checkpoint)",
                              ge=-1)

@@ -286,7 +286,7 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
                                                      else "") + f" | {epoch_time:.1f}s")
         last = epoch + 1 == epochs
         state = None
-        if last or (epoch + 1) % scfg.checkpoint_every == 0:
+        if scfg.checkpoint_every and (last or (epoch + 1) % scfg.checkpoint_every == 0):
             state = {"format_version": FORMAT_VERSION, "kind": "supervised", "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                      "step": step, "steps_per_epoch": steps_per_epoch, "config": mcfg.to_dict(),

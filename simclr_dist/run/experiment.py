@@ -218,4 +218,4 @@ def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | Non
         val_fraction=e.val_fraction, steps=e.steps, batch_size=e.batch_size, lr=lr, weight_decay=wd,
         ray=e.ray, num_workers=e.num_workers, use_gpu=e.use_gpu, cpus_per_worker=e.cpus_per_worker,
         ray_address=e.ray_address, threads=e.threads, storage_path=storage.join(plan.out, "runs"), name=name,
-        checkpoint_every=10**6)
+        checkpoint_every=0 if split is not None else 10**6)  # selection runs keep their results file only
