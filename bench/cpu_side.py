@@ -168,8 +168,8 @@ def run_epoch(loader: Any) -> int:
 # ---------------------------------------------------------------------------- one output size
 def ffcv_loader(beton: str, size: int, batch: int, threads: int, resample: str = "linear",
                 scaled_decode: bool = True) -> Any:
-    from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
-    from simclr_dist.data.loaders import LoaderSpec
+    from simclr_dist.data.ffcv.loader import FFCVPretrainLoader
+    from simclr_dist.data.loader import LoaderSpec
 
     return FFCVPretrainLoader(LoaderSpec(
         dataset="imagefolder", split="train", root=None, image_size=size, augment=None, jitter_strength=None,
@@ -181,7 +181,7 @@ def scaled_fraction(beton: str, size: int, crop_scale: tuple[float, float]) -> f
     """Share of images (one epoch) that the two-view decoder decodes at reduced scale."""
     from ffcv.reader import Reader
 
-    from simclr_dist.data.ffcv_decode import decode_scale, make_crop_fn
+    from simclr_dist.data.ffcv.decode import decode_scale, make_crop_fn
 
     import numba
 
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in (args.sizes or ("224" if args.quick else "224,128")).split(",")]
     repeats = args.repeats or (3 if args.quick else 7)
     machine = machine_info()
-    from simclr_dist.data.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-side-") as tmp:

@@ -20,15 +20,10 @@ from torchvision.transforms.v2 import functional as TF
 from simclr_dist import pretrain
 from simclr_dist.config import ConfigError, parse_config
 from simclr_dist.data.augment import AugmentConfig
-from simclr_dist.data.convert import ConvertError, ConvertSpec, convert, embedded_beton
-from simclr_dist.data.ffcv_loader import (
-    BetonError,
-    rank_sharded_order,
-    check_beton,
-    inspect_beton,
-    resolve_betons,
-)
-from simclr_dist.data.gpu_augment import (
+from simclr_dist.data.ffcv.beton import BetonError, check_beton, inspect_beton, resolve_betons
+from simclr_dist.data.ffcv.convert import ConvertError, ConvertSpec, convert, embedded_beton
+from simclr_dist.data.ffcv.loader import rank_sharded_order
+from simclr_dist.data.ffcv.gpu_augment import (
     BatchedViewAugment,
     adjust_brightness,
     adjust_contrast,
@@ -36,7 +31,7 @@ from simclr_dist.data.gpu_augment import (
     adjust_saturation,
     gaussian_blur,
 )
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
 N_IMAGES, BATCH, SIZE = 48, 8, 16
 # (width, height, format, mode): tiny images below the crop size, JPEG above the 'smart' threshold, non-RGB modes
@@ -350,7 +345,7 @@ def test_views_equal_reference_crop_and_resize(photo_beton, resample):
     import numba
     from ffcv.libffcv import resize_crop
 
-    from simclr_dist.data.ffcv_decode import decode_scale, make_crop_fn, mix64, scaled_box
+    from simclr_dist.data.ffcv.decode import decode_scale, make_crop_fn, mix64, scaled_box
 
     size, seed, epoch = 32, 3, 5
     ld = build_pretrain_loader(spec(photo_beton, world=1, image_size=size, augment="crop", seed=seed,
@@ -385,7 +380,7 @@ def test_views_equal_reference_crop_and_resize(photo_beton, resample):
 
 
 def test_decode_scale_only_when_both_crops_keep_the_output_size():
-    from simclr_dist.data.ffcv_decode import decode_scale, scaled_box
+    from simclr_dist.data.ffcv.decode import decode_scale, scaled_box
 
     assert decode_scale(224, 448, 500, 460, 449, True) == 2
     assert decode_scale(224, 448, 500, 447, 449, True) == 1  # one side of the second box is 1 px short

@@ -149,14 +149,11 @@ def test_every_module_is_on_the_map():
 # Arrows still being taken down while the package moves into its layers; each entry must still occur (a stale
 # entry fails test_known_debt_is_current), and the list only ever shrinks.
 KNOWN_DEBT = {
-    "simclr_dist.data.ffcv_loader imports simclr_dist.data.convert (data -> commands)",
     "simclr_dist.experiments imports simclr_dist.supervised (commands -> commands)",
     "simclr_dist.experiments imports simclr_dist.evaluate (commands -> commands)",
     "simclr_dist.experiments imports simclr_dist.pretrain (commands -> commands)",
     "simclr_dist.supervised imports simclr_dist.evaluate (commands -> commands)",
     "simclr_dist.sweep imports simclr_dist.pretrain (commands -> commands)",
-    "simclr_dist.data.convert -> simclr_dist.data.ffcv_loader -> simclr_dist.data.convert",
-    "simclr_dist.data.ffcv_loader -> simclr_dist.data.loaders -> simclr_dist.data.ffcv_loader",
 }
 
 

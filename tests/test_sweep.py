@@ -15,7 +15,8 @@ import torch
 
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
-from simclr_dist.data.loaders import LoaderSpec, TorchPretrainLoader
+from simclr_dist.data.loader import LoaderSpec
+from simclr_dist.data.torch_loader import TorchPretrainLoader
 from simclr_dist.sweep import (OBJECTIVES, SweepError, check_spec, collect_rows, load_spec, main, make_plots,
                                parse_spec, plan_concurrency, run_sweep, table_csv, table_markdown)
 
