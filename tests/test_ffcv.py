@@ -342,17 +342,16 @@ def test_views_equal_reference_crop_and_resize(photo_beton, resample):
     side - and resized by the chosen kernel; with the antialiased kernel, reduced-scale views stay close to
     full-resolution ones (bilinear aliases differently at each scale when it shrinks by more than 2x)."""
     import cv2
-    import numba
     from ffcv.libffcv import resize_crop
 
-    from simclr_dist.data.ffcv.decode import decode_scale, make_crop_fn, mix64, scaled_box
+    from simclr_dist.data.ffcv.decode import compiled_crop, decode_scale, mix64, scaled_box
 
     size, seed, epoch = 32, 3, 5
     ld = build_pretrain_loader(spec(photo_beton, world=1, image_size=size, augment="crop", seed=seed,
                                     resample=resample))
     ld.set_epoch(epoch)
     stored = _stored_images(photo_beton)
-    crop, epoch_seed = numba.njit(make_crop_fn(ld.augment.crop_scale)), np.uint64(mix64(seed, epoch))
+    crop, epoch_seed = compiled_crop(ld.augment.crop_scale), np.uint64(mix64(seed, epoch))
     scales, seen = [], 0
     for views, labels in ld.cpu_batches():
         assert views.shape == (BATCH, 2, size, size, 3) and views.dtype == torch.uint8
