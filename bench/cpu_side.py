@@ -92,6 +92,8 @@ class DecodeOnly:
         from ffcv.libffcv import imdecode
         from ffcv.reader import Reader
 
+        from simclr_dist.data.ffcv.decode import compiled
+
         reader = Reader(beton)
         meta = reader.metadata["f0"]  # field 0: image (convert writes image, label)
         if not (meta["mode"] == IMAGE_MODES["jpg"]).all():
@@ -107,7 +109,7 @@ class DecodeOnly:
         self.temp = np.empty((batch, side * side * 3), np.uint8)
         self.mean_kb = float(self.sizes.mean() / 1e3)
         self.epoch = 0
-        imdecode_c = numba.njit(imdecode)
+        imdecode_c = compiled(imdecode)
 
         @numba.njit(parallel=True, nogil=True)
         def decode_batch(mm, ptrs, sizes, heights, widths, indices, temp):
@@ -168,8 +170,8 @@ def run_epoch(loader: Any) -> int:
 # ---------------------------------------------------------------------------- one output size
 def ffcv_loader(beton: str, size: int, batch: int, threads: int, resample: str = "linear",
                 scaled_decode: bool = True) -> Any:
-    from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
-    from simclr_dist.data.loaders import LoaderSpec
+    from simclr_dist.data.ffcv.loader import FFCVPretrainLoader
+    from simclr_dist.data.loader import LoaderSpec
 
     return FFCVPretrainLoader(LoaderSpec(
         dataset="imagefolder", split="train", root=None, image_size=size, augment=None, jitter_strength=None,
@@ -181,12 +183,10 @@ def scaled_fraction(beton: str, size: int, crop_scale: tuple[float, float]) -> f
     """Share of images (one epoch) that the two-view decoder decodes at reduced scale."""
     from ffcv.reader import Reader
 
-    from simclr_dist.data.ffcv_decode import decode_scale, make_crop_fn
-
-    import numba
+    from simclr_dist.data.ffcv.decode import compiled_crop, decode_scale
 
     meta = Reader(beton).metadata["f0"]
-    crop, seed = numba.njit(make_crop_fn(crop_scale)), np.uint64(12345)
+    crop, seed = compiled_crop(crop_scale), np.uint64(12345)
     hits = 0
     for s, (h, w) in enumerate(zip(meta["height"], meta["width"])):
         h, w = np.uint32(h), np.uint32(w)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in (args.sizes or ("224" if args.quick else "224,128")).split(",")]
     repeats = args.repeats or (3 if args.quick else 7)
     machine = machine_info()
-    from simclr_dist.data.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
 
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-cpu-side-") as tmp:

@@ -151,8 +151,8 @@ def prepare_beton(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Reuse ``--beton`` when it exists; else generate an image folder and convert it (into ``--beton`` or tmp)."""
     from ffcv.reader import Reader
 
-    from simclr_dist.data.convert import ConvertSpec, convert
-    from simclr_dist.data.ffcv_loader import BetonError, inspect_beton, resolve_betons
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.beton import BetonError, inspect_beton, resolve_betons
 
     t0 = time.perf_counter()
     built, files = False, None
@@ -216,7 +216,7 @@ def _run_steps(args: argparse.Namespace, device: torch.device, budget: Budget, b
 
 def _ffcv_leg(args: argparse.Namespace, batch: int, device: torch.device, budget: Budget, beton: str,
               step: Callable[[torch.Tensor], torch.Tensor], to_model: Callable[..., torch.Tensor]) -> Row:
-    from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+    from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
     t0 = time.perf_counter()
     loader = build_pretrain_loader(LoaderSpec(

@@ -140,7 +140,7 @@ def check_syncbn(p: dict[str, Any], device: torch.device) -> Row:
 
 def check_augment(p: dict[str, Any], device: torch.device) -> Row:
     from simclr_dist.data.augment import AugmentConfig, blur_kernel
-    from simclr_dist.data.gpu_augment import (
+    from simclr_dist.data.ffcv.gpu_augment import (
         BatchedViewAugment,
         adjust_brightness,
         adjust_contrast,
@@ -206,7 +206,7 @@ def check_metrics(p: dict[str, Any], device: torch.device) -> Row:
 
 
 def check_torch_loader(p: dict[str, Any], device: torch.device, tmp: Path) -> Row:
-    from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+    from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
     t0 = time.perf_counter()
     root = make_image_folder(tmp / "jpegs", p["jpeg_count"], *p["jpeg_px"])

@@ -74,7 +74,7 @@ def make_jpegs(root: Path, count: int, min_px: int, max_px: int, seed: int = 0, 
 
 # ---------------------------------------------------------------------------- loaders
 def _spec(root: Path, beton: str | None, size: int, batch: int, workers: int) -> Any:
-    from simclr_dist.data.loaders import LoaderSpec
+    from simclr_dist.data.loader import LoaderSpec
 
     return LoaderSpec(dataset="imagefolder", split="train", root=str(root), image_size=size, augment=None,
                       jitter_strength=None, batch_size=batch, rank=0, world_size=1, seed=0, num_workers=workers,
@@ -96,7 +96,7 @@ def _epoch(loader: Any, epoch: int) -> tuple[float, float, int]:
 
 
 def time_ffcv(beton: str, root: Path, size: int, batch: int, workers: int) -> Row:
-    from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
+    from simclr_dist.data.ffcv.loader import FFCVPretrainLoader
 
     t0 = time.perf_counter()
     loader = FFCVPretrainLoader(_spec(root, beton, size, batch, workers))
@@ -109,7 +109,7 @@ def time_ffcv(beton: str, root: Path, size: int, batch: int, workers: int) -> Ro
 
 def _first_batch_child(beton: str, root: str, size: int, batch: int, workers: int, q: Any) -> None:
     torch.set_num_threads(workers)
-    from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
+    from simclr_dist.data.ffcv.loader import FFCVPretrainLoader
 
     t0 = time.perf_counter()
     loader = FFCVPretrainLoader(_spec(Path(root), beton, size, batch, workers))
@@ -162,8 +162,8 @@ def time_torch(root: Path, size: int, batch: int, workers: int) -> Row:
 
 
 def bench_loaders(quick: bool, workers: int, tmp: Path) -> list[Row]:
-    from simclr_dist.data.convert import ConvertSpec, convert
-    from simclr_dist.data.ffcv_loader import inspect_beton
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.beton import inspect_beton
 
     count = 160 if quick else 2000
     sets = [("jpeg 256-500 px", 256, 500, 224, 32 if quick else 64), ("jpeg 96 px", 96, 96, 96, 32 if quick else 128)]
@@ -194,7 +194,7 @@ def _bench_aug(quick: bool, threads: int) -> list[Row]:
     from ffcv.pipeline.compiler import Compiler
     from ffcv.transforms import NormalizeImage, RandomBrightness, RandomContrast, RandomHorizontalFlip, RandomSaturation
 
-    from simclr_dist.data.gpu_augment import BatchedViewAugment, adjust_brightness, adjust_contrast, adjust_saturation
+    from simclr_dist.data.ffcv.gpu_augment import BatchedViewAugment, adjust_brightness, adjust_contrast, adjust_saturation
 
     Compiler.set_num_threads(threads)  # numba and torch alike
     rows: list[Row] = []
@@ -253,7 +253,7 @@ def _bench_aug(quick: bool, threads: int) -> list[Row]:
 def bench_pretrain(tmp: Path, epochs: int = 3) -> list[Row]:
     from simclr_dist import pretrain
     from simclr_dist.config import parse_config
-    from simclr_dist.data.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
 
     beton = str(tmp / "digits-train.beton")
     convert(ConvertSpec(dataset="digits", split="train", out=beton, progress=False))

@@ -30,7 +30,7 @@ import torch
 
 from bench.common import Column, Row, base_parser, machine_info, median, set_threads, sync, write_report
 from simclr_dist.config import PretrainConfig, parse_config
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.core.precision import Precision

@@ -132,7 +132,7 @@ def test_fashion_mnist_recipe_is_for_grey_clothes():
 @pytest.mark.parametrize("batched", [False, True])
 def test_color_ops_restrict_the_jitter_in_both_paths(batched):
     """Brightness alone scales every pixel of a view by one factor: saturation and hue really are off."""
-    from simclr_dist.data.gpu_augment import BatchedViewAugment
+    from simclr_dist.data.ffcv.gpu_augment import BatchedViewAugment
 
     cfg = AugmentConfig(components="color", image_size=8, color_p=1.0, color_ops=("brightness",), mean=(0, 0, 0),
                         std=(1, 1, 1))

@@ -28,9 +28,9 @@ from simclr_dist.data.datasets import (
     dataset_info,
     load_dataset,
 )
-from simclr_dist.data.ffcv_loader import inspect_beton
+from simclr_dist.data.ffcv.beton import inspect_beton
 from simclr_dist.data.idx import read_idx
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
 DEBIAN = all((FASHION_MNIST_ROOT / f"{stem}.gz").is_file() for pair in IDX_FILES.values() for stem in pair)
 needs_debian = pytest.mark.skipif(not DEBIAN, reason=f"Debian package dataset-fashion-mnist not installed (no IDX "

@@ -20,15 +20,10 @@ from torchvision.transforms.v2 import functional as TF
 from simclr_dist import pretrain
 from simclr_dist.config import ConfigError, parse_config
 from simclr_dist.data.augment import AugmentConfig
-from simclr_dist.data.convert import ConvertError, ConvertSpec, convert, embedded_beton
-from simclr_dist.data.ffcv_loader import (
-    BetonError,
-    rank_sharded_order,
-    check_beton,
-    inspect_beton,
-    resolve_betons,
-)
-from simclr_dist.data.gpu_augment import (
+from simclr_dist.data.ffcv.beton import BetonError, check_beton, inspect_beton, resolve_betons
+from simclr_dist.data.ffcv.convert import ConvertError, ConvertSpec, convert, embedded_beton
+from simclr_dist.data.ffcv.loader import rank_sharded_order
+from simclr_dist.data.ffcv.gpu_augment import (
     BatchedViewAugment,
     adjust_brightness,
     adjust_contrast,
@@ -36,7 +31,7 @@ from simclr_dist.data.gpu_augment import (
     adjust_saturation,
     gaussian_blur,
 )
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
 N_IMAGES, BATCH, SIZE = 48, 8, 16
 # (width, height, format, mode): tiny images below the crop size, JPEG above the 'smart' threshold, non-RGB modes
@@ -347,17 +342,16 @@ def test_views_equal_reference_crop_and_resize(photo_beton, resample):
     side - and resized by the chosen kernel; with the antialiased kernel, reduced-scale views stay close to
     full-resolution ones (bilinear aliases differently at each scale when it shrinks by more than 2x)."""
     import cv2
-    import numba
     from ffcv.libffcv import resize_crop
 
-    from simclr_dist.data.ffcv_decode import decode_scale, make_crop_fn, mix64, scaled_box
+    from simclr_dist.data.ffcv.decode import compiled_crop, decode_scale, mix64, scaled_box
 
     size, seed, epoch = 32, 3, 5
     ld = build_pretrain_loader(spec(photo_beton, world=1, image_size=size, augment="crop", seed=seed,
                                     resample=resample))
     ld.set_epoch(epoch)
     stored = _stored_images(photo_beton)
-    crop, epoch_seed = numba.njit(make_crop_fn(ld.augment.crop_scale)), np.uint64(mix64(seed, epoch))
+    crop, epoch_seed = compiled_crop(ld.augment.crop_scale), np.uint64(mix64(seed, epoch))
     scales, seen = [], 0
     for views, labels in ld.cpu_batches():
         assert views.shape == (BATCH, 2, size, size, 3) and views.dtype == torch.uint8
@@ -385,7 +379,7 @@ def test_views_equal_reference_crop_and_resize(photo_beton, resample):
 
 
 def test_decode_scale_only_when_both_crops_keep_the_output_size():
-    from simclr_dist.data.ffcv_decode import decode_scale, scaled_box
+    from simclr_dist.data.ffcv.decode import decode_scale, scaled_box
 
     assert decode_scale(224, 448, 500, 460, 449, True) == 2
     assert decode_scale(224, 448, 500, 447, 449, True) == 1  # one side of the second box is 1 px short

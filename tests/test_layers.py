@@ -158,13 +158,9 @@ def test_every_module_is_on_the_map():
         layer(name)
 
 
-# Arrows still being taken down while the package moves into its layers; each entry must still occur (a stale
-# entry fails test_known_debt_is_current), and the list only ever shrinks.
-KNOWN_DEBT = {
-    "simclr_dist.data.ffcv_loader imports simclr_dist.data.convert (data -> commands)",
-    "simclr_dist.data.convert -> simclr_dist.data.ffcv_loader -> simclr_dist.data.convert",
-    "simclr_dist.data.ffcv_loader -> simclr_dist.data.loaders -> simclr_dist.data.ffcv_loader",
-}
+# Arrows still being taken down while the package moves into its layers (none left); an entry must still occur
+# (a stale one fails test_known_debt_is_current), and the set only ever shrinks.
+KNOWN_DEBT: set[str] = set()
 
 
 def test_no_import_points_up_the_layers():

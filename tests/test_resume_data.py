@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simclr_dist.data.epoch_order import ResumableSampler
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,8 @@ import torch
 
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
-from simclr_dist.data.loaders import LoaderSpec, TorchPretrainLoader
+from simclr_dist.data.loader import LoaderSpec
+from simclr_dist.data.torch_loader import TorchPretrainLoader
 from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_spec
 from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
 from simclr_dist.run.capacity import Capacity, Growth, capacity_of

@@ -28,7 +28,7 @@ def check_config(cfg: PretrainConfig) -> PretrainConfig:
     if not (cfg.beton and cfg.knn_every < 0):  # training from a .beton without kNN reads no raw dataset
         check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
     if cfg.loader == "ffcv" and cfg.beton:  # files exist, complete, image+label fields, >= one global batch
-        from simclr_dist.data.ffcv_loader import check_beton
+        from simclr_dist.data.ffcv.beton import check_beton
         check_beton(cfg.beton, world_size=cfg.num_workers, batch_size=cfg.batch_size // cfg.num_workers)
     return cfg
 

@@ -29,7 +29,7 @@ from simclr_dist.core.probe import probe_accuracy
 from simclr_dist.core.precision import Precision
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
-from simclr_dist.data.loaders import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 from simclr_dist.data.splits import fixed_subset, labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.run import storage

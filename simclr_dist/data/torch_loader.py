@@ -1,14 +1,12 @@
-"""One loader interface for pretraining, whatever the backend.
+"""The torch backend of the pretraining loader: ``DistributedSampler`` + ``DataLoader`` over a two-view dataset.
 
-A loader yields ``(view1, view2, label)`` batches of float tensors ``(B, 3, S, S)`` and has
-``set_epoch(epoch)`` (which fixes that epoch's order and augmentation draws from the seed, so an epoch
-replayed after a resume is the same epoch) and ``len()`` (batches per epoch, equal on every rank because
-the last partial batch is dropped). The torch path lives here; another backend (FFCV) slots in behind the same interface.
+Every view is made per sample on the CPU (torchvision v2 ops in DataLoader workers): simple, works for every
+dataset, and the reference the FFCV backend is checked against. Interface: :mod:`simclr_dist.data.loader`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,27 +14,6 @@ from torch.utils.data import DataLoader
 from simclr_dist.data.augment import TwoViewDataset, TwoViewTransform, build_view_transform, default_augment
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.epoch_order import ResumableSampler, SeededItems, mix64
-
-
-@dataclass(frozen=True)
-class LoaderSpec:
-    dataset: str
-    split: str
-    root: str | None
-    image_size: int
-    augment: str | None
-    jitter_strength: float | None
-    batch_size: int          # per worker
-    rank: int
-    world_size: int
-    seed: int
-    num_workers: int = 0     # torch: DataLoader processes; ffcv: decode threads (0 = the CPUs Ray gave the worker)
-    pin_memory: bool = False
-    backend: str = "torch"       # "torch" | "ffcv" (the resolved --loader)
-    beton: str | None = None     # .beton path, list or glob (ffcv)
-    device: str | None = None    # where ffcv's batched augmentation runs; None: the Ray Train device
-    scaled_decode: bool = True   # ffcv: reduced-scale JPEG decode when both crops allow it (see data/ffcv_decode.py)
-    resample: str = "linear"     # ffcv: crop resize kernel, linear | area (see data/ffcv_decode.py)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -52,7 +29,7 @@ def _seed_worker(worker_id: int) -> None:
 class TorchPretrainLoader:
     """DistributedSampler + DataLoader over a two-view dataset; augmentation on the CPU per sample."""
 
-    def __init__(self, spec: LoaderSpec):
+    def __init__(self, spec: Any):  # a simclr_dist.data.loader.LoaderSpec
         info = dataset_info(spec.dataset)
         base = load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size)
         aug = default_augment(info, spec.augment, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
@@ -81,13 +58,3 @@ class TorchPretrainLoader:
 
     def __iter__(self):
         return iter(self.loader)
-
-
-def build_pretrain_loader(spec: LoaderSpec):
-    """``TorchPretrainLoader`` or ``FFCVPretrainLoader`` (same interface) by ``spec.backend``."""
-    if spec.backend == "ffcv":
-        from simclr_dist.data.ffcv_loader import FFCVPretrainLoader
-        return FFCVPretrainLoader(spec)
-    if spec.backend != "torch":
-        raise ValueError(f"unknown loader backend {spec.backend!r}; choose torch or ffcv")
-    return TorchPretrainLoader(spec)

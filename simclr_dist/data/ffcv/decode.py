@@ -16,6 +16,7 @@ sample. Figures: PERFORMANCE.md, "CPU side of the two-view pipeline".
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 from typing import Any
@@ -67,7 +68,7 @@ def make_crop_fn(scale: tuple[float, float], ratio: tuple[float, float] = CROP_R
     """``crop(epoch_seed, sample, view, height, width) -> (top, left, h, w)``: torchvision's
     RandomResizedCrop.get_params (10 tries, then the centre crop), drawing from splitmix64. Plain Python that numba
     compiles; callable from Python too (the tests recompute the boxes with it)."""
-    from ffcv.pipeline.compiler import Compiler
+    import numba
 
     s0, s1 = float(scale[0]), float(scale[1])
     lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
@@ -79,7 +80,7 @@ def make_crop_fn(scale: tuple[float, float], ratio: tuple[float, float] = CROP_R
         z = (z ^ (z >> r27)) * m2
         return z ^ (z >> r31)
 
-    mix = Compiler.compile(mix)
+    mix = numba.njit(mix, nogil=True)
 
     def crop(epoch_seed, sample, view, height, width):
         state = mix(epoch_seed ^ mix(sample * golden + view))
@@ -137,6 +138,23 @@ def scaled_box(start: int, length: int, d: int, limit: int) -> tuple[int, int]:
 RESAMPLE = {"linear": 1, "area": 3}  # OpenCV interpolation codes
 
 
+@functools.cache
+def compiled(fn: Any) -> Any:
+    """``numba.njit(fn, nogil=True)``, once per process: every loader shares the helpers' dispatchers. Why: numba's
+    dispatcher finalizer can raise (KeyError in ``Dispatcher._make_finalizer``) when a dispatcher of a function that
+    other dispatchers also compiled is garbage collected; the report of that unraisable error, printed during a
+    collection that happens inside ``ast.parse``, corrupts CPython 3.11's AST recursion counter (SystemError)."""
+    import numba
+
+    return numba.njit(fn, nogil=True)
+
+
+@functools.cache
+def compiled_crop(crop_scale: tuple[float, float] | None) -> Any:
+    return compiled(center_crop) if crop_scale is None else compiled(make_crop_fn(tuple(crop_scale)))
+
+
+@functools.cache
 def opencv_resize(interpolation: int) -> Any:
     """``resize(src, r0, r1, c0, c1, dst)``: OpenCV's resize of ``src[r0:r1, c0:c1]`` (uint8 HxWx3) into ``dst``,
     callable from numba without the GIL.
@@ -150,7 +168,7 @@ def opencv_resize(interpolation: int) -> Any:
     from ffcv.libffcv import resize_crop
 
     if interpolation == RESAMPLE["area"]:
-        return numba.njit(resize_crop, nogil=True)
+        return compiled(resize_crop)
     core, imgproc = (ctypes.CDLL(opencv_library(n)) for n in ("core", "imgproc"))
     header = core.cvInitMatHeader
     header.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -205,9 +223,9 @@ def two_view_decoder(size: int, crop_scale: tuple[float, float] | None, seed: Ep
 
         def generate_code(self) -> Any:
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
-            imdecode_c, resize_crop_c = Compiler.compile(imdecode), opencv_resize(RESAMPLE[resample])
-            crop_c = Compiler.compile(make_crop_fn(crop_scale) if crop_scale is not None else center_crop)
-            scale_c, box_c = Compiler.compile(decode_scale), Compiler.compile(scaled_box)
+            imdecode_c, resize_crop_c = compiled(imdecode), opencv_resize(RESAMPLE[resample])
+            crop_c = compiled_crop(crop_scale)
+            scale_c, box_c = compiled(decode_scale), compiled(scaled_box)
             load_u64, address, scaled = load_u64_intrinsic(), seed.address, bool(scaled_decode)
             v0, v1 = np.uint64(0), np.uint64(1)
 
