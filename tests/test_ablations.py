@@ -57,4 +57,7 @@ def test_second_view_augmentation_flag_resolves_and_validates():
     with pytest.raises(ConfigError, match=r"^--augment2: unknown augmentation component 'colour'") as e:
         PretrainConfig(augment2="crop,colour").validate()
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^--augment2: the ffcv loader crops both views alike"):
+        parse_config(["--loader", "ffcv", "--augment", "crop,color", "--augment2", "color"]).validate().resolved().validate()
+    assert parse_config(["--loader", "torch", "--augment", "crop,color", "--augment2", "color"]).validate()
     assert parse_config(["--no-proj-normalize", "--linear-probe"]).proj_normalize is False

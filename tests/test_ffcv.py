@@ -184,6 +184,21 @@ def test_components_act_through_the_loader(loader):
         loader.views = saved
 
 
+def test_augment2_transforms_one_branch_only(shards):
+    """--augment crop,color --augment2 crop (paper Figure 5): the second view is exactly the crop-only view of the
+    same seed (the crops come from the decode, which both loaders share), while the first is colour-jittered."""
+    beton = shards.files[0].rsplit("-00000-of-", 1)[0] + ".beton"
+    one = build_pretrain_loader(spec(beton, augment="crop,color", augment2="crop"))
+    plain = build_pretrain_loader(spec(beton, augment="crop"))
+    one.set_epoch(0)
+    plain.set_epoch(0)
+    (a1, a2, _), (p1, p2, _) = next(iter(one)), next(iter(plain))
+    assert one.augment2.components == ("crop",) and torch.equal(a2, p2)
+    assert not torch.equal(a1, p1)  # colour jitter at p=0.8 changes some of the batch
+    with pytest.raises(ValueError, match="crops both views alike"):
+        build_pretrain_loader(spec(beton, augment="crop,color", augment2="color"))
+
+
 # ---------------------------------------------------------------------------- batched augmentation
 @pytest.mark.parametrize("fn, ref, factor", [
     (adjust_brightness, TF.adjust_brightness, 1.4), (adjust_contrast, TF.adjust_contrast, 0.5),

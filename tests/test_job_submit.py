@@ -84,8 +84,8 @@ def test_pretrain_as_a_job_writes_a_complete_checkpoint(head, tmp_path):
 def test_sweep_as_a_job_records_the_trial_and_its_checkpoint(head, tmp_path):
     sweeps = tmp_path / "sweeps"
     sets = [f"{k}={v}" for k, v in dict(dataset="digits", epochs=1, batch_size=64, image_size=16, width=0.125,
-                                        knn_every=1, temperature="[0.5]", num_workers=1, cpus_per_worker=1,
-                                        use_gpu="false", study="job-sweep").items()]
+                                        knn_every=1, temperature="[0.5]", proj_normalize="[true]", num_workers=1,
+                                        cpus_per_worker=1, use_gpu="false", study="job-sweep").items()]
     submit(head, "python", "-m", "simclr_dist.sweep", "tune/temperature.yaml",
            *[a for s in sets for a in ("--set", s)], "--storage-path", str(sweeps), "--max-concurrent", "1")
     study = sweeps / "job-sweep"

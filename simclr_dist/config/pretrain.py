@@ -191,6 +191,11 @@ class PretrainConfig(JobConfig):
                     parse_components(getattr(self, name))
                 except ValueError as e:
                     bad(name, str(e))
+        if self.loader == "ffcv" and self.augment is not None and self.augment2 is not None:
+            from simclr_dist.data.augment import parse_components
+            if ("crop" in parse_components(self.augment)) != ("crop" in parse_components(self.augment2)):
+                bad("augment2", "the ffcv loader crops both views alike (one decode): give both branches crop or "
+                                "neither, or choose --loader torch")
         if self.train_subset and self.beton:
             bad("train_subset", "draws its images from the dataset itself, not from a --beton file")
         if self.train_subset and self.split is not None and self.split != dataset_info(self.dataset).labelled[0]:

@@ -145,16 +145,21 @@ def build_eval_transform(
 
 
 class TwoViewTransform:
-    """Two independent draws of the same view transform: the positive pair."""
+    """Two independent draws of the view transform: the positive pair. With ``second`` the second view has its own
+    transform (one-branch ablations, paper Figure 5: one branch gets the policy, the other only the crop)."""
 
-    def __init__(self, view_transform: Callable[[ImageLike], Tensor]):
+    def __init__(self, view_transform: Callable[[ImageLike], Tensor],
+                 second: Callable[[ImageLike], Tensor] | None = None):
         self.view_transform = view_transform
+        self.second = second if second is not None else view_transform
 
     def __call__(self, img: ImageLike) -> tuple[Tensor, Tensor]:
-        return self.view_transform(img), self.view_transform(img)
+        return self.view_transform(img), self.second(img)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.view_transform!r})"
+        if self.second is self.view_transform:
+            return f"{type(self).__name__}({self.view_transform!r})"
+        return f"{type(self).__name__}({self.view_transform!r}, second={self.second!r})"
 
 
 class TwoViewDataset(Dataset):

@@ -36,12 +36,13 @@ class LoaderSpec:
     device: str | None = None    # where ffcv's batched augmentation runs; None: the Ray Train device
     scaled_decode: bool = True   # ffcv: reduced-scale JPEG decode when both crops allow it (data/ffcv/decode.py)
     resample: str = "linear"     # ffcv: crop resize kernel, linear | area (data/ffcv/decode.py)
+    augment2: str | None = None  # the second view's components; None: drawn like the first (paper Figure 5: crop)
 
 
 class PretrainLoader(Protocol):
     """What the pretraining loop needs of a loader."""
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
     def __len__(self) -> int: ...
 

@@ -34,8 +34,10 @@ class TorchPretrainLoader:
         base = load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size)
         aug = default_augment(info, spec.augment, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
         self.augment = aug
+        self.augment2 = aug if spec.augment2 is None else default_augment(
+            info, spec.augment2, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
         self.spec = spec
-        self.dataset = TwoViewDataset(base, TwoViewTransform(build_view_transform(aug)))
+        self.dataset = TwoViewDataset(base, TwoViewTransform(build_view_transform(aug), build_view_transform(self.augment2)))
         if len(self.dataset) < spec.batch_size * spec.world_size:
             raise ValueError(f"{spec.dataset}/{spec.split}: {len(self.dataset)} images is fewer than one global batch "
                              f"({spec.batch_size * spec.world_size}); lower --batch-size")

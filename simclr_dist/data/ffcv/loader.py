@@ -119,7 +119,13 @@ class FFCVPretrainLoader:
                                        jitter_strength=spec.jitter_strength)
         self.device = _default_device(spec)
         self.threads = cpu_budget(spec.num_workers)
+        self.augment2 = self.augment if spec.augment2 is None else default_augment(
+            dataset_info(spec.dataset), spec.augment2, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
+        if ("crop" in self.augment.components) != ("crop" in self.augment2.components):
+            raise ValueError(f"augment2 {spec.augment2!r}: the ffcv loader crops both views alike (in one decode); "
+                             "give both branches crop or neither, or use the torch loader")
         self.views = BatchedViewAugment(self.augment, self.device)
+        self.views2 = None if spec.augment2 is None else BatchedViewAugment(self.augment2, self.device)  # None: views
         self.generator = torch.Generator(device=self.device)
         self.seed = EpochSeed()
         crop_scale = self.augment.crop_scale if "crop" in self.augment.components else None
@@ -183,7 +189,7 @@ class FFCVPretrainLoader:
             # FFCV reuses its output buffers a few batches later: the views are fresh tensors, the label a copy.
             with _single_threaded(self.device.type == "cpu"):
                 v1 = self.views(views[:, 0], self.generator)
-                v2 = self.views(views[:, 1], self.generator)
+                v2 = (self.views2 or self.views)(views[:, 1], self.generator)
             yield v1, v2, labels.reshape(-1).clone()
 
 
