@@ -17,7 +17,7 @@ import torch
 
 from simclr_dist.config import ConfigError, parse_config
 from simclr_dist.data import datasets
-from simclr_dist.data.convert import embedded_beton
+from simclr_dist.data.ffcv.convert import embedded_beton
 from simclr_dist.data.datasets import (
     DATASETS,
     FASHION_MNIST_CLASSES,

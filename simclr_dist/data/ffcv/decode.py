@@ -16,7 +16,6 @@ sample. Figures: PERFORMANCE.md, "CPU side of the two-view pipeline".
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import replace
 from typing import Any
@@ -138,23 +137,19 @@ def scaled_box(start: int, length: int, d: int, limit: int) -> tuple[int, int]:
 RESAMPLE = {"linear": 1, "area": 3}  # OpenCV interpolation codes
 
 
-@functools.cache
 def compiled(fn: Any) -> Any:
-    """``numba.njit(fn, nogil=True)``, once per process: every loader shares the helpers' dispatchers. Why: numba's
-    dispatcher finalizer can raise (KeyError in ``Dispatcher._make_finalizer``) when a dispatcher of a function that
-    other dispatchers also compiled is garbage collected; the report of that unraisable error, printed during a
-    collection that happens inside ``ast.parse``, corrupts CPython 3.11's AST recursion counter (SystemError)."""
+    """``numba.njit(fn, nogil=True)``: a fresh dispatcher per loader (and per caller). Not shared across loaders: one
+    dispatcher compiled from two threads at once (one loader's decode thread and another's, or the main thread)
+    lost an overload while numba listed them (KeyError in ``Dispatcher.signatures``)."""
     import numba
 
     return numba.njit(fn, nogil=True)
 
 
-@functools.cache
 def compiled_crop(crop_scale: tuple[float, float] | None) -> Any:
     return compiled(center_crop) if crop_scale is None else compiled(make_crop_fn(tuple(crop_scale)))
 
 
-@functools.cache
 def opencv_resize(interpolation: int) -> Any:
     """``resize(src, r0, r1, c0, c1, dst)``: OpenCV's resize of ``src[r0:r1, c0:c1]`` (uint8 HxWx3) into ``dst``,
     callable from numba without the GIL.
