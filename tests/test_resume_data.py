@@ -56,3 +56,25 @@ def test_sampler_matches_distributed_sampler_order():
         seeds = dict(iter(ours))
         ours.set_epoch(4, start_batch=0)
         assert {i: s for i, s in ours if i in seeds} == seeds  # a sample's seed does not depend on the start
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+def test_train_subset_is_what_both_loaders_pretrain_on(backend):
+    """--train-subset 600: an epoch of either loader reads exactly the fixed class-balanced subset's images (both
+    ranks together, each once), not the whole split."""
+    import numpy as np
+
+    from simclr_dist.data.datasets import load_dataset
+    from simclr_dist.data.splits import fixed_subset_indices
+
+    targets = torch.as_tensor(load_dataset("digits", "train", image_size=16).targets)
+    idx = fixed_subset_indices(targets.numpy(), 600)
+    want = torch.bincount(targets[torch.as_tensor(idx)], minlength=10)
+    loaders = [build_pretrain_loader(spec(backend, rank=r, subset=600, num_workers=1 if backend == "ffcv" else 0))
+               for r in (0, 1)]
+    assert {len(ld) for ld in loaders} == {len(idx) // 2 // 32} and len(idx) < len(targets)
+    seen = torch.cat([torch.cat([b[2] for b in batches(ld, epoch=1, start=0, count=len(ld))]) for ld in loaders])
+    assert len(seen) == len(idx) // 64 * 64
+    # the labels of every image read, per class: within one dropped tail batch of the subset's, far from the split's
+    assert int((want - torch.bincount(seen, minlength=10)).clamp(min=0).sum()) <= len(idx) - len(seen)
+    assert int(torch.bincount(seen, minlength=10).sum()) == len(seen) and np.all(want.numpy() > 0)

@@ -37,6 +37,7 @@ class LoaderSpec:
     scaled_decode: bool = True   # ffcv: reduced-scale JPEG decode when both crops allow it (data/ffcv/decode.py)
     resample: str = "linear"     # ffcv: crop resize kernel, linear | area (data/ffcv/decode.py)
     augment2: str | None = None  # the second view's components; None: drawn like the first (paper Figure 5: crop)
+    subset: int = 0              # pretrain on data.splits.fixed_subset_indices(labels, subset) of the split (0: all)
 
 
 class PretrainLoader(Protocol):

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from simclr_dist.data.augment import TwoViewDataset, TwoViewTransform, build_view_transform, default_augment
 from simclr_dist.data.datasets import dataset_info, load_dataset
 from simclr_dist.data.epoch_order import ResumableSampler, SeededItems, mix64
+from simclr_dist.data.splits import fixed_subset
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -31,7 +32,8 @@ class TorchPretrainLoader:
 
     def __init__(self, spec: Any):  # a simclr_dist.data.loader.LoaderSpec
         info = dataset_info(spec.dataset)
-        base = load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size)
+        base = fixed_subset(load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size),
+                            spec.subset)  # --train-subset: a fixed class-balanced subset (0: the whole split)
         aug = default_augment(info, spec.augment, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
         self.augment = aug
         self.augment2 = aug if spec.augment2 is None else default_augment(

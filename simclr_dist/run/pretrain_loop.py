@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         dataset=cfg.dataset, split=cfg.split, root=cfg.data_root, image_size=cfg.image_size, augment=cfg.augment,
         jitter_strength=cfg.jitter_strength, batch_size=per_worker, rank=rank, world_size=world, seed=cfg.seed,
         num_workers=cfg.loader_workers, pin_memory=on_gpu, backend=cfg.loader, beton=cfg.beton,
-        augment2=cfg.augment2))
+        augment2=cfg.augment2, subset=cfg.train_subset))
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)

@@ -133,8 +133,18 @@ class FFCVPretrainLoader:
                                    resample=spec.resample)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
         pipelines = {IMAGE_FIELD: [decoder, ToTensor(), *to_device], LABEL_FIELD: [IntDecoder(), ToTensor()]}
+        indices = None
+        if spec.subset:  # --train-subset (embedded datasets only): the beton holds the split in the dataset's order
+            from simclr_dist.data.datasets import load_dataset
+            from simclr_dist.data.splits import fixed_subset_indices
+            labels = load_dataset(spec.dataset, spec.split, root=spec.root, image_size=spec.image_size).targets
+            indices = fixed_subset_indices(torch.as_tensor(labels).numpy(), spec.subset)
+            if indices is not None and len(indices) < spec.batch_size * spec.world_size:
+                raise ValueError(f"--train-subset {spec.subset}: {len(indices)} images is fewer than one global "
+                                 f"batch ({spec.batch_size * spec.world_size}); lower --batch-size")
         with sharded_sources(self.files):
             self.loader = Loader(self.files[0], batch_size=spec.batch_size, num_workers=self.threads, os_cache=True,
+                                 indices=None if indices is None else np.sort(indices),
                                  order=rank_sharded_order(spec.rank, spec.world_size, spec.seed),
                                  distributed=spec.world_size > 1, seed=spec.seed, pipelines=pipelines,
                                  drop_last=True, batches_ahead=batches_ahead)
