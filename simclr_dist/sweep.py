@@ -54,9 +54,10 @@ def curves(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # missing, unreadable, not JSON
         raise SweepError(f"--curves {args.curves}: cannot read an experiments results.json "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("results"), list):
-        raise SweepError(f"--curves {args.curves}: not an experiments results.json (no 'results' list)")
-    fractions = sorted({r["fraction"] for r in summary["results"]})
+    if not isinstance(summary, dict) or not (isinstance(summary.get("results"), list)
+                                             or isinstance(summary.get("records"), list)):
+        raise SweepError(f"--curves {args.curves}: not an experiments results.json (no 'records' list)")
+    fractions = sorted({r["fraction"] for r in crossings.results(summary)})
     if args.curves_fraction is not None and args.curves_fraction not in fractions:
         raise SweepError(f"--curves-fraction: {args.curves_fraction:g} was not run; the file has "
                          f"{', '.join(f'{f:g}' for f in fractions)}")

@@ -64,3 +64,30 @@ def test_curves_bad_input_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--curves-fraction: 0.3 was not run" in err and len(err.strip().splitlines()) == 1
     assert main([]) == 2 and "name a sweep file" in capsys.readouterr().err
+
+
+def test_curves_from_todays_records_format(tmp_path, capsys):
+    """Today's experiments file holds one record per replicate (test read once): the curves use the mean over
+    replicates, compare only where both arms ran, and the time plot is at the largest fraction both ran."""
+    def rec(arm, fraction, top1, t, replicate):
+        return {"arm": arm, "fraction": fraction, "top1": top1, "train_time_s": t, "replicate": replicate}
+
+    records = [rec("supervised", 0.01, 0.70, 40.0, 0), rec("supervised", 0.01, 0.72, 44.0, 1),
+               rec("supervised", 0.1, 0.76, 42.0, 0), rec("supervised", 0.1, 0.78, 42.0, 1),
+               rec("supervised", 1.0, 0.90, 40.0, 0), rec("supervised", 1.0, 0.92, 40.0, 1),
+               rec("finetune", 0.01, 0.80, 45.0, 0), rec("finetune", 0.01, 0.82, 45.0, 1),
+               rec("finetune", 0.1, 0.84, 40.0, 0), rec("finetune", 0.1, 0.84, 40.0, 1),
+               rec("pixels", 0.01, 0.77, 1.0, 0)]
+    summary = {"dataset": "toy", "records": records, "pretraining": {"train_time_s": 1000.0}}
+    rows = {(r["arm"], r["fraction"]): r for r in crossings.results(summary)}
+    assert set(rows) == {("supervised", 0.01), ("supervised", 0.1), ("supervised", 1.0), ("finetune", 0.01),
+                         ("finetune", 0.1)}  # baselines are not curves
+    assert rows["supervised", 0.01]["top1"] == pytest.approx(0.71) and rows["supervised", 0.01]["replicates"] == 2
+    analysis = crossings.analyse(summary)
+    assert analysis["fraction"] == 0.1  # not 1.0: fine-tuning did not run there
+    assert analysis["by_fraction"] == [] and "between 1% and 10% of the labels" in analysis["fraction_text"][0]
+    assert crossings.time_curves(summary, 0.1)["finetune"] == [(1040.0, pytest.approx(0.84))]  # after pretraining
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(summary))
+    assert main(["--curves", str(path)]) == 0
+    assert (tmp_path / "curves_vs_time.png").read_bytes().startswith(PNG)

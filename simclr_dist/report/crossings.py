@@ -67,10 +67,30 @@ def leader(a: Curve, b: Curve) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- the curves
+def results(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (arm, label fraction): ``arm, fraction, top1, train_time_s`` (+ ``history`` with per-epoch test
+    accuracy in the first results format). Today's files hold ``records`` (one per replicate, test read once at the
+    end): the row is the mean over replicates, and its time the final run's training time (selection excluded, the
+    same grid for both trained arms)."""
+    if isinstance(summary.get("results"), list):
+        return summary["results"]
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in summary.get("records") or []:
+        if r.get("arm") in TITLES and r.get("top1") is not None:
+            groups.setdefault((r["arm"], float(r["fraction"])), []).append(r)
+
+    def mean(rs: list[dict[str, Any]], key: str) -> float | None:
+        vals = [float(r[key]) for r in rs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return [{"arm": arm, "fraction": frac, "top1": mean(rs, "top1"), "train_time_s": mean(rs, "train_time_s"),
+             "replicates": len(rs)} for (arm, frac), rs in sorted(groups.items())]
+
+
 def fraction_curves(summary: dict[str, Any]) -> dict[str, Curve]:
     """(label fraction, test top-1) per arm, sorted by fraction."""
     out: dict[str, Curve] = {}
-    for r in summary["results"]:
+    for r in results(summary):
         if r.get("top1") is not None:
             out.setdefault(r["arm"], []).append((float(r["fraction"]), float(r["top1"])))
     return {arm: sorted(pts) for arm, pts in out.items()}
@@ -81,7 +101,7 @@ def time_curves(summary: dict[str, Any], fraction: float) -> dict[str, Curve]:
     SimCLR arms start after the pretraining time (when it is known); the linear arm is one point, held level."""
     pre = (summary.get("pretraining") or {}).get("train_time_s")
     out: dict[str, Curve] = {}
-    for r in summary["results"]:
+    for r in results(summary):
         if r["fraction"] != fraction or r.get("top1") is None:
             continue
         ssl = r["arm"] in ("linear", "finetune")
@@ -97,6 +117,8 @@ def time_curves(summary: dict[str, Any], fraction: float) -> dict[str, Curve]:
             out[r["arm"]] = pts
         else:
             end = r.get("time_with_pretraining_s") if ssl else r.get("train_time_s")
+            if end is None and ssl and r.get("train_time_s") is not None:
+                end = pre + r["train_time_s"]
             if end:
                 out[r["arm"]] = [(float(end), float(r["top1"]))]
     return out
@@ -112,9 +134,10 @@ def analyse(summary: dict[str, Any], fraction: float | None = None) -> dict[str,
     default the largest fraction the supervised arm ran), with one sentence each (``fraction_text``,
     ``time_text``)."""
     fc = fraction_curves(summary)
-    fractions = sorted({r["fraction"] for r in summary["results"] if r["arm"] == "supervised"})
-    if fraction is None:
-        fraction = max(fractions) if fractions else None
+    fractions = sorted({r["fraction"] for r in results(summary) if r["arm"] == "supervised"})
+    shared = sorted(set(fractions) & {r["fraction"] for r in results(summary) if r["arm"] != "supervised"})
+    if fraction is None:  # the largest fraction where supervised and a SimCLR arm both ran
+        fraction = max(shared or fractions) if fractions else None
     tc = time_curves(summary, fraction) if fraction is not None else {}
     t_end = max((p[0] for c in tc.values() for p in c), default=0.0)
     out: dict[str, Any] = {"fraction": fraction, "by_fraction": [], "by_time": [], "fraction_text": [],
@@ -130,8 +153,10 @@ def analyse(summary: dict[str, Any], fraction: float | None = None) -> dict[str,
                     f"{100 * x:.3g}% of the labels (top-1 {y:.3f})" for x, y in found) + ".")
             else:
                 ahead = title if leader(fc[arm], sup) == "a" else "supervised"
-                out["fraction_text"].append(f"{title} and supervised do not cross between {100 * fractions[0]:g}% and "
-                                         f"{100 * fractions[-1]:g}% of the labels: {ahead} is ahead throughout.")
+                lo, hi = max(fc[arm][0][0], sup[0][0]), min(fc[arm][-1][0], sup[-1][0])
+                out["fraction_text"].append(f"{title} and supervised do not cross between {100 * lo:g}% and "
+                                         f"{100 * hi:g}% of the labels (where both were run): {ahead} is ahead "
+                                         "throughout.")
         sup_t = extend_level(tc.get("supervised", []), t_end)
         if sup_t and tc.get(arm):
             mine = extend_level(tc[arm], t_end)
@@ -169,7 +194,7 @@ def plots(summary: dict[str, Any], analysis: dict[str, Any]) -> dict[str, bytes]
         ax.annotate(f"{100 * c['fraction']:.3g}%", (100 * c["fraction"], c["top1"]), xytext=(6, -14 - 10 * (k % 2)),
                     textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
-    fractions = sorted({r["fraction"] for r in summary["results"]})
+    fractions = sorted({r["fraction"] for r in results(summary)})
     ax.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
     ax.minorticks_off()
     ax.set(xlabel="labelled training images (% of the train split, log scale)", ylabel="test top-1 accuracy",
@@ -196,7 +221,7 @@ def plots(summary: dict[str, Any], analysis: dict[str, Any]) -> dict[str, bytes]
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     frac = analysis["fraction"]
-    ax.set(xlabel="training time, s (sum of epoch times; log scale)", ylabel="test top-1 accuracy",
+    ax.set(xlabel="training time, s (the final run's; log scale)", ylabel="test top-1 accuracy",
            title=f"{ds}: where the curves meet, training time"
            + (f" ({100 * frac:g}% of the labels)" if frac is not None else ""))
     figs["curves_vs_time.png"] = fig
