@@ -132,7 +132,7 @@ def node_stop(runs: Path, env: dict, cenv: dict, script: str, E: int, every: int
 
 def watcher(runs: Path, env: dict, E: int) -> dict:
     """Training with --num-to-keep 1 and an evaluator watching it, SIGKILLed after its first result, restarted."""
-    from simclr_dist.run.eval_store import read_index
+    from simclr_dist.run.eval.store import read_index
 
     name = "watch"
     run = runs / name
@@ -162,7 +162,7 @@ def state_costs(what: str, state: dict, repeats: int = 3) -> list[dict]:
     uploading the same state to local storage in the calling thread (what every save did before)."""
     import ray.train
 
-    from simclr_dist.run.checkpoint import make_uploader, plain, save_checkpoint
+    from simclr_dist.run.store.checkpoint import make_uploader, plain, save_checkpoint
 
     copy_s, save_s = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +186,7 @@ def cost_rows() -> list[dict]:
 
     from simclr_dist.config import PretrainConfig
     from simclr_dist.core.optim import build_optimizer
-    from simclr_dist.run.step import build_model
+    from simclr_dist.run.store.weights import build_model
 
     rows = []
     for what, cfg in (("digits r18 x0.125", PretrainConfig(dataset="digits", image_size=16, width=0.125)),

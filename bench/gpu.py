@@ -55,7 +55,7 @@ from bench.common import (
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import build_optimizer, scale_lr
 from simclr_dist.core.precision import Precision
-from simclr_dist.run.step import pretrain_step
+from simclr_dist.run.train.step import pretrain_step
 
 TAU = 0.1
 LOADERS = ("synthetic", "ffcv")

@@ -44,7 +44,7 @@ from bench.gpu import make_image_folder, matmul_tflops, peak_tflops
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import build_optimizer, scale_lr
 from simclr_dist.core.precision import Precision
-from simclr_dist.run.step import pretrain_step
+from simclr_dist.run.train.step import pretrain_step
 
 GPU = dict(arch="resnet50", width=1.0, image_size=224, batch=128, warmup=3, steps=15, jpeg_px=(256, 500),
            jpeg_count=2048, loader_workers=min(12, (os.cpu_count() or 2) - 2))
@@ -188,7 +188,7 @@ def check_augment(p: dict[str, Any], device: torch.device) -> Row:
 
 def check_metrics(p: dict[str, Any], device: torch.device) -> Row:
     """The production probe (``run.metrics.NvmlProbe``, what the Grafana GPU panels show) read while training."""
-    from simclr_dist.run.metrics import NvmlProbe
+    from simclr_dist.run.train.metrics import NvmlProbe
 
     if device.type != "cuda":
         return {"status": "skipped: no CUDA"}

@@ -2,7 +2,7 @@
 
     python -m bench.step [--quick] [--out PATH.json] [--threads N] [--no-ray]
 
-Table "steps": the production step ``simclr_dist.run.step.pretrain_step`` (both views in one forward, ``nt_xent``,
+Table "steps": the production step ``simclr_dist.run.train.step.pretrain_step`` (both views in one forward, ``nt_xent``,
 backward, LARS) run in this process per model and batch size, with the median time of each phase:
 data (the real digits loader, augmentation in-process, or pre-made synthetic views), forward, loss,
 backward (loss and network), optimizer. FLOP count per sample = ``forward_flops`` x 3 (forward +
@@ -34,7 +34,8 @@ from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist.core.precision import Precision
-from simclr_dist.run.step import build_model, pretrain_step
+from simclr_dist.run.store.weights import build_model
+from simclr_dist.run.train.step import pretrain_step
 
 TAU = 0.5
 PHASES = ("data", "forward", "loss", "backward", "optimizer")

@@ -5,11 +5,11 @@ matches the online monitor of pretraining; fine-tuning on 1%/10%/100% of the lab
 question. Results are JSON files beside the run's checkpoints (``RUN/eval/<checkpoint>/<protocol>.json``) listed in
 the run's append-only ``RUN/eval/index.jsonl``, so an evaluator that watches a run is idempotent and its history
 survives checkpoint pruning. ``--pretrained FORMAT:PATH_OR_URI`` evaluates an imported encoder instead
-(:mod:`simclr_dist.run.pretrained`), with the input normalisation the importer records.
+(:mod:`simclr_dist.run.store.pretrained`), with the input normalisation the importer records.
 
-This module is the command: flags, dispatch and the table; the protocols are :mod:`simclr_dist.run.evaluation`,
-the jobs and result files :mod:`simclr_dist.run.eval_jobs`, fine-tuning the one loop
-(:mod:`simclr_dist.run.classify_loop`).
+This module is the command: flags, dispatch and the table; the protocols are :mod:`simclr_dist.run.train.evaluation`,
+the jobs and result files :mod:`simclr_dist.run.eval.jobs`, fine-tuning the one loop
+(:mod:`simclr_dist.run.train.classify_loop`).
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ import torch
 from simclr_dist.config import parse_into
 from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.console import emit
-from simclr_dist.run import eval_store
-from simclr_dist.run.classify_plan import require_complete
-from simclr_dist.run.eval_jobs import (
+from simclr_dist.run.eval import store as eval_store
+from simclr_dist.run.jobs.classify_job import require_complete
+from simclr_dist.run.eval.jobs import (
     evaluate_checkpoint,
     evaluate_latest,
     evaluate_pretrained,
     result_name,
     watch_run,
 )
-from simclr_dist.run.evaluation import select_device
-from simclr_dist.run.failure import FAILURES, fail
+from simclr_dist.run.train.evaluation import select_device
+from simclr_dist.run.jobs.failure import FAILURES, fail
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:

@@ -5,14 +5,14 @@ scratch on the same few labels, and (B) the same network trained supervised on *
 SimCLR encoder + a linear probe, SimCLR fine-tuned, the network from scratch; baselines on the same subsets:
 logistic regression on raw pixels, a randomly initialised encoder (probe and kNN), kNN of the SimCLR encoder.
 
-The protocol (:mod:`simclr_dist.run.experiment`): every trained arm gets the same number of steps at every label
+The protocol (:mod:`simclr_dist.run.studies.experiment_plan`): every trained arm gets the same number of steps at every label
 fraction and the same (LR x weight decay) grid, chosen on validation splits carved from its labelled subset;
 the test split is read once, by the chosen model; several replicates, each with its own label-subset seed and
 init seed; the report gives mean +- sd, a 95% interval and a paired test of SimCLR against scratch, per-class
 recall, worst-class accuracy and macro-F1. ``--preset fashion-mnist-cpu`` runs the whole study, pretraining
 included, on a 2-core machine; ``--preset fashion-mnist-gpu`` is its paper-scale version for a GPU cluster.
 
-This module is the command: flags, the plan and the report; the work is :mod:`simclr_dist.run.experiment_run`,
+This module is the command: flags, the plan and the report; the work is :mod:`simclr_dist.run.studies.experiment_run`,
 the tables and plots :mod:`simclr_dist.report.experiments`.
 """
 
@@ -26,10 +26,10 @@ from simclr_dist.config import parse_into
 from simclr_dist.config.experiments import ARMS, ExperimentsConfig
 from simclr_dist.console import emit
 from simclr_dist.report.experiments import format_table, summarise
-from simclr_dist.run import storage
-from simclr_dist.run.experiment import make_plan
-from simclr_dist.run.experiment_run import execute, plan_budget, write_outputs
-from simclr_dist.run.failure import FAILURES, fail
+from simclr_dist import storage
+from simclr_dist.run.studies.experiment_plan import make_plan
+from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
+from simclr_dist.run.jobs.failure import FAILURES, fail
 
 __all__ = ["ARMS", "main", "parse_args"]
 

@@ -11,9 +11,9 @@ import sys
 
 from simclr_dist.config import ConfigError, parse_config
 from simclr_dist.data.datasets import DatasetError
-from simclr_dist.run import storage
-from simclr_dist.run.launch import RunError
-from simclr_dist.run.pretrain_job import RUN_CONFIG_FILE, check_config, preflight, run
+from simclr_dist import storage
+from simclr_dist.run.jobs.launch import RunError
+from simclr_dist.run.jobs.pretrain_job import RUN_CONFIG_FILE, check_config, preflight, run
 
 __all__ = ["RUN_CONFIG_FILE", "RunError", "check_config", "main", "preflight", "run"]
 

@@ -10,7 +10,7 @@ class-balanced label subset* (``--fraction``, ``--subset-seed``), scaled the sam
 holds out part of the subset, reports on it and never reads the test split.
 
 This module is the command: flags and the summary line; the run is planned and driven by
-:mod:`simclr_dist.run.classify_plan` and trained by the one loop, :mod:`simclr_dist.run.classify_loop`.
+:mod:`simclr_dist.run.jobs.classify_job` and trained by the one loop, :mod:`simclr_dist.run.train.classify_loop`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 
 from simclr_dist.config import parse_into
 from simclr_dist.config.supervised import SupervisedConfig
-from simclr_dist.run import storage
-from simclr_dist.run.classify_plan import RESULTS_FILE, run_classifier
-from simclr_dist.run.failure import FAILURES, fail
+from simclr_dist import storage
+from simclr_dist.run.jobs.classify_job import RESULTS_FILE, run_classifier
+from simclr_dist.run.jobs.failure import FAILURES, fail
 
 
 def parse_args(argv: list[str] | None = None) -> SupervisedConfig:

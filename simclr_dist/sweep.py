@@ -1,8 +1,8 @@
 """``python -m simclr_dist.sweep tune/<study>.yaml``: SimCLR ablations (paper Fig. 5, Fig. 9, Table 5) on Ray Tune.
 
 The command reads a sweep file (:mod:`simclr_dist.config.sweep`), checks every trial before any starts
-(:mod:`simclr_dist.run.sweep_plan`), runs the trials as Ray Train runs inside Tune, ASHA stopping the weak ones
-(:mod:`simclr_dist.run.tune`), and prints the table that :mod:`simclr_dist.report.sweep` also writes with the plots.
+(:mod:`simclr_dist.run.studies.sweep_plan`), runs the trials as Ray Train runs inside Tune, ASHA stopping the weak ones
+(:mod:`simclr_dist.run.studies.sweep_run`), and prints the table that :mod:`simclr_dist.report.sweep` also writes with the plots.
 ``--curves RESULTS_JSON`` instead draws where SimCLR and supervised training meet, from an experiments results file
 (:mod:`simclr_dist.report.crossings`).
 """
@@ -17,9 +17,9 @@ from simclr_dist.config.sweep import SweepError, load_spec
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist.report import crossings
 from simclr_dist.report.sweep import table_markdown
-from simclr_dist.run import storage
-from simclr_dist.run.launch import RunError
-from simclr_dist.run.tune import run_sweep
+from simclr_dist import storage
+from simclr_dist.run.jobs.launch import RunError
+from simclr_dist.run.studies.sweep_run import run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,12 +1,18 @@
 """The package map, enforced: imports point down the layers, never in a circle, and never at a ``_private`` name.
 
-Layers (a module may import its own layer and the ones below; commands import anything but other commands):
-    0 util      simclr_dist (package), simclr_dist.console
+Layers (a module may import its own layer and the ones below; rooms of one layer never import each other;
+commands import anything but other commands):
+    0 ground    simclr_dist (package), console, storage     imports nothing of the package
     1 core      simclr_dist.core.*            torch only
-    2 data      simclr_dist.data.*            datasets, splits, augmentation, loaders
+    2 data      simclr_dist.data.*            datasets, splits, augmentation, loaders (data.convert: the command's
+                                              flags and upload; it imports data and storage only)
     3 config    simclr_dist.config*           every job's dataclass, one validator, one error type
-    4 run       simclr_dist.run.*, simclr_dist.report.*   Ray, storage, loops, tables and plots
-    5 commands  pretrain, evaluate, supervised, experiments, sweep, data.convert: nothing imports them
+    4 report    simclr_dist.report.*          tables, plots and statistics of finished runs; never run/
+    5 store     simclr_dist.run (package), run.store.*   checkpoints, weights, importers, chaos
+    6 train     simclr_dist.run.train.*       steps, the two per-worker loops, resume, metrics
+    7 jobs      simclr_dist.run.jobs.*        launch, capacity, failure, the pretraining and classifier jobs
+    8 eval | studies  simclr_dist.run.eval.*, simclr_dist.run.studies.*   two rooms side by side
+    9 commands  pretrain, evaluate, supervised, experiments, sweep: nothing imports them
 Every import counts, also one inside a function (a lazy import is still an arrow).
 """
 
@@ -21,9 +27,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "simclr_dist"
-COMMANDS = {f"simclr_dist.{c}" for c in ("pretrain", "evaluate", "supervised", "experiments", "sweep",
-                                         "data.convert")}
-LAYER_NAMES = ("util", "core", "data", "config", "run", "commands")
+COMMANDS = {f"simclr_dist.{c}" for c in ("pretrain", "evaluate", "supervised", "experiments", "sweep")}
+LAYER_NAMES = ("ground", "core", "data", "config", "report", "store", "train", "jobs", "eval|studies", "commands")
+# (prefix, layer, room): the longest matching prefix wins; two rooms of one layer may not import each other
+ROOMS = (("simclr_dist.core", 1, "core"), ("simclr_dist.data", 2, "data"), ("simclr_dist.config", 3, "config"),
+         ("simclr_dist.report", 4, "report"), ("simclr_dist.run", 5, "store"), ("simclr_dist.run.store", 5, "store"),
+         ("simclr_dist.run.train", 6, "train"), ("simclr_dist.run.jobs", 7, "jobs"),
+         ("simclr_dist.run.eval", 8, "eval"), ("simclr_dist.run.studies", 8, "studies"))
+GROUND = ("simclr_dist", "simclr_dist.console", "simclr_dist.storage")
 
 
 def parse(path: Path) -> ast.Module:
@@ -42,16 +53,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def layer(module: str) -> int:
+def room(module: str) -> tuple[int, str]:
+    """(layer, room) of a package module."""
     if module in COMMANDS:
-        return 5
-    for prefix, level in (("simclr_dist.core", 1), ("simclr_dist.data", 2), ("simclr_dist.config", 3),
-                          ("simclr_dist.run", 4), ("simclr_dist.report", 4)):
-        if module == prefix or module.startswith(prefix + "."):
-            return level
-    if module in ("simclr_dist", "simclr_dist.console"):
-        return 0
-    raise AssertionError(f"{module}: not on the map in tests/test_layers.py; put it in a layer's folder")
+        return 9, "commands"
+    if module in GROUND:
+        return 0, "ground"
+    best = None
+    for prefix, level, name in ROOMS:
+        if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, level, name)
+    if best is None:
+        raise AssertionError(f"{module}: not on the map in tests/test_layers.py; put it in a layer's folder")
+    return best[1], best[2]
+
+
+def layer(module: str) -> int:
+    return room(module)[0]
 
 
 def modules() -> dict[str, Path]:
@@ -97,9 +115,11 @@ def upward_arrows() -> list[str]:
         for dst, _, line in deps:
             if dst == src or dst in ("simclr_dist",):
                 continue
-            ls, ld = layer(src), layer(dst)
-            if ld > ls or (ls == ld == 5):
+            (ls, rs), (ld, rd) = room(src), room(dst)
+            if ld > ls or (ls == ld == 9):
                 bad.append(f"{src} imports {dst} ({LAYER_NAMES[ls]} -> {LAYER_NAMES[ld]})")
+            elif ls == ld and rs != rd:
+                bad.append(f"{src} imports {dst} (sideways: {rs} -> {rd})")
     return sorted(set(bad))
 
 
@@ -176,7 +196,7 @@ def test_known_debt_is_current():
 
 
 def test_no_private_name_crosses_a_module():
-    extra = tuple(sorted((ROOT / "bench").glob("*.py"))) + tuple(sorted((ROOT / "tests").glob("*.py")))
+    extra = tuple(sorted((ROOT / "bench").glob("*.py"))) + tuple(sorted((ROOT / "tests").rglob("*.py")))
     assert private_imports(extra=extra) == []
 
 
@@ -192,21 +212,34 @@ def test_core_is_torch_only():
                 assert top in allowed or top in sys.stdlib_module_names, f"{path.name} imports {n}"
 
 
-@pytest.mark.parametrize("violation", ["up", "cycle", "private"])
+# violation -> (importer, its source, imported, its source): each must be caught
+PLANTED = {
+    "up": ("core/a.py", "from simclr_dist.run import b\n", "run/b.py", "x = 1\n"),
+    "cycle": ("core/a.py", "from simclr_dist.core import b\n", "core/b.py", "from simclr_dist.core import a\n"),
+    "private": ("core/a.py", "from simclr_dist.core.b import _hidden\n", "core/b.py", "_hidden = 1\n"),
+    "report-to-run": ("report/a.py", "from simclr_dist.run.store import b\n", "run/store/b.py", "x = 1\n"),
+    "sideways": ("run/eval/a.py", "from simclr_dist.run.studies import b\n", "run/studies/b.py", "x = 1\n"),
+    "train-to-jobs": ("run/train/a.py", "from simclr_dist.run.jobs.b import x\n", "run/jobs/b.py", "x = 1\n"),
+}
+
+
+@pytest.mark.parametrize("violation", sorted(PLANTED))
 def test_the_guard_catches_what_it_guards(tmp_path, monkeypatch, violation):
     """The checks above fail on a planted violation (so a green run means something)."""
     pkg = tmp_path / "simclr_dist"
-    (pkg / "core").mkdir(parents=True)
-    (pkg / "run").mkdir()
-    for d in (pkg, pkg / "core", pkg / "run"):
-        (d / "__init__.py").write_text("")
-    body = {"up": ("from simclr_dist.run import b\n", "x = 1\n"),
-            "cycle": ("from simclr_dist.core import b\n", "from simclr_dist.core import a\n"),
-            "private": ("from simclr_dist.core.b import _hidden\n", "_hidden = 1\n")}[violation]
-    (pkg / "core" / "a.py").write_text(body[0])
-    (pkg / ("run" if violation == "up" else "core") / "b.py").write_text(body[1])
+    src, body, dst, dst_body = PLANTED[violation]
+    for rel in (src, dst):
+        d = pkg
+        for part in Path(rel).parts[:-1]:
+            (d / "__init__.py").parent.mkdir(parents=True, exist_ok=True)
+            (d / "__init__.py").touch()
+            d = d / part
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "__init__.py").touch()
+    (pkg / src).write_text(body)
+    (pkg / dst).write_text(dst_body)
     me = sys.modules[__name__]
     monkeypatch.setattr(me, "ROOT", tmp_path)
     monkeypatch.setattr(me, "PACKAGE", pkg)
-    found = {"up": upward_arrows, "cycle": cycles, "private": private_imports}[violation]()
+    found = {"cycle": cycles, "private": private_imports}.get(violation, upward_arrows)()
     assert found, violation

@@ -61,7 +61,7 @@ class EvalConfig(JobConfig):
     checkpoint: str | None = flag(None, "one checkpoint directory (local path, s3:// or gs:// URI)")
     run: str | None = flag(None, "a run directory STORAGE/NAME: evaluate its latest complete checkpoint")
     pretrained: str | None = flag(None, "an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
-                                      f"{', '.join(FORMATS)} (see simclr_dist.run.pretrained)")
+                                      f"{', '.join(FORMATS)} (see simclr_dist.run.store.pretrained)")
     strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
                             "mismatch); --no-strict loads the matching tensors and warns")
     dataset: str | None = flag(None, "with --pretrained: dataset to evaluate on (default: a simclr-dist "
@@ -93,7 +93,7 @@ class EvalConfig(JobConfig):
     val_fraction: float = flag(0.2, "fraction of the labelled train split held out to choose the L2 strength",
                                gt=0, le=0.99)
     linear_max_iter: int = flag(300, "L-BFGS iterations of each logistic-regression fit", ge=1)
-    # fine-tuning (simclr_dist.run.classify_loop, the loop of simclr_dist.supervised)
+    # fine-tuning (simclr_dist.run.train.classify_loop, the loop of simclr_dist.supervised)
     label_fractions: str = flag("0.01,0.1,1.0", "fractions of the train labels to fine-tune on, each in (0, 1]")
     finetune_epochs: int | None = flag(None, "fine-tuning epochs (default: paper's 60 for <=1%% labels, 30 above; "
                                            "digits: 30)", ge=1)

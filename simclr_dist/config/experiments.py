@@ -67,7 +67,7 @@ class ExperimentsConfig(JobConfig):
                                "finished) first when it has none (default: ./runs/simclr-<dataset>-resnet18, the run "
                                "`make demo` writes; a preset names its own)")
     pretrained: str | None = flag(None, "an imported encoder FORMAT:PATH_OR_URI instead of a SimCLR checkpoint, FORMAT "
-                                      f"one of {', '.join(FORMATS)} (see simclr_dist.run.pretrained); needs --dataset "
+                                      f"one of {', '.join(FORMATS)} (see simclr_dist.run.store.pretrained); needs --dataset "
                                       "except for simclr-dist")
     strict: bool = flag(True, "with --pretrained: refuse a partial load (any missing/unexpected key or shape "
                             "mismatch); --no-strict loads the matching tensors and warns")

@@ -3,7 +3,7 @@ supervised reference on all labels), under Ray Train or in this process.
 
 Why one config for every trained arm: Experiments A/B are fair only if the arms differ in nothing but their
 initialisation and the hyper-parameters each one is given, so they are all this config, run by the one loop
-(:mod:`simclr_dist.run.classify_loop`). Two seeds, on purpose: ``subset_seed`` draws the labelled images (shared
+(:mod:`simclr_dist.run.train.classify_loop`). Two seeds, on purpose: ``subset_seed`` draws the labelled images (shared
 by every arm of a replicate), ``seed`` the initialisation, data order and augmentation.
 """
 
@@ -45,7 +45,7 @@ class SupervisedConfig(JobConfig):
     init_checkpoint: str | None = flag(None, "start from this SimCLR checkpoint's encoder (fine-tune the whole "
                                            "network) instead of a random init: SimCLR fine-tuning with this loop")
     init_pretrained: str | None = flag(None, "start from an imported encoder FORMAT:PATH_OR_URI, FORMAT one of "
-                                           f"{', '.join(FORMATS)} (see simclr_dist.run.pretrained): its network, and "
+                                           f"{', '.join(FORMATS)} (see simclr_dist.run.store.pretrained): its network, and "
                                            "its input normalisation instead of the dataset's; needs --dataset except "
                                            "for simclr-dist")
     init_strict: bool = flag(True, "with --init-pretrained: refuse a partial load (any missing/unexpected key or "

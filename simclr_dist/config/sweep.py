@@ -4,7 +4,7 @@ A sweep file is data: the pretraining fields every trial shares (``base``), the 
 fields, the ``objective`` (a held-out accuracy the trainable reports, never the test split), the ``scheduler``
 (ASHA or none), the ``resources`` of one trial and the ``concurrency``. Why its own module: every mistake a file can
 hold (an unknown field or section, a value of the wrong type, an unknown augmentation) is one line naming it, found
-before Ray starts; the checks that need the trials' resolved configs live in :mod:`simclr_dist.run.tune`.
+before Ray starts; the checks that need the trials' resolved configs live in :mod:`simclr_dist.run.studies.sweep_run`.
 
 Augmentation studies (paper Figure 5) use ``augment: {pairs: [c1, c2, ...], with: crop}``: every single component
 and every unordered pair, each policy also holding the ``with`` components (the crop and resize every view gets).

@@ -24,7 +24,7 @@ def upload(out: str, local_files: list[str]) -> list[str]:
     (an object-store put is atomic already). Returns the URIs."""
     import pyarrow.fs as pafs
 
-    from simclr_dist.run import storage
+    from simclr_dist import storage
 
     uris = []
     for local in local_files:

@@ -15,7 +15,7 @@ from typing import Any
 
 from simclr_dist.config.sweep import Dimension, SweepSpec
 from simclr_dist.data.augment import COMPONENTS, parse_components
-from simclr_dist.run import storage
+from simclr_dist import storage
 
 Rows = list[dict[str, Any]]
 

@@ -1,0 +1,221 @@
+"""The plan of Experiments A and B: every input resolved and checked, and every training the study will run, before
+the first one starts.
+
+Why a plan: the fairness rules are easiest to check (and to test) on a list. Every replicate ``r`` draws its label
+subsets with ``subset_seed + r`` (shared by all arms) and its initialisations and data order with ``seed + r``;
+every trained arm, at every fraction, runs the same grid of (learning rate, weight decay) for the same number of
+steps on the same selection splits of that subset, and its final run uses the grid point it chose. A bad input
+(a flag, a missing checkpoint, a class left without a validation label) costs one line and no training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shlex
+from dataclasses import dataclass
+
+import numpy as np
+
+from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, build_parser
+from simclr_dist.config.experiments import ExperimentsConfig
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.data.datasets import check_available, load_dataset
+from simclr_dist.data.splits import SelectionError, balanced_subset, labelled_splits, selection_splits
+from simclr_dist import storage
+from simclr_dist.run.store.checkpoint import list_complete_checkpoints
+from simclr_dist.run.train.classify_loop import batch_layout
+from simclr_dist.run.jobs.classify_job import absolute, absolute_spec, pretrained_model_config, pretraining_config
+from simclr_dist.run.jobs.pretrain_job import check_config
+from simclr_dist.run.store.pretrained import PretrainedEncoder, load_pretrained
+
+TRAINED = ("finetune", "supervised")
+
+
+@dataclass(frozen=True)
+class Replicate:
+    index: int
+    subset_seed: int  # the label subset and its selection splits
+    seed: int  # initialisation, data order, augmentation
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained arm on one labelled subset: ``folds`` selection runs per grid point, then one final run."""
+
+    arm: str
+    fraction: float
+    rep: Replicate
+    folds: int
+
+
+@dataclass
+class Plan:
+    ecfg: ExperimentsConfig  # resolved: every protocol field filled
+    out: str
+    run: str | None
+    pretrain_cfg: PretrainConfig | None  # pretraining to run (or finish) first
+    checkpoint: str | None
+    model_cfg: PretrainConfig
+    fractions: tuple[float, ...]
+    arms: tuple[str, ...]
+    baselines: tuple[str, ...]
+    replicates: tuple[Replicate, ...]
+    subsets: dict[tuple[float, int], np.ndarray]  # (fraction, subset seed) -> train indices
+    cells: list[Cell]
+    train_size: int
+    pretrained: PretrainedEncoder | None = None
+    pretrained_spec: str | None = None
+
+    def grid(self) -> list[tuple[float, float]]:
+        return self.ecfg.grid()
+
+    def trainings(self) -> int:
+        """Classifier runs of the study: every cell's grid x folds, plus its final run."""
+        return sum(len(self.grid()) * c.folds + 1 for c in self.cells)
+
+
+def pretrain_config(ecfg: ExperimentsConfig, run: str) -> PretrainConfig:
+    """The pretraining config: ``--pretrain-args`` on top of pretraining's defaults, stored at ``run``."""
+    extra = shlex.split(ecfg.pretrain_args or "")
+    for name in ("--storage-path", "--name"):
+        if any(a == name or a.startswith(name + "=") for a in extra):
+            raise ConfigError(f"--pretrain-args: {name} comes from --run STORAGE/NAME; drop it")
+    storage_path, name = run.rstrip("/").rsplit("/", 1) if "/" in run.rstrip("/") else (".", run)
+    args = [*extra, "--storage-path", storage_path, "--name", name]
+    if ecfg.dataset is not None and "--dataset" not in extra:
+        args += ["--dataset", ecfg.dataset]
+    parser = build_parser(PretrainConfig, "python -m simclr_dist.pretrain", "", one_line=True)
+    try:
+        return check_config(PretrainConfig(**vars(parser.parse_args(args))))
+    except ConfigError as e:
+        raise ConfigError(f"--pretrain-args: {e}") from None
+
+
+def finished_checkpoint(run: str, cfg: PretrainConfig | None) -> str | None:
+    """The run's latest complete checkpoint when it is finished (``cfg.epochs`` reached; any epoch without a
+    config to compare with), else None: the run is pretrained, or resumed, first."""
+    refs = list_complete_checkpoints(run)
+    if not refs or (cfg is not None and refs[-1].epoch < cfg.epochs):
+        return None
+    return refs[-1].uri
+
+
+def spec_digest(spec: str) -> str:
+    """8 hex digits naming an import in the fine-tuned runs' names: another --pretrained trains other runs."""
+    return hashlib.sha256(spec.encode()).hexdigest()[:8]
+
+
+def pretrained_tag(pre: PretrainedEncoder) -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in pre.uri.rstrip("/").rsplit("/", 1)[-1])
+    return f"-{pre.format}-{name}"
+
+
+def resolve_source(ecfg: ExperimentsConfig):
+    """(run, pretraining to do, checkpoint, network config, import, import spec) of the encoder under study."""
+    pre = spec = pretrain_cfg = None
+    checkpoint, run = absolute(ecfg.checkpoint), absolute(ecfg.run)
+    if ecfg.pretrained is not None:
+        try:
+            pre = load_pretrained(absolute_spec(ecfg.pretrained), strict=ecfg.strict)
+        except PretrainedError as e:
+            raise ConfigError(str(e)) from None
+        spec = f"{pre.format}:{pre.uri}"  # pinned: a run directory that gains a checkpoint later is another import
+        return None, None, None, pretrained_model_config(pre, dataset=ecfg.dataset, image_size=ecfg.image_size,
+                                                         data_root=ecfg.data_root), pre, spec
+    if checkpoint is None:
+        run = run or absolute(f"./runs/simclr-{ecfg.dataset or 'digits'}-resnet18")
+        wanted = pretrain_config(ecfg, run) if (ecfg.pretrain_args or ecfg.pretrain) else None
+        if not ecfg.pretrain:
+            checkpoint = finished_checkpoint(run, wanted)
+        if checkpoint is None:
+            pretrain_cfg = wanted or pretrain_config(ecfg, run)
+    model_cfg = pretraining_config(checkpoint) if checkpoint is not None else pretrain_cfg
+    return run, pretrain_cfg, checkpoint, model_cfg, pre, spec
+
+
+def make_plan(ecfg: ExperimentsConfig) -> Plan:
+    """Resolve and check every input, draw every subset and selection split, and list the cells."""
+    ecfg = ecfg.validate()
+    if ecfg.preset:
+        ecfg = ecfg.resolved(ecfg.dataset or "")  # the preset names the pretraining run before it is looked up
+    run, pretrain_cfg, checkpoint, model_cfg, pre, spec = resolve_source(ecfg)
+    if pre is None and ecfg.dataset is not None and ecfg.dataset != model_cfg.dataset:
+        raise ConfigError(f"--dataset {ecfg.dataset}: the checkpoint was pretrained on {model_cfg.dataset}; "
+                          "evaluate on its own dataset (or drop --dataset)")
+    if ecfg.data_root is not None:
+        model_cfg = dataclasses.replace(model_cfg, data_root=ecfg.data_root)
+    ecfg = ecfg.resolved(model_cfg.dataset)
+    for split in labelled_splits(model_cfg.dataset):
+        check_available(model_cfg.dataset, split, model_cfg.data_root)
+    default_out = f"./runs/experiments-{ecfg.preset or model_cfg.dataset}" + (pretrained_tag(pre) if pre else "")
+    out = absolute(ecfg.out or default_out)
+    storage.resolve(out)  # an unknown scheme fails here; writability is checked last, as it creates the directory
+
+    labels = np.asarray(load_dataset(model_cfg.dataset, labelled_splits(model_cfg.dataset)[0],
+                                     root=model_cfg.data_root, image_size=model_cfg.image_size).targets)
+    reps = tuple(Replicate(r, ecfg.subset_seed + r, ecfg.seed + r) for r in range(ecfg.seeds))
+    fractions, arms = ecfg.fraction_list(), ecfg.arm_list()
+    subsets, cells = {}, []
+    jobs = [(a, f) for f in fractions for a in arms] + [("supervised", 1.0)] * ("supervised" in arms)
+    for rep in reps:
+        for arm, f in dict.fromkeys(jobs):
+            key = (f, rep.subset_seed)
+            if key not in subsets:
+                subsets[key] = balanced_subset(labels, f, rep.subset_seed)
+            sub = subsets[key]
+            try:
+                splits = selection_splits(labels[sub], val_fraction=ecfg.val_fraction, seed=rep.subset_seed)
+            except SelectionError as e:
+                raise ConfigError(f"--fractions {f:g} (subset seed {rep.subset_seed}): {e}; raise the fraction") from None
+            if arm in TRAINED:
+                world = ecfg.num_workers if ecfg.ray else 1
+                smallest = min(len(fit) for fit, _ in splits)
+                _, per_worker = batch_layout(smallest, ecfg.batch_size, world)
+                if per_worker < 2:
+                    raise ConfigError(f"--fractions {f:g}: {smallest} labels to fit give {per_worker} image(s) per "
+                                      f"worker over {world} worker(s); BatchNorm needs >= 2: drop the fraction or "
+                                      "lower --num-workers")
+                cells.append(Cell(arm, f, rep, len(splits)))
+    plan = Plan(ecfg, out, run, pretrain_cfg, checkpoint, model_cfg, fractions, arms, ecfg.baseline_list(), reps,
+                subsets, cells, len(labels), pretrained=pre, pretrained_spec=spec)
+    for cell in plan.cells:  # a run directory in --out must have trained the same network and initialisation
+        check_reusable(plan, arm_config(plan, cell, *plan.grid()[0], split=0 if cell.folds else None))
+    storage.check_writable(out)
+    return plan
+
+
+def check_reusable(plan: Plan, scfg: SupervisedConfig) -> None:
+    saved_uri = storage.join(scfg.storage_path, scfg.name, "supervised_config.json")
+    if (plan.checkpoint is None and plan.pretrained is None) or not storage.exists(saved_uri):
+        return
+    saved = SupervisedConfig.from_dict(storage.read_json(saved_uri))
+    if saved.init_source() != scfg.init_source():
+        raise ConfigError(f"--out {plan.out}: {scfg.storage_path}/{scfg.name} was fine-tuned from "
+                          f"{saved.init_source()}, not {scfg.init_source()}: choose a new --out")
+    diff = [f"{k}={getattr(saved, k)!r}" for k in ("dataset", "image_size", "arch", "width", "cifar_stem")
+            if getattr(saved, k) != getattr(scfg, k)]
+    if diff:
+        raise ConfigError(f"--out {plan.out}: {scfg.storage_path}/{scfg.name} trained another network or data "
+                          f"({', '.join(diff)}): choose a new --out")
+
+
+def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | None) -> SupervisedConfig:
+    """The classifier run of a cell at one grid point: a selection run on selection split ``split``, or the final
+    run (``split=None``) on the whole subset. ``finetune`` starts from the SimCLR checkpoint (or the import),
+    ``supervised`` from a random init of the same network; everything else is shared."""
+    e, m = plan.ecfg, plan.model_cfg
+    imported = plan.pretrained_spec if cell.arm == "finetune" else None
+    checkpoint = (plan.checkpoint or "pending") if cell.arm == "finetune" and not imported else None
+    # the recipe is in the name: a rerun with other flags trains new runs instead of extending finished ones
+    name = (f"{cell.arm}-{cell.fraction:g}-s{cell.rep.subset_seed}-i{cell.rep.seed}-lr{lr:g}-wd{wd:g}-"
+            f"{e.steps}st-b{e.batch_size}" + ("" if split is None else f"-v{split}")
+            + (f"-pt{spec_digest(imported)}" if imported else ""))
+    return SupervisedConfig(
+        dataset=m.dataset, data_root=m.data_root, image_size=m.image_size, arch=m.arch, width=m.width,
+        cifar_stem=m.cifar_stem, init_checkpoint=checkpoint, init_pretrained=imported, init_strict=e.strict,
+        fraction=cell.fraction, subset_seed=cell.rep.subset_seed, seed=cell.rep.seed, val_split=split,
+        val_fraction=e.val_fraction, steps=e.steps, batch_size=e.batch_size, lr=lr, weight_decay=wd,
+        ray=e.ray, num_workers=e.num_workers, use_gpu=e.use_gpu, cpus_per_worker=e.cpus_per_worker,
+        ray_address=e.ray_address, threads=e.threads, storage_path=storage.join(plan.out, "runs"), name=name,
+        checkpoint_every=0 if split is not None else 10**6)  # selection runs keep their results file only

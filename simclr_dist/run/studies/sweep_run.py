@@ -1,0 +1,156 @@
+"""A sweep on Ray Tune: each trial is a whole Ray Train pretraining run, its per-epoch metrics forwarded to Tune.
+
+Why this shape: a Tune function trainable launches the Train run (the Ray >= 2.43 "Train inside Tune" pattern) and
+``TuneReportCallback`` forwards every epoch's report, so ASHA sees the objective at its rungs and stops a trial by
+ending that trial's Train run. The trial's checkpoints live in shared storage under
+``<storage>/<study>/train/<trial_id>``, so a resumed sweep also resumes an interrupted trial mid-run. A trial that
+fails at run time (e.g. a non-finite loss) is recorded as failed with its error; the others go on. At the end the
+table (every trial, stopped ones included) and the study's plots are written next to the Tune experiment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from simclr_dist.config import PretrainConfig
+from simclr_dist.config.sweep import EXPERIMENT_SPEC, OBJECTIVES, SweepError, SweepSpec
+from simclr_dist.report.sweep import write_results
+from simclr_dist import storage
+from simclr_dist.run.jobs.pretrain_job import run as run_pretraining
+from simclr_dist.run.studies.sweep_plan import asha_max_t, check_spec, cluster_capacity, describe, plan_concurrency
+
+DRIVER_BUNDLE = {"memory": 256 * 2**20}  # the trial's driver only launches a Train run: no CPU, a little memory
+
+
+def run_trial(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """Tune function trainable: one Ray Train run (checkpoints in shared storage, named by the trial id), its
+    per-epoch metrics forwarded to Tune. A rerun of the same trial (sweep resume) resumes that Train run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = PretrainConfig.from_dict({**base, **config, "name": tune.get_context().get_trial_id()})
+    run_pretraining(cfg, callbacks=[TuneReportCallback()])  # RunError -> Tune records the trial as failed
+
+
+# ----------------------------------------------------------------------------------------------- results
+def error_line(error: BaseException | None) -> str:
+    """The exception line of a trial's error (the RunError), not Ray's wrapper text."""
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Error:" in ln:
+            return ln[:400]
+    return (lines[-1] if lines else type(error).__name__)[:400]
+
+
+def collect_rows(spec: SweepSpec, result_grid) -> list[dict[str, Any]]:
+    """One row per trial: status, search values, objective (last value reported), epochs, time, error. A trial
+    the scheduler stopped keeps its row, with the objective of its last rung and a note."""
+    rows = []
+    # Tune's Trial objects, in the ResultGrid's order, give each trial's status (unfinished after an interruption)
+    trials = list(getattr(getattr(result_grid, "_experiment_analysis", None), "trials", None) or [])
+    for n, r in enumerate(result_grid):
+        m = r.metrics or {}
+        trial = trials[n] if len(trials) == len(result_grid) else None
+        trial_id = trial.trial_id if trial else m.get("trial_id") or (Path(r.path).name if r.path else "")
+        status = getattr(trial, "status", "TERMINATED")
+        df = r.metrics_dataframe
+
+        def last(key, df=df, m=m):
+            if df is not None and key in df.columns:
+                s = df[key].dropna()
+                if len(s):
+                    return float(s.iloc[-1])
+            return m.get(key)
+        row = {"trial": trial_id, "status": "FAILED" if r.error or status == "ERROR" else
+               "OK" if status == "TERMINATED" else "UNFINISHED"}
+        for k in spec.search:
+            row[k] = (r.config or {}).get(k)
+        try:
+            epochs_planned = PretrainConfig.from_dict(spec.trial_dict(dict(r.config or {}))).resolved().epochs
+        except Exception:  # noqa: BLE001 - only decides the "stopped early" note
+            epochs_planned = None
+        row.update({spec.metric: last(spec.metric)})
+        for extra in OBJECTIVES + ("loss",):
+            if extra not in row:
+                row[extra] = last(extra)
+        row["epochs_done"] = int(last("epoch")) if last("epoch") is not None else None
+        row["time_s"] = m.get("time_total_s")
+        row["note"] = ""
+        if row["status"] == "OK" and epochs_planned and row["epochs_done"] and row["epochs_done"] < epochs_planned:
+            row["note"] = f"stopped early by {(spec.scheduler or {}).get('type', 'the scheduler')}"
+        row["error"] = error_line(r.error)
+        rows.append(row)
+    return sort_rows(spec, rows)
+
+
+def sort_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best first by the objective; failed and unmeasured trials last."""
+    sign = -1 if spec.mode == "max" else 1
+    return sorted(rows, key=lambda r: (r["status"] != "OK", r.get(spec.metric) is None,
+                                       sign * (r.get(spec.metric) or 0.0), str(r["trial"])))
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = False, dry_run: bool = False,
+              max_concurrent: int | None = None, ray_address: str | None = None,
+              callbacks: list | None = None, log=print) -> dict[str, Any]:
+    """Validate, then run (or resume) the sweep; returns {"rows", "files", "experiment", "concurrency"}.
+
+    Everything that can fail on bad input fails here, before any trial starts."""
+    cfgs = check_spec(spec)
+    address = ray_address or os.environ.get("RAY_ADDRESS")
+    cap = cluster_capacity(cfgs, address, connect=not dry_run or bool(address))
+    concurrency, notes = plan_concurrency(spec, cfgs, cap, max_concurrent)
+    log(describe(spec, cfgs, concurrency, notes, cap))
+    if dry_run:
+        return {"rows": [], "files": {}, "experiment": spec.experiment_uri, "concurrency": concurrency}
+
+    from ray import tune
+
+    storage.check_writable(spec.storage_path)
+    exp = spec.experiment_uri
+    exists = tune.Tuner.can_restore(exp)
+    spec_uri = storage.join(exp, EXPERIMENT_SPEC)
+    if exists and not resume:
+        raise SweepError(f"sweep {exp} already exists: pass --resume to continue it, or choose another study name "
+                         "(--set study=NAME) or --storage-path")
+    if exists and storage.exists(spec_uri):
+        saved = storage.read_json(spec_uri)
+        if saved != spec.identity():
+            diff = sorted(k for k in saved if saved.get(k) != spec.identity().get(k))
+            raise SweepError(f"sweep {exp} was started with a different {', '.join(diff)}: resume with the same file "
+                             "and --set overrides, or choose another study name")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.trial_base()),
+                                    tune.PlacementGroupFactory([DRIVER_BUNDLE]))
+    # Each result carries the objective only at kNN epochs; check_spec has already verified it is reported.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    if exists:
+        log(f"resuming {exp}: finished trials are kept, unfinished ones continue from their last checkpoint"
+            + (", failed ones are retried" if retry_failed else ""))
+        tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=retry_failed)
+    else:
+        if resume:
+            log(f"nothing to resume at {exp}: starting the sweep")
+        storage.write_json(spec_uri, spec.identity())
+        scheduler = None
+        if spec.scheduler:
+            sch = spec.scheduler
+            from ray.tune.schedulers import ASHAScheduler
+            scheduler = ASHAScheduler(time_attr=sch["time_attr"], max_t=asha_max_t(spec, cfgs),
+                                      grace_period=sch["grace_period"], reduction_factor=sch["reduction_factor"])
+        tuner = tune.Tuner(
+            trainable, param_space=spec.param_space(),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+                                        num_samples=spec.num_samples, max_concurrent_trials=concurrency,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=spec.study, storage_path=spec.storage_path,
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=callbacks, verbose=1))
+    result_grid = tuner.fit()
+    rows = collect_rows(spec, result_grid)
+    files = write_results(spec, rows)
+    return {"rows": rows, "files": files, "experiment": exp, "concurrency": concurrency}

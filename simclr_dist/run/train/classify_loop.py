@@ -1,0 +1,336 @@
+"""The one classifier-training loop: from scratch, supervised on all labels, and fine-tuning, in a Ray Train worker
+(DDP) or in this process.
+
+Why one loop: Experiments A and B compare arms that must differ only in their initialisation and the
+hyper-parameters each one chose on its own validation split; two loops drift (they did: one synced with the host
+twice a step and had no GradScaler). So every trained arm is this function, configured by a
+:class:`SupervisedConfig`:
+
+- the labelled images are the class-balanced subset of ``fraction`` drawn with ``subset_seed``; a selection run
+  (``val_split``) trains without that split's validation images and reports on them, never reading the test split;
+  a final run trains on the whole subset and reads the test split once, after the last step;
+- the budget is ``steps`` optimiser updates (epochs follow from the subset size), with a per-step cosine decay from
+  the peak LR ``lr * batch_size / 256``: the nominal batch, so capping the batch at a small label count does not
+  shrink the LR behind the user's back (the rule is printed);
+- each step is :func:`run.step.classify_step` (no host sync, GradScaler for fp16); losses are summed on the device
+  and read once per epoch and at the curve points (validation accuracy at ``CURVE_POINTS`` evenly spaced steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from simclr_dist.config import PretrainConfig
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.console import Log, emit
+from simclr_dist.core.dist import all_sum, broadcast_buffers
+from simclr_dist.core.knn import TransformedSubset
+from simclr_dist.core.models import Classifier
+from simclr_dist.core.optim import WarmupCosine, scale_lr
+from simclr_dist.core.precision import Precision
+from simclr_dist.data.augment import augment_seed, build_view_transform, default_augment
+from simclr_dist.data.datasets import dataset_info
+from simclr_dist.data.splits import balanced_subset, selection_splits
+from simclr_dist import storage
+from simclr_dist.run.store.chaos import chaos_kill
+from simclr_dist.run.store.checkpoint import (
+    FORMAT_VERSION,
+    latest_checkpoint,
+    list_complete_checkpoints,
+    load_checkpoint,
+    make_uploader,
+    save_checkpoint,
+)
+from simclr_dist.run.train.evaluation import EvalData, load_eval_data, predict, select_device
+from simclr_dist.run.store.pretrained import Normalization, init_from_pretrained
+from simclr_dist.run.store.weights import build_model
+from simclr_dist.run.train.step import classify_step
+
+CURVE_POINTS = 6
+
+
+def run_uri(scfg: SupervisedConfig) -> str:
+    return storage.join(scfg.storage_path, scfg.name)
+
+
+# ---------------------------------------------------------------------------- where the loop runs
+class Session(Protocol):
+    rank: int
+    world: int
+    device: torch.device
+
+    def restore(self) -> dict[str, Any] | None: ...
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
+    def after_report(self, epoch: int) -> None: ...
+
+
+class LocalSession:
+    """This process as the only worker; with a ``run_dir`` checkpoints go to ``RUN/checkpoint_local_<epoch>`` (and a
+    rerun resumes from them), without one nothing is written (evaluate's fine-tuning protocol)."""
+
+    def __init__(self, run_dir: str | None = None, num_to_keep: int = 2, device: torch.device | None = None):
+        self.run_dir, self.num_to_keep = run_dir, num_to_keep
+        self.rank, self.world, self.device = 0, 1, device or select_device()
+
+    def restore(self) -> dict[str, Any] | None:
+        latest = latest_checkpoint(self.run_dir) if self.run_dir else None
+        return load_checkpoint(latest) if latest else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None or self.run_dir is None:
+            return
+        save_checkpoint(storage.join(self.run_dir, f"checkpoint_local_{state['epoch']:06d}"), state)
+        for old in list_complete_checkpoints(self.run_dir)[:-self.num_to_keep]:
+            fs, path = storage.resolve(old.uri)
+            fs.delete_dir(path)
+
+    def after_report(self, epoch: int) -> None:
+        pass
+
+
+class RaySession:
+    """A Ray Train worker: checkpoints through ``ray.train.report`` and the manifest-last uploader."""
+
+    def __init__(self, run_dir: str, chaos_kill_epoch: int = -1):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.run_dir, self.chaos_kill_epoch = run_dir, chaos_kill_epoch
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def restore(self) -> dict[str, Any] | None:
+        """Ray's checkpoint after a worker failure or a rerun; else the newest complete one in the run directory
+        (a run begun with --no-ray, whose checkpoints Ray never registered)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                return load_checkpoint(d)
+        latest = latest_checkpoint(self.run_dir)
+        return load_checkpoint(latest) if latest else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint(tmp, state)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=make_uploader(self.run_dir))
+
+    def after_report(self, epoch: int) -> None:
+        if epoch == self.chaos_kill_epoch and self.rank == self.world - 1:
+            chaos_kill(self.run_dir)  # once per run (a marker in the run directory), after it registers
+
+
+# ---------------------------------------------------------------------------- what the loop trains on
+@dataclass
+class LabelSplit:
+    """The labelled images of a run: the subset of its fraction, what it trains on, and its validation images."""
+
+    subset: np.ndarray
+    fit: np.ndarray
+    val: np.ndarray | None
+    folds: int  # how many selection splits the subset has (1: a hold-out; k: k-fold)
+
+
+def label_split(scfg: SupervisedConfig, train_labels: np.ndarray) -> LabelSplit:
+    subset = balanced_subset(train_labels, scfg.fraction, scfg.subset_seed)
+    if scfg.val_split is None:
+        return LabelSplit(subset, subset, None, 0)
+    splits = selection_splits(train_labels[subset], val_fraction=scfg.val_fraction, seed=scfg.subset_seed)
+    if scfg.val_split >= len(splits):
+        raise ValueError(f"--val-split {scfg.val_split}: the subset has {len(splits)} selection split(s)")
+    fit, val = splits[scfg.val_split]
+    return LabelSplit(subset, subset[fit], subset[val], len(splits))
+
+
+def batch_layout(label_count: int, batch_size: int, world: int) -> tuple[int, int]:
+    """(global batch, per-worker batch): the batch is capped at the label count and split evenly over workers."""
+    global_batch = min(batch_size, label_count) // world * world
+    return global_batch, global_batch // world
+
+
+def load_initial(scfg: SupervisedConfig, mcfg: PretrainConfig, log: Log | None = None
+                 ) -> tuple[torch.nn.Module, Normalization | None]:
+    """(encoder, input normalisation): a random encoder seeded by ``seed`` (identical on every rank), the SimCLR
+    checkpoint's, or the ``--init-pretrained`` import's (verified), whose input normalisation then replaces the
+    dataset's; None: the dataset's."""
+    torch.manual_seed(scfg.seed)
+    model = build_model(mcfg)
+    if scfg.init_checkpoint is not None:
+        model.load_state_dict(load_checkpoint(scfg.init_checkpoint)["model"])
+    elif scfg.init_pretrained is not None:
+        pre = init_from_pretrained(model, scfg.init_pretrained, strict=scfg.init_strict, log=log)
+        return model.encoder, pre.mean_std()
+    return model.encoder, None
+
+
+# ---------------------------------------------------------------------------- the loop
+def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Session, *, data: EvalData | None = None,
+                     encoder: torch.nn.Module | None = None, log: Log = emit) -> dict[str, Any]:
+    """Train encoder + linear head for ``scfg.steps`` updates (or ``epochs``), report and checkpoint every epoch,
+    resume from the session's checkpoint. ``data``/``encoder``: already loaded (in-process callers). Returns rank
+    0's view: per-epoch history, the validation curve, the split's sizes and the final scores (validation for a
+    selection run; test, with its predictions, for a final run)."""
+    rank, world, device = session.rank, session.world, torch.device(session.device)
+    log = log if rank == 0 else (lambda msg: None)
+    data = data if data is not None else load_eval_data(mcfg, scfg.data_root)
+    split = label_split(scfg, data.train_labels)
+    given = encoder is not None
+    if encoder is None:
+        encoder, norm = load_initial(scfg, mcfg, log=log)
+        if norm is not None:  # the import's input normalisation, in the training and the evaluation transforms
+            data = dataclasses.replace(data, mean=tuple(norm[0]), std=tuple(norm[1]))
+    torch.manual_seed(scfg.seed)  # the head is zero-initialised; this seeds nothing else but keeps runs replayable
+    model = Classifier(encoder, encoder.feat_dim, data.num_classes).to(device)
+    aug = dataclasses.replace(default_augment(dataset_info(data.dataset), scfg.augment, image_size=data.image_size),
+                              mean=data.mean, std=data.std)
+    train_set = TransformedSubset(data.train, build_view_transform(aug), split.fit.tolist())
+    global_batch, per_worker = batch_layout(len(split.fit), scfg.batch_size, world)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed)
+    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=len(split.fit) > global_batch,
+                        num_workers=scfg.loader_workers)
+    steps_per_epoch = len(loader)
+    total_steps = scfg.steps or scfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    peak_lr = scale_lr(scfg.lr, scfg.batch_size, "linear")  # the nominal batch: a cap does not shrink the LR
+    precision = Precision.of("auto", device)
+    scaler = precision.scaler()
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=scfg.momentum, nesterov=scfg.momentum > 0,
+                                weight_decay=scfg.weight_decay)
+    schedule = WarmupCosine(optimizer, peak_lr, warmup_steps=0, total_steps=total_steps)
+    n_points = min(CURVE_POINTS, total_steps)
+    curve_at = {round(total_steps * i / n_points) for i in range(1, n_points + 1)}
+
+    start_epoch, step, history, curve = 0, 0, [], []
+    state = session.restore()
+    if state is not None:
+        saved = state.get("supervised_config", {})
+        if state.get("kind") != "supervised" or saved.get("fraction") != scfg.fraction:
+            raise ValueError("the run directory holds a checkpoint of another run: choose a new --name")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, step, history, curve = state["epoch"], state["step"], state["history"], state.get("curve", [])
+        log(f"[supervised] resumed from epoch {start_epoch} (step {step})")
+    resumed_from = start_epoch
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None) if world > 1 else model)
+    init = (f"SimCLR {scfg.init_checkpoint}" if scfg.init_checkpoint else
+            f"imported {scfg.init_pretrained}" if scfg.init_pretrained else "the given encoder" if given else
+            "random init")
+    lr_rule = (f"peak lr {scfg.lr:g} x {scfg.batch_size}/256 = {peak_lr:.4g}"
+               + (f" (batch capped at {global_batch} labels; the LR keeps the nominal batch {scfg.batch_size})"
+                  if global_batch < scfg.batch_size else ""))
+    what = (f"fit {len(split.fit)} + validation {len(split.val)} (split {scfg.val_split} of {split.folds})"
+            if split.val is not None else f"all {len(split.fit)}")
+    log(f"[supervised] {mcfg.arch} x{mcfg.width} + linear head on {what} labels ({100 * scfg.fraction:g}% of "
+        f"{len(data.train_labels)}, subset seed {scfg.subset_seed}) from {init}, seed {scfg.seed} | {world} "
+        f"worker(s) x {per_worker} = batch {global_batch} | {total_steps} steps = {steps_per_epoch} steps/epoch x "
+        f"{total_steps / steps_per_epoch:.3g} epochs | {lr_rule}, cosine | wd {scfg.weight_decay:g} | augment "
+        f"{scfg.augment} | {device.type}")
+
+    segment = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n since the last curve point
+    train_time = sum(h["epoch_time_s"] for h in history)
+    for epoch in range(start_epoch, epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(augment_seed(scfg.seed, rank, epoch))  # this epoch's augmentation draws
+        ddp.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        t0 = time.perf_counter()
+        for x, y in loader:
+            if step >= total_steps:
+                break
+            schedule.apply(step)
+            out = classify_step(ddp, optimizer, scaler, x, y, precision=precision, device=device)
+            sums += out
+            segment += out
+            step += 1
+            if step in curve_at:
+                curve.append(curve_point(model, segment, data, split, scfg, step, steps_per_epoch, schedule,
+                                         rank=rank, world=world, device=device))
+                segment.zero_()
+                ddp.train()
+        sums = all_sum(sums).cpu()
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        train_loss = float(sums[0] / sums[2])
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: lower --lr")
+        broadcast_buffers(model)
+        metrics = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "train_acc": float(sums[1] / sums[2]),
+                   "lr": schedule.lr_at(step - 1), "epoch_time_s": epoch_time, "world_size": world}
+        if curve and curve[-1]["step"] == step and "val_top1" in curve[-1]:
+            metrics["val_top1"] = curve[-1]["val_top1"]
+        history.append(metrics)
+        if epoch + 1 == epochs or (epoch + 1) % max(1, epochs // 10) == 0:
+            log(f"[supervised] epoch {epoch + 1}/{epochs} (step {step}/{total_steps}): loss {train_loss:.4f} train "
+                f"acc {metrics['train_acc']:.3f}" + (f" val top-1 {metrics['val_top1']:.4f}" if "val_top1" in metrics
+                                                     else "") + f" | {epoch_time:.1f}s")
+        last = epoch + 1 == epochs
+        state = None
+        if scfg.checkpoint_every and (last or (epoch + 1) % scfg.checkpoint_every == 0):
+            state = {"format_version": FORMAT_VERSION, "kind": "supervised", "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "step": step, "steps_per_epoch": steps_per_epoch, "config": mcfg.to_dict(),
+                     "supervised_config": scfg.to_dict(), "history": history, "curve": curve}
+        session.report(metrics, state)
+        session.after_report(epoch + 1)
+    if start_epoch >= epochs:
+        log(f"[supervised] run already complete ({start_epoch}/{epochs} epochs): nothing to train")
+
+    out = {"history": history, "curve": curve, "subset_indices": split.subset.tolist(), "fit_size": len(split.fit),
+           "val_size": 0 if split.val is None else len(split.val), "folds": split.folds,
+           "resumed_from_epoch": resumed_from, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+           "steps": total_steps, "epochs": epochs, "peak_lr": peak_lr, "lr_rule": lr_rule,
+           "num_classes": data.num_classes, "device": device.type, "train_time_s": train_time,
+           "normalization": {"mean": list(data.mean), "std": list(data.std)}}
+    if split.val is not None:
+        out["val_top1"] = curve[-1]["val_top1"] if curve else None
+        return out
+    t1 = time.perf_counter()  # the one read of the test split, after the last step
+    top1, top5, preds = predict(model, data.test, data.eval_transform(), rank=rank, world=world, device=device,
+                                batch_size=scfg.eval_batch_size)
+    return {**out, "top1": top1, "top5": top5, "test_size": len(data.test), "predictions": preds.tolist(),
+            "test_time_s": time.perf_counter() - t1}
+
+
+def curve_point(model: torch.nn.Module, segment: torch.Tensor, data: EvalData, split: LabelSplit,
+                scfg: SupervisedConfig, step: int, steps_per_epoch: int, schedule: WarmupCosine, *, rank: int,
+                world: int, device: torch.device) -> dict[str, Any]:
+    """Training loss/accuracy since the previous point and, for a selection run, the validation top-1 now."""
+    seg = all_sum(segment).cpu()
+    point = {"step": step, "epoch": step / steps_per_epoch, "lr": schedule.lr_at(step - 1),
+             "train_loss": float(seg[0] / seg[2]), "train_acc": float(seg[1] / seg[2])}
+    if split.val is not None:
+        broadcast_buffers(model)
+        point["val_top1"], point["val_top5"], _ = predict(model, data.train, data.eval_transform(), split.val.tolist(),
+                                                          rank=rank, world=world, device=device,
+                                                          batch_size=scfg.eval_batch_size)
+    return point
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point (one per worker)."""
+    scfg = SupervisedConfig.from_dict(config["supervised"])
+    torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
+    return train_classifier(scfg, PretrainConfig.from_dict(config["model"]),
+                            RaySession(run_uri(scfg), scfg.chaos_kill_epoch))

@@ -1,0 +1,268 @@
+"""The classifier trainer (simclr_dist.supervised) and Experiments A/B (simclr_dist.experiments) on tiny digits runs.
+
+The experiments CLI runs on a tiny SimCLR checkpoint written in the test (no Ray, trained arms in-process); the
+supervised trainer is also run under Ray Train (2 DDP workers, killed after epoch 1, resumed by a rerun). The
+protocol's invariants (equal steps, selection without test data, separate seeds) are in test_experiments_protocol.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from simclr_dist import experiments as exp
+from simclr_dist import supervised as sup
+from simclr_dist.config import PretrainConfig
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.data.splits import balanced_subset
+from simclr_dist.run.store.checkpoint import load_checkpoint, save_checkpoint
+from simclr_dist.run.jobs.classify_job import run_classifier, subset_digest
+from simclr_dist.run.train.evaluation import Features, linear_probe_features, load_eval_data
+from simclr_dist.run.studies.experiment_plan import arm_config, make_plan
+from simclr_dist.run.jobs.launch import RunError
+from simclr_dist.run.store.weights import build_model
+
+TINY = dict(image_size=16, width=0.125)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_simclr_checkpoint(directory) -> str:
+    """A randomly initialised tiny SimCLR checkpoint with a short fake pretraining history (no Ray, no training)."""
+    cfg = PretrainConfig(dataset="digits", epochs=2, **TINY).resolved()
+    torch.manual_seed(0)
+    history = [{"epoch": e, "loss": 5.0 - e / 2, "epoch_time_s": 3.0} for e in (1, 2)]
+    history[-1]["knn_top1"] = 0.8
+    save_checkpoint(str(directory), {
+        "format_version": 1, "model": build_model(cfg).state_dict(), "optimizer": {}, "schedule": {}, "scaler": {},
+        "epoch": 2, "step": 20, "steps_per_epoch": 10, "config": cfg.to_dict(), "history": history})
+    return str(directory)
+
+
+def read(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------- supervised trainer
+def test_supervised_local_learns_then_rerun_resumes_and_reuses(tmp_path, capsys):
+    args = ["--no-ray", "--fraction", "1", "--batch-size", "32", "--storage-path", str(tmp_path), "--name", "s",
+            "--image-size", "16", "--width", "0.125"]
+    assert sup.main([*args, "--epochs", "1"]) == 0
+    first = read(tmp_path / "s" / "results.json")
+    assert first["epochs_done"] == 1 and first["resumed_from_epoch"] == 0
+
+    assert sup.main([*args, "--epochs", "2"]) == 0  # same name, more epochs: continues from epoch 1's checkpoint
+    result = read(tmp_path / "s" / "results.json")
+    assert result["resumed_from_epoch"] == 1 and [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["history"][0] == first["history"][0]
+    assert result["top1"] > 0.3 and result["score"] == result["top1"]  # chance is 0.1
+    assert all("test_top1" not in h for h in result["history"])  # the test split is read once, at the end
+    assert result["subset_indices"] == list(range(1437)) and result["label_count"] == 1437
+    assert len(result["predictions"]) == result["test_size"] == 360
+    assert result["params"]["steps"] == 2 * (1437 // 32) and load_checkpoint(result["checkpoint"])["epoch"] == 2
+    assert "test top-1" in capsys.readouterr().out
+
+    stamp = os.stat(tmp_path / "s" / "results.json").st_mtime_ns
+    again = run_classifier(sup.parse_args([*args, "--epochs", "2"]), log=lambda m: None)  # finished: no retraining
+    assert again["cached"] and again["top1"] == result["top1"]
+    assert os.stat(tmp_path / "s" / "results.json").st_mtime_ns == stamp
+
+
+def test_supervised_selection_run_reports_validation_and_caps_batch_without_shrinking_lr(tmp_path, capsys):
+    args = ["--no-ray", "--fraction", "0.1", "--val-split", "0", "--steps", "6", "--batch-size", "256", "--lr",
+            "0.4", "--storage-path", str(tmp_path), "--name", "v", "--image-size", "16", "--width", "0.125"]
+    assert sup.main(args) == 0
+    out = capsys.readouterr().out
+    r = read(tmp_path / "v" / "results.json")
+    assert r["top1"] is None and r["predictions"] is None and 0 <= r["val_top1"] == r["score"] <= 1
+    assert r["fit_size"] + r["val_size"] == r["label_count"] == 142 and r["val_size"] == 30  # 20% of each class (3 of 14-15)
+    p = r["params"]
+    assert p["global_batch"] == 112 and p["steps"] == 6 and p["peak_lr"] == pytest.approx(0.4 * 256 / 256)
+    assert "batch capped at 112 labels; the LR keeps the nominal batch 256" in out
+    assert "the test split was not read" in out
+    assert [c["step"] for c in r["curve"]] == [1, 2, 3, 4, 5, 6] and all("val_top1" in c for c in r["curve"])
+
+
+@pytest.mark.ray
+def test_supervised_on_ray_ddp_learns_and_checkpoints(ray_cluster, tmp_path):
+    cfg = SupervisedConfig(fraction=1.0, epochs=2, batch_size=32, num_workers=2, storage_path=str(tmp_path),
+                           name="ray", **TINY)
+    result = run_classifier(cfg)
+    assert result["workers"] == 2 and all(h["world_size"] == 2 for h in result["history"])
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and result["resumed_from_epoch"] == 0
+    assert result["top1"] > 0.3  # chance is 0.1
+    assert result["label_count"] == 1437 and result["subset_sha256"] == subset_digest(np.arange(1437))
+    assert len(result["predictions"]) == 360 and min(result["predictions"]) >= 0  # every rank's share gathered
+    assert read(tmp_path / "ray" / "results.json")["top1"] == result["top1"]
+    assert len(glob.glob(str(tmp_path / "ray" / "checkpoint_2*"))) == 2  # Ray's directories, one per epoch
+    state = load_checkpoint(result["checkpoint"])
+    assert state["kind"] == "supervised" and state["epoch"] == 2 and state["step"] == 2 * (1437 // 32)
+    assert result["checkpoint"] == max(glob.glob(str(tmp_path / "ray" / "checkpoint_2*")))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_supervised_on_ray_resumes_after_a_kill_by_rerunning(ray_cluster, tmp_path):
+    cfg = SupervisedConfig(fraction=1.0, epochs=2, batch_size=32, num_workers=2, storage_path=str(tmp_path),
+                           name="ray", chaos_kill_epoch=1, **TINY)
+    with pytest.raises(RunError, match="training failed"):  # a worker is SIGKILLed after epoch 1's checkpoint
+        run_classifier(cfg)
+    [ckpt] = glob.glob(str(tmp_path / "ray" / "checkpoint_2*"))
+    assert load_checkpoint(ckpt)["epoch"] == 1
+
+    result = run_classifier(cfg)  # the same command again: resumes (the drill fires once per run)
+    assert result["resumed_from_epoch"] == 1 and [h["epoch"] for h in result["history"]] == [1, 2]
+    assert result["top1"] > 0.3
+    state = load_checkpoint(max(glob.glob(str(tmp_path / "ray" / "checkpoint_2*"))))
+    assert state["epoch"] == 2 and state["step"] == 2 * (1437 // 32)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--fraction", "0"], "--fraction: must be > 0, got 0.0"),
+    (["--epochs", "ten"], "invalid int value: 'ten'"),
+    (["--init-checkpoint", "{tmp}/nope"], "--init-checkpoint {tmp}/nope: no such checkpoint directory"),
+    (["--init-checkpoint", "{ckpt}", "--width", "0.5"], "was trained with width=0.125"),
+    (["--fraction", "0.001", "--num-workers", "8"], "BatchNorm needs >= 2 per worker"),
+    (["--augment", "crop,warp"], "unknown augmentation component 'warp'"),
+    (["--no-ray", "--chaos-kill-epoch", "1"], "needs --ray"),
+    (["--no-ray", "--fraction", "0.01", "--val-split", "0"],
+     "--fraction 0.01 (subset seed 0): class 0 has 1 label in the subset: model selection needs at least 2"),
+    (["--no-ray", "--fraction", "0.1", "--val-split", "3"], "--val-split 3: the subset has 1 selection split(s)"),
+])
+def test_supervised_bad_input_one_line_error(tmp_path, capsys, args, needle):
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", ckpt) for a in args]
+    assert sup.main([*args, "--storage-path", str(tmp_path / "runs")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle.replace("{tmp}", str(tmp_path)) in err, err
+    assert not captured.out and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------- experiments CLI
+def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path, capsys):
+    ckpt = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000002")
+    out = tmp_path / "exp"
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--seeds", "2", "--steps", "3", "--batch-size", "32",
+            "--lr-grid", "0.1,0.4", "--wd-grid", "0", "--no-ray", "--threads", "1", "--l2-grid", "1e-4,1e-2",
+            "--knn-k", "5", "--out", str(out)]
+    assert exp.main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "[exp] budget: 2 replicate(s)" in stdout and "s/step here" in stdout and "report.md" in stdout
+
+    report = (out / "report.md").read_text()
+    for needle in ("## Experiment A: 10% of the labels (142 images)", "## Experiment B", "McNemar p",
+                   "| SimCLR fine-tuned | 142 |", "| from scratch | 1437 (100%) |", "## Per-class recall",
+                   "![accuracy vs label fraction](accuracy_vs_fraction.png)", "logistic regression on pixels"):
+        assert needle in report, needle
+    for name in ("accuracy_vs_fraction.png", "training_curves.png", "confusion_matrix.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+    summary = read(out / "results.json")
+    assert summary["complete"] and summary["fractions"] == [0.1] and summary["steps"] == 3
+    arms = {(r["arm"], r["fraction"]) for r in summary["records"]}
+    assert arms == {("linear", 0.1), ("finetune", 0.1), ("supervised", 0.1), ("supervised", 1.0), ("pixels", 0.1),
+                    ("knn-5", 0.1), ("random-linear", 0.1), ("random-knn-5", 0.1)}
+    for r in summary["records"]:
+        assert 0 <= r["top1"] <= r["top5"] <= 1 and len(r["predictions"]) == 360
+        assert 0 <= r["worst_class_acc"] <= r["top1"] + 1e-9 and len(r["per_class_recall"]) == 10
+        if r["arm"] in ("finetune", "supervised"):
+            assert r["steps"] == 3 and set(r["selection"]) == {"lr=0.1,wd=0", "lr=0.4,wd=0"}
+            assert r["chosen"]["lr"] in (0.1, 0.4) and r["curves"] and len(r["history"]) >= 1
+    rows = {(r["arm"], r["fraction"]): r for r in summary["rows"]}
+    assert rows[("finetune", 0.1)]["n"] == 2 and rows[("finetune", 0.1)]["ci_low"] <= rows[("finetune", 0.1)]["mean"]
+    [paired] = [p for p in summary["paired"] if p["a"] == "finetune"]
+    assert paired["replicates"] == 2 and 0 <= paired["p"] <= 1 and paired["verdict"]
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("arm,fraction,label_count,n,mean,sd") and len(csv_rows) == 1 + len(rows)
+
+    # fairness: one class-balanced subset per (fraction, replicate), the very images every arm trained on
+    labels = load_eval_data(PretrainConfig(dataset="digits", **TINY).resolved()).train_labels
+    for rep in summary["replicates"]:
+        idx = summary["subsets"][f"0.1/{rep['subset_seed']}"]
+        assert idx == balanced_subset(labels, 0.1, seed=rep["subset_seed"]).tolist()
+        digests = {r["subset_sha256"] for r in summary["records"]
+                   if r["fraction"] == 0.1 and r["subset_seed"] == rep["subset_seed"]}
+        assert digests == {subset_digest(idx)}
+    assert summary["subsets"]["0.1/0"] != summary["subsets"]["0.1/1"]
+    finals = glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-*-3st-b32"))
+    assert len(finals) == 1 and read(f"{finals[0]}/results.json")["init_checkpoint"] == ckpt
+
+    assert exp.main(args) == 0  # a rerun reuses every finished run
+    assert all(r["reused"] for r in read(out / "results.json")["records"] if r["arm"] in ("finetune", "supervised"))
+    assert "reusing it" in capsys.readouterr().out
+
+    other = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000003")  # same --out, other model
+    assert exp.main([*args[:1], other, *args[2:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "was fine-tuned from" in err and "\n" not in err
+
+
+def test_plan_orders_cells_and_names_runs(tmp_path):
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    plan = make_plan(exp.parse_args(["--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--fractions",
+                                     "0.1,0.5", "--seeds", "2"]))
+    e = plan.ecfg
+    assert (e.steps, e.batch_size, e.ray, e.small_fraction) == (120, 64, False, 0.1)  # digits defaults
+    assert plan.fractions == (0.1, 0.5) and [r.subset_seed for r in plan.replicates] == [0, 1]
+    cells = [(c.arm, c.fraction, c.rep.index) for c in plan.cells]
+    assert cells[:5] == [("finetune", 0.1, 0), ("supervised", 0.1, 0), ("finetune", 0.5, 0), ("supervised", 0.5, 0),
+                         ("supervised", 1.0, 0)]
+    assert len(cells) == 10 and plan.trainings() == 10 * (len(plan.grid()) + 1)
+    for small, big in zip(plan.fractions, plan.fractions[1:]):
+        assert set(plan.subsets[(small, 0)]) <= set(plan.subsets[(big, 0)])
+    ft = arm_config(plan, plan.cells[0], 0.4, 0.0, split=0)
+    sc = arm_config(plan, plan.cells[1], 0.4, 0.0, split=None)
+    assert ft.init_checkpoint == ckpt and sc.init_checkpoint is None and not sc.ray
+    assert ft.name == "finetune-0.1-s0-i0-lr0.4-wd0-120st-b64-v0" and sc.val_split is None
+
+
+def test_linear_probe_with_one_label_per_class_uses_strongest_l2():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(10)
+    x = torch.randn(10, 8, generator=gen) + 3 * torch.eye(10, 8)
+    feats = Features(x, y, x + 0.01 * torch.randn(10, 8, generator=gen), y)
+    out = linear_probe_features(feats, num_classes=10, l2_grid=(1e-4, 1e-2), log=lambda m: None)
+    assert out["l2"] == 1e-2 and out["val_size"] == 0 and out["val_top1"] is None and out["top1"] > 0.5
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--checkpoint", "{tmp}/nope"], "--checkpoint {tmp}/nope: no such checkpoint directory"),
+    (["--checkpoint", "{ckpt}", "--run", "{tmp}/runs/x"], "at most one of --checkpoint"),
+    (["--checkpoint", "{ckpt}", "--pretrain"], "--pretrain: pretrains a --run"),
+    (["--checkpoint", "{ckpt}", "--fractions", "0.1,1.5"], "--fractions: each fraction must be in (0, 1], got 1.5"),
+    (["--checkpoint", "{ckpt}", "--fractions", "ten"], "--fractions: 'ten' is not a number"),
+    (["--checkpoint", "{ckpt}", "--arms", "linear,svm"], "--arms: unknown arm 'svm'"),
+    (["--checkpoint", "{ckpt}", "--dataset", "cifar10"], "pretrained on digits"),
+    (["--checkpoint", "{ckpt}", "--steps", "0"], "--steps: must be >= 1, got 0"),
+    (["--checkpoint", "{ckpt}", "--lr-grid", ""], "--lr-grid: is empty"),
+    (["--checkpoint", "{ckpt}", "--wd-grid", " , "], "--wd-grid: is empty"),
+    (["--checkpoint", "{ckpt}", "--lr-grid", "0.1,-1"], "--lr-grid: each value must be > 0, got -1"),
+    (["--checkpoint", "{ckpt}", "--fractions", "0.01"],
+     "--fractions 0.01 (subset seed 0): class 0 has 1 label in the subset: model selection needs at least 2 per "
+     "class (one to fit, one to validate); raise the fraction"),
+    (["--checkpoint", "{ckpt}", "--ray", "--fractions", "0.02", "--num-workers", "16"], "BatchNorm needs >= 2"),
+    (["--checkpoint", "{ckpt}", "--out", "nosuchscheme://bucket/x"], "cannot open storage"),
+    (["--checkpoint", "{ckpt}", "--preset", "fashion-mnist-cpu"], "--preset: names its own pretraining run"),
+    (["--preset", "mnist"], "--preset: unknown preset 'mnist'"),
+    (["--run", "{tmp}/runs/fresh", "--pretrain-args", "--name other"], "--name comes from --run"),
+    (["--run", "{tmp}/runs/fresh", "--pretrain-args", "--epochs 0"], "--pretrain-args: --epochs: must be >= 1"),
+    (["--run", "{tmp}/runs/fresh", "--pretrain-args", "--optimiser lars"], "unrecognized arguments: --optimiser"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_experiments_bad_input_one_line_error_before_work(tmp_path, capsys, args, needle):
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", ckpt) for a in args]
+    assert exp.main([*args, "--out", str(tmp_path / "out")] if "--out" not in args else args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle.replace("{tmp}", str(tmp_path)) in err, err
+    assert not captured.out and not (tmp_path / "out").exists() and not (tmp_path / "runs" / "fresh").exists()
