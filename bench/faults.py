@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     cenv = {**os.environ, "RAY_PORT": str(ray_port), "DASHBOARD_PORT": str(dash_port),
             "RAY": str(Path(sys.executable).parent / "ray"),
             # Ray Train's controller takes one report per poll (default 2 s); digits steps take ~0.1 s, so at the
-            # default most checkpoints every 5 steps would be deferred (README "Checkpoints")
+            # default most checkpoints every 5 steps would be deferred (docs/cluster.md "Checkpoints, resume and failures")
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.report_interval)}
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token"}
     subprocess.run(["bash", script, "start"], env=cenv, check=True, capture_output=True)

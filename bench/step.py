@@ -33,7 +33,7 @@ from simclr_dist.config import PretrainConfig, parse_config
 from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
 from simclr_dist.core.models import SimCLRModel, forward_flops
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
 from simclr_dist.run.store.weights import build_model
 from simclr_dist.run.train.step import pretrain_step
 
@@ -113,7 +113,7 @@ def matmul_probe(device: torch.device, tries: int = 3) -> float:
 def time_steps(cfg: StepConfig, batch: int, device: torch.device) -> dict[str, Any]:
     """Phase times (s) of 1 warm-up + cfg.steps timed steps, plus the matmul probe after each timed step."""
     torch.manual_seed(0)
-    model = cfg.model().to(device).train()
+    model = to_memory_format(cfg.model().to(device), CHANNELS_LAST).train()  # as the loops run it
     opt = build_optimizer(model, "lars", scale_lr(0.3, batch), weight_decay=1e-6)
     batches = view_batches(cfg, batch)
     precision = Precision.of("fp32", device)
@@ -179,7 +179,7 @@ def single_process_epoch(cfg: PretrainConfig, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg).train()
+        model = to_memory_format(build_model(cfg), CHANNELS_LAST).train()
         loader = digits_loader(cfg.image_size, cfg.batch_size)
         lr = scale_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
         opt = build_optimizer(model, cfg.optimizer, lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)

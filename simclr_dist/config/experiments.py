@@ -2,7 +2,7 @@
 
 Why presets: the study's fairness rules (same steps at every label fraction, the same LR x weight-decay grid for
 every trained arm, several seeds) are fixed in code; what changes with the machine is the budget. A preset names a
-budget that was measured to fit (see PERFORMANCE.md) and its pretraining run, so a coordinator can start that
+budget that was measured to fit (see docs/performance.md) and its pretraining run, so a coordinator can start that
 pretraining early and the study reuses it by name. Fields left ``None`` take the preset's value, else the dataset's
 default (:data:`DATASET_DEFAULTS`); a flag given on the command line always wins.
 """
@@ -36,7 +36,7 @@ PRESET_PRETRAIN = {
                           "--num-workers 4 --use-gpu --knn-every 50"),
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~100 min on 2 CPU cores, pretraining included (measured step times: PERFORMANCE.md)
+    # ~100 min on 2 CPU cores, pretraining included (measured step times: docs/performance.md)
     "fashion-mnist-cpu": dict(dataset="fashion-mnist", fractions="0.01,0.1", small_fraction=0.1, seeds=3,
                               steps=300, batch_size=64, lr_grid="0.1,0.4", wd_grid="0,5e-4", ray=False,
                               threads=2),

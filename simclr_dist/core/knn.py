@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
 
 
 class TransformedSubset(torch.utils.data.Dataset):
@@ -32,7 +32,7 @@ class TransformedSubset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, batch_size: int = 256,
-                     device: torch.device | str = "cpu", channels_last: bool = False, num_workers: int = 0,
+                     device: torch.device | str = "cpu", channels_last: bool = CHANNELS_LAST, num_workers: int = 0,
                      precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 on CPU, labels) of ``dataset`` items ``(image, label)`` through an eval transform: the
     encoder in eval mode (BatchNorm uses, and does not update, its running statistics; the mode is restored after),
@@ -40,6 +40,7 @@ def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, ba
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(TransformedSubset(dataset, transform, indices), batch_size=batch_size,
                                          num_workers=num_workers)
+    to_memory_format(encoder, channels_last)  # weights and inputs in one layout (a no-op when they already are)
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []

@@ -45,3 +45,19 @@ class Precision:
     def scaler(self) -> torch.amp.GradScaler:
         """A GradScaler that is active only for fp16 (bf16 and fp32 keep fp32's exponent range)."""
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+
+# The default memory format of every convolution path (pretraining and classifier steps, feature extraction), on
+# CPU and GPU alike: channels_last, decided by ``python -m bench.memory_format`` (interleaved in one process, both
+# formats on the same weights; the figures are in docs/performance.md, "Memory format").
+CHANNELS_LAST = True
+
+
+def use_channels_last(flag: bool | None) -> bool:
+    """``--channels-last`` / ``--no-channels-last`` when given, else the measured default :data:`CHANNELS_LAST`."""
+    return CHANNELS_LAST if flag is None else bool(flag)
+
+
+def to_memory_format(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """``module`` with its 4-d weights in the chosen layout (in place, as ``Module.to`` does)."""
+    return module.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

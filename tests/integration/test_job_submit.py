@@ -1,4 +1,4 @@
-"""The README's cluster path, for real: `ray start --head`, then `ray job submit -- python -m simclr_dist.pretrain`
+"""The cluster path of docs/cluster.md, for real: `ray start --head`, then `ray job submit -- python -m simclr_dist.pretrain`
 and a sweep as a job, with token authentication on.
 
 The head runs in its own processes (its own temp dir and free loopback ports, never the session's `ray_cluster`),
@@ -18,14 +18,14 @@ import pytest
 from ray_procs import RayHead
 
 pytestmark = pytest.mark.ray
-EXCLUDES = json.dumps({"excludes": [".venv", "runs", "build"]})   # as in the README
+EXCLUDES = json.dumps({"excludes": [".venv", "runs", "build"]})   # as in docs/cluster.md
 TINY = ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batch-size", "64",
         "--epochs", "1", "--knn-every", "-1", "--log-every", "5"]
 
 
 @pytest.fixture(scope="module")
 def head():
-    """A token-authenticated head with 2 CPUs on loopback, started like the README does (and stating, as the
+    """A token-authenticated head with 2 CPUs on loopback, started like docs/cluster.md does (and stating, as the
     shipped cluster configs do, what the cluster can grow to); stopped afterwards."""
     head = RayHead(num_cpus=2, SIMCLR_MAX_CLUSTER_CPUS="3")
     yield head
@@ -38,7 +38,7 @@ def submit_cmd(head: RayHead, sid: str, *entrypoint: str) -> list[str]:
 
 
 def submit(head: RayHead, *entrypoint: str, timeout: float = 600) -> str:
-    """`ray job submit` as in the README (blocks, streams the job's log); returns the job's status line."""
+    """`ray job submit` as in docs/cluster.md (blocks, streams the job's log); returns the job's status line."""
     sid = f"simclr-test-{secrets.token_hex(4)}"
     out = head.cli(*submit_cmd(head, sid, *entrypoint), timeout=timeout)
     status = head.cli("job", "status", "--address", head.dashboard, sid)

@@ -18,7 +18,7 @@ from simclr_dist.run.store.checkpoint import load_checkpoint
 pytestmark = pytest.mark.ray
 STEPS_PER_EPOCH = 1437 // 64  # digits train split, global batch 64, last partial batch dropped
 # Ray Train's controller takes one report per worker per poll (default every 2 s); a digits epoch lasts ~2 s, so
-# checkpoints every few steps would mostly be deferred (README "Checkpoints"). Set before the session's Ray starts
+# checkpoints every few steps would mostly be deferred (docs/cluster.md "Checkpoints, resume and failures"). Set before the session's Ray starts
 # (collection precedes fixtures), which its controller inherits.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 

@@ -1,24 +1,44 @@
-"""simclr_dist.report: summaries over seeds, paired tests and per-class metrics, checked against hand computations
-and against scipy/scikit-learn on hand-made inputs."""
+"""simclr_dist.report: summaries over seeds, paired tests over seeds, the two-level bootstrap and per-class metrics,
+checked against hand computations and known answers (closed forms, table values, exact enumerations). scipy and
+scikit-learn are not dependencies: where installed they serve as an extra cross-check, else those tests skip."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
-from scipy import stats as sps
 
 from simclr_dist.report import (
+    BootstrapInterval,
+    PairedTest,
+    class_metrics_over_seeds,
     class_report,
     confusion_matrix,
     confusion_png,
+    declared_family,
     holm,
     mcnemar,
+    min_p,
+    paired_t_test,
     permutation_test,
+    sign_flip_test,
     sign_test,
+    student_t_cdf,
+    student_t_ppf,
     summarize,
+    two_level_bootstrap,
+    two_level_bootstrap_diff,
 )
+
+Z975 = 1.959963984540054  # standard normal 0.975 quantile
+
+
+def binom_half_cdf(k: int, m: int) -> float:
+    """P(X <= k), X ~ Binomial(m, 1/2), exactly (fractions)."""
+    return float(Fraction(sum(math.comb(m, i) for i in range(k + 1)), 2 ** m))
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -55,14 +75,14 @@ def test_mcnemar_exact_on_a_known_table():
     a, b = _correctness(both=900, only_a=25, only_b=10, neither=65)
     t = mcnemar(a, b, names=("SimCLR", "scratch"))
     # two-sided exact: 2 * P(X <= 10), X ~ Bin(35, 1/2)
-    assert t.p_value == pytest.approx(2 * sps.binom.cdf(10, 35, 0.5), rel=1e-12)
-    assert t.p_value == pytest.approx(sps.binomtest(25, 35, 0.5).pvalue, rel=1e-12)
+    assert t.p_value == pytest.approx(2 * binom_half_cdf(10, 35), rel=1e-12)
     assert t.p_value == pytest.approx(0.01666, abs=1e-4)
     assert t.statistic == 25 and t.n == 1000
     assert t.details == {"both_right": 900, "only_a_right": 25, "only_b_right": 10, "both_wrong": 65}
     assert t.verdict.startswith("SimCLR beats scratch (p = 0.0167 < 0.05") and "\n" not in t.verdict
     greater = mcnemar(a, b, alternative="greater")
-    assert greater.p_value == pytest.approx(sps.binom.sf(24, 35, 0.5), rel=1e-12)
+    assert greater.p_value == pytest.approx(1 - binom_half_cdf(24, 35), rel=1e-12)
+    assert mcnemar(a, b, alternative="less").p_value == pytest.approx(binom_half_cdf(25, 35), rel=1e-12)
     assert mcnemar(b, a, names=("scratch", "SimCLR")).verdict.startswith("SimCLR beats scratch")
 
 
@@ -129,9 +149,6 @@ def test_class_report_on_a_hand_made_prediction():
     assert r.f1.tolist() == pytest.approx(f1) and r.macro_f1 == pytest.approx(sum(f1) / 3)
     assert (r.worst_class, r.worst_class_name, r.worst_recall) == (2, "bag", 0.5)
     assert r.accuracy == pytest.approx(0.8) and r.balanced_accuracy == pytest.approx(0.75)
-    from sklearn.metrics import f1_score
-
-    assert r.macro_f1 == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     d = r.to_dict()
     assert d["worst_class_name"] == "bag" and d["support"] == [4, 4, 2]
 
@@ -141,13 +158,18 @@ def test_class_report_with_a_class_absent_or_never_predicted():
     assert math.isnan(r.recall[2]) and math.isnan(r.precision[2]) and r.f1[2] == 0.0
     assert r.worst_class == 1 and r.macro_f1 == pytest.approx((0.8 + 2 / 3) / 2)  # class 2 neither seen nor predicted
     assert r.to_dict()["recall"][2] is None
-    from sklearn.metrics import f1_score
-
-    assert r.macro_f1 == pytest.approx(f1_score([0, 0, 1, 1], [0, 0, 1, 0], average="macro"))
     with pytest.raises(ValueError, match="outside num_classes=2"):
         confusion_matrix([0, 2], [0, 1], num_classes=2)
     with pytest.raises(ValueError, match="3 true labels but 2 predictions"):
         confusion_matrix([0, 1, 1], [0, 1])
+
+
+def test_class_report_macro_f1_agrees_with_scikit_learn_where_installed():
+    f1_score = pytest.importorskip("sklearn.metrics").f1_score
+    for y_true, y_pred, c in (([0, 0, 0, 0, 1, 1, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1, 1, 1, 0, 2], None),
+                              ([0, 0, 1, 1], [0, 0, 1, 0], 3)):
+        assert class_report(y_true, y_pred, num_classes=c).macro_f1 == pytest.approx(
+            f1_score(y_true, y_pred, average="macro"))
 
 
 def test_confusion_png_is_a_readable_image_with_the_names():

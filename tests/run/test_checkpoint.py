@@ -19,7 +19,7 @@ import torch
 from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError
 from simclr_dist.core.optim import WarmupCosine
 from simclr_dist.core.precision import Precision
-from simclr_dist.run.store.checkpoint import (CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, CheckpointError,
+from simclr_dist.run.store.checkpoint import (CHECKPOINT_FILE, FORMAT_VERSION, MANIFEST_FILE, CheckpointError, PretrainState,
                                         load_checkpoint, make_uploader, plain, read_complete, save_checkpoint)
 from simclr_dist.run.store.pretrained import load_pretrained
 from simclr_dist.run.train.resume import Position, check_extendable, plan_resume, restore, resumed_schedule
@@ -115,7 +115,7 @@ def test_format1_checkpoint_from_old_code_loads_and_resumes(tmp_path):
     cfg = PretrainConfig.from_dict(state["config"]).resolved()
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optimizer, 0.1, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    pos = restore(state, cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
+    pos = restore(PretrainState.from_dict(state), cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
                   steps_per_epoch=22, rank=0, world=2)
     assert (pos.epoch, pos.batch, pos.step, pos.loss_sum) == (1, 0, 22, None)
     assert torch.equal(model.state_dict()["encoder.conv1.weight"], state["model"]["encoder.conv1.weight"])
@@ -136,11 +136,11 @@ def test_restore_mid_epoch_position_and_loss_sums():
     for world, rank, want in ((2, 1, 2.5), (4, 3, 2.0)):  # another world size: their mean
         model = build_model(cfg)
         opt = build_optimizer(model, "lars", 0.1, weight_decay=1e-6, momentum=0.9)
-        pos = restore(state, cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
+        pos = restore(PretrainState.from_dict(state), cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
                       steps_per_epoch=10, rank=rank, world=world)
         assert (pos.epoch, pos.batch, pos.step) == (1, 3, 13) and pos.loss_sum.item() == want
     with pytest.raises(ValueError, match="10 steps/epoch, this run 11"):
-        restore(state, cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
+        restore(PretrainState.from_dict(state), cfg, model=model, optimizer=opt, scaler=Precision.of("fp32", torch.device("cpu")).scaler(),
                 steps_per_epoch=11, rank=0, world=2)
 
 
@@ -210,3 +210,20 @@ def test_plan_resume_in_the_driver(tmp_path):
     with pytest.raises(ConfigError, match=r"^--epochs: run .* already finished its schedule \(20 of 20 steps"):
         plan_resume(more, str(run), saved)
     assert Position().batch == 0
+
+
+def test_pretrain_state_schema_round_trip_and_refusal(tmp_path):
+    """The typed state is the one schema: what the loop writes reads back field for field, a format-1 dict reads
+    with the defaults of the fields it lacks, and a dict that is not a pretraining state is refused in one line."""
+    raw = tiny_state(epoch_loss_sums=[torch.tensor(1.5)], init_knn={"knn_top1_init": 0.1})
+    typed = PretrainState.from_dict(raw)
+    save_checkpoint(str(tmp_path / "c"), typed.to_dict())
+    back = PretrainState.from_dict(load_checkpoint(str(tmp_path / "c")))
+    assert (back.epoch, back.batch, back.step, back.steps_per_epoch) == (1, 3, 13, 10)
+    assert back.init_knn == {"knn_top1_init": 0.1} and back.epoch_loss_sums[0].item() == 1.5
+    assert torch.equal(back.model["encoder.conv1.weight"], raw["model"]["encoder.conv1.weight"])
+    old = {k: raw[k] for k in PretrainState.REQUIRED + ("history",)}
+    fmt1 = PretrainState.from_dict(old)
+    assert (fmt1.format_version, fmt1.batch, fmt1.schedule, fmt1.epoch_loss_sums) == (1, 0, None, None)
+    with pytest.raises(CheckpointError, match=r"not a pretraining checkpoint \(no optimizer, scaler\)"):
+        PretrainState.from_dict({k: v for k, v in raw.items() if k not in ("optimizer", "scaler")}, where="x")

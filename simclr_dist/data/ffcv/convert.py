@@ -336,7 +336,7 @@ def cache_dir() -> Path:
 def embedded_beton(dataset: str, split: str, image_size: int) -> str:
     """The .beton of an embedded dataset (digits) at the training size, converted on first use on this node.
 
-    Why: the default digits run is faster end to end on the FFCV path (README "FFCV data path"), and an embedded
+    Why: the default digits run is faster end to end on the FFCV path (docs/ffcv.md), and an embedded
     dataset needs no download, so every node can convert it in about a second. Workers of one node share the
     file (a lock serialises the first conversion; the write itself is atomic).
     """

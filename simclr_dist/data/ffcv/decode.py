@@ -11,7 +11,7 @@ full-resolution coordinates first, so the draws, and thus the seeded replay, do 
 
 Crop boxes are torchvision's ``RandomResizedCrop.get_params`` algorithm driven by a counter-based hash of
 (epoch seed, sample id, view) instead of a stateful RNG, so they do not depend on which numba thread decodes which
-sample. Figures: PERFORMANCE.md, "CPU side of the two-view pipeline".
+sample. Figures: docs/performance.md, "CPU side of the two-view pipeline".
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def two_view_decoder(size: int, crop_scale: tuple[float, float] | None, seed: Ep
     """An FFCV decoder for the ``image`` field: per sample, one decode and two crops -> uint8 ``(2, S, S, 3)``.
 
     ``crop_scale=None``: no random crop (both views are the centre square, as the torch path without 'crop').
-    ``resample``: one of :data:`RESAMPLE` (see PERFORMANCE.md for the cost and what each does to the pixels)."""
+    ``resample``: one of :data:`RESAMPLE` (see docs/performance.md for the cost and what each does to the pixels)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
     from ffcv.libffcv import imdecode
     from ffcv.pipeline.allocation_query import AllocationQuery

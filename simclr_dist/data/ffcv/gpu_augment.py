@@ -6,7 +6,7 @@ a resume). Here every op of :func:`simclr_dist.data.augment.build_view_transform
 with the same parameters and order - colour jitter applied as a whole with p=0.8 in a random per-sample order
 of brightness/contrast/saturation/hue, grayscale, Gaussian blur with a per-sample sigma, and the Figure-5
 extras - and every draw comes from one ``torch.Generator`` the loader reseeds from (seed, rank, epoch).
-The measurements behind the choice are in README.md ("FFCV data path") and ``bench/loader.py --what aug``.
+The measurements behind the choice are in docs/ffcv.md and ``bench/loader.py --what aug``.
 
 Input: uint8 ``(B, H, W, 3)`` (FFCV's layout) or ``(B, 3, H, W)`` square crops already resized to the view
 size. Output: float32 normalised ``(B, 3, S, S)``, contiguous.

@@ -2,7 +2,7 @@
 
 Pipeline per batch: FFCV reads pages through the OS cache (``os_cache=True``) and, in numba-compiled parallel
 code, decodes each image once and crops + resizes it twice (:mod:`.decode`): the CPU side, ``cpu_batches()``. The
-rest of the recipe runs as batched tensor ops on the training device (:mod:`.gpu_augment`; why: README "FFCV data
+rest of the recipe runs as batched tensor ops on the training device (:mod:`.gpu_augment`; why: docs/ffcv.md "FFCV data
 path").
 
 Reproducibility (a resumed epoch is replayed exactly): the order is a permutation drawn from (seed, epoch),

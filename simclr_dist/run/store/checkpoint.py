@@ -24,7 +24,7 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -111,6 +111,50 @@ def latest_checkpoint(run_uri: str) -> str | None:
     """URI of the run's complete checkpoint with the most steps, or ``None`` when it has none."""
     refs = list_complete_checkpoints(run_uri)
     return refs[-1].uri if refs else None
+
+
+# ---------------------------------------------------------------------------- the pretraining state: its schema
+@dataclass
+class PretrainState:
+    """Everything a pretraining checkpoint holds (``checkpoint.pt``), the one schema the loop writes and a resume
+    reads. Format 2; a format-1 file lacks the fields after ``history`` and reads with their defaults.
+
+    Position: ``epoch`` epochs completed, then ``batch`` batches of the next one, ``step`` steps in all.
+    ``epoch_loss_sums``: the running loss sum of that epoch on every rank (rank order), so a mid-epoch resume
+    reports the epoch's mean loss as an uninterrupted run would. ``init_knn``: the kNN baseline of the
+    initial encoder, still to be reported with the first epoch's metrics.
+    """
+
+    model: dict[str, Any]            # SimCLRModel.state_dict() (encoder.* and head.*)
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]           # GradScaler (empty when fp16 is off)
+    config: dict[str, Any]           # PretrainConfig.to_dict() of the run
+    epoch: int
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per finished epoch
+    batch: int = 0
+    steps_per_epoch: int | None = None
+    schedule: dict[str, Any] | None = None  # WarmupCosine.state_dict()
+    epoch_loss_sums: list[torch.Tensor] | None = None
+    init_knn: dict[str, float] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    REQUIRED = ("model", "optimizer", "scaler", "config", "epoch", "step")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The dict ``checkpoint.pt`` stores (shallow: tensors are not copied here; the saver copies once)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], where: str = "checkpoint") -> PretrainState:
+        """The typed state of a loaded ``checkpoint.pt``; :class:`CheckpointError` naming the missing field."""
+        missing = [k for k in cls.REQUIRED if k not in state]
+        if missing:
+            raise CheckpointError(f"{where}: not a pretraining checkpoint (no {', '.join(missing)})")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in state.items() if k in known}
+        kw.setdefault("format_version", 1)
+        return cls(**kw)
 
 
 # ---------------------------------------------------------------------------- the state: data only

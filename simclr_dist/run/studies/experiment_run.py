@@ -24,7 +24,7 @@ from simclr_dist.report.experiments_md import report
 from simclr_dist.report.experiments_plots import plots
 from simclr_dist.core.models import Classifier
 from simclr_dist.core.knn import extract_features
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
 from simclr_dist.data.splits import selection_splits
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
@@ -42,7 +42,7 @@ def time_steps(model: nn.Module, batch: int, image_size: int, *, pretrain: bool,
     steps after one warm-up step (a median, since other work on a shared machine makes single steps spike)."""
     device = select_device()
     precision = Precision.of("auto", device)
-    model = model.to(device)
+    model = to_memory_format(model.to(device), CHANNELS_LAST)  # as the loops run it
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, image_size, image_size)
     y = torch.zeros(batch, dtype=torch.long)

@@ -36,7 +36,7 @@ from simclr_dist.core.dist import all_sum, broadcast_buffers
 from simclr_dist.core.knn import TransformedSubset
 from simclr_dist.core.models import Classifier
 from simclr_dist.core.optim import WarmupCosine, scale_lr
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import Precision, to_memory_format, use_channels_last
 from simclr_dist.data.augment import augment_seed, build_view_transform, default_augment
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.splits import balanced_subset, selection_splits
@@ -199,7 +199,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
         if norm is not None:  # the import's input normalisation, in the training and the evaluation transforms
             data = dataclasses.replace(data, mean=tuple(norm[0]), std=tuple(norm[1]))
     torch.manual_seed(scfg.seed)  # the head is zero-initialised; this seeds nothing else but keeps runs replayable
-    model = Classifier(encoder, encoder.feat_dim, data.num_classes).to(device)
+    channels_last = use_channels_last(None)  # the measured default (bench.memory_format)
+    model = to_memory_format(Classifier(encoder, encoder.feat_dim, data.num_classes).to(device), channels_last)
     aug = dataclasses.replace(default_augment(dataset_info(data.dataset), scfg.augment, image_size=data.image_size),
                               mean=data.mean, std=data.std)
     train_set = TransformedSubset(data.train, build_view_transform(aug), split.fit.tolist())
@@ -260,7 +261,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
             if step >= total_steps:
                 break
             schedule.apply(step)
-            out = classify_step(ddp, optimizer, scaler, x, y, precision=precision, device=device)
+            out = classify_step(ddp, optimizer, scaler, x, y, precision=precision, device=device,
+                                channels_last=channels_last)
             sums += out
             segment += out
             step += 1

@@ -11,7 +11,7 @@ Cost per training step: none. The loop hands this module its existing per-epoch 
 intervals (where it already synchronises with the device), and every gauge/counter update happens there.
 
 Naming follows Prometheus conventions: base units (seconds, bytes, ratios in 0..1, FLOP/s), counters end in
-``_total``; Ray prefixes every name with ``ray_``. :data:`METRICS` is the single list the README, the Grafana
+``_total``; Ray prefixes every name with ``ray_``. :data:`METRICS` is the single list docs/monitoring.md, the Grafana
 dashboard and the alert rules are checked against (``tests/integration/test_monitoring.py``).
 """
 

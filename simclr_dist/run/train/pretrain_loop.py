@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,15 +28,15 @@ from simclr_dist.console import emit
 from simclr_dist.core.dist import mean_across
 from simclr_dist.core.knn import extract_features_distributed, knn_accuracy
 from simclr_dist.core.probe import probe_accuracy
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import Precision, use_channels_last
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
-from simclr_dist.data.loader import LoaderSpec, build_pretrain_loader
+from simclr_dist.data.loader import LoaderSpec, PretrainLoader, build_pretrain_loader
 from simclr_dist.data.splits import fixed_subset, labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist import storage
 from simclr_dist.run.store.chaos import chaos_kill
-from simclr_dist.run.store.checkpoint import FORMAT_VERSION, AsyncCheckpointer, load_checkpoint
+from simclr_dist.run.store.checkpoint import AsyncCheckpointer, PretrainState, load_checkpoint
 from simclr_dist.run.train.metrics import WorkerMetrics
 from simclr_dist.run.train.resume import Position, restore, resumed_schedule
 from simclr_dist.run.store.weights import build_model
@@ -72,30 +74,132 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     return {f"val_{k}": v for k, v in acc.items()} if cfg.knn_split == "val" else acc
 
 
+# ---------------------------------------------------------------------------- what the loop carries
+@dataclass
+class Trainer:
+    """One worker's training state and the checkpoint bookkeeping around it: what :func:`train_one_epoch` advances
+    and :meth:`save` writes. Every rank holds one; rank 0's clock and upload thread decide for all of them."""
+
+    cfg: PretrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    raw: torch.nn.Module                  # the SimCLRModel itself: what a checkpoint holds
+    ddp: torch.nn.Module                  # what the step runs: DDP(raw) over >1 worker, else raw (compiled: --compile)
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupCosine
+    scaler: torch.amp.GradScaler
+    precision: Precision
+    channels_last: bool
+    loader: PretrainLoader
+    saver: AsyncCheckpointer
+    mon: WorkerMetrics
+    log: Callable[[str], None]
+    step: int = 0                         # global steps done (all epochs)
+    history: list[dict[str, Any]] = field(default_factory=list)   # one metrics dict per finished epoch
+    init_knn: dict[str, float] = field(default_factory=dict)      # kNN of the initial encoder, reported once
+    last_save: float = field(default_factory=time.monotonic)
+    pending: bool = False                 # a step/time checkpoint deferred while rank 0's last upload still runs
+    drilled: bool = False                 # the chaos kill fired in this attempt (the marker in storage: in the run)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def per_worker(self) -> int:
+        return self.cfg.batch_size // self.world
+
+    def state(self, *, epochs_done: int, batch: int, sums: list[torch.Tensor] | None) -> PretrainState:
+        return PretrainState(model=self.raw.state_dict(), optimizer=self.optimizer.state_dict(),
+                             scaler=self.scaler.state_dict(), config=self.cfg.to_dict(), epoch=epochs_done,
+                             step=self.step, history=self.history, batch=batch, steps_per_epoch=self.steps_per_epoch,
+                             schedule=self.schedule.state_dict(), epoch_loss_sums=sums, init_knn=self.init_knn)
+
+    def save(self, metrics: dict[str, Any], *, epochs_done: int, batch: int, loss_sum: torch.Tensor | None) -> None:
+        """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
+        sums = gather_all(loss_sum) if batch else None  # the epoch's running loss of every rank, to go on from
+        state = self.state(epochs_done=epochs_done, batch=batch, sums=sums).to_dict() if self.rank == 0 else None
+        self.mon.checkpoint_saved(self.saver.report(metrics, state))
+        self.last_save, self.pending = time.monotonic(), False
+
+    def time_due(self) -> bool:
+        """``--checkpoint-every-minutes`` has passed since the last save (by this rank's clock)."""
+        every_s = self.cfg.checkpoint_every_minutes * 60
+        return every_s > 0 and time.monotonic() - self.last_save >= every_s
+
+    def drill(self) -> None:
+        """``--chaos-kill-step``: SIGKILL the last worker once, when the step is reached and no save is pending."""
+        cfg = self.cfg
+        if cfg.chaos_kill_step >= 0 and self.step >= cfg.chaos_kill_step and not (self.pending or self.drilled):
+            self.drilled = True  # once per attempt; the marker in storage makes it once per run
+            if self.rank == self.world - 1:
+                chaos_kill(storage.join(cfg.storage_path, cfg.name), self.step)
+
+
+@dataclass
+class EpochResult:
+    loss_sum: torch.Tensor   # this rank's loss summed over the epoch (the part before a mid-epoch resume included)
+    steps_run: int           # steps this attempt ran in the epoch
+    seconds: float
+    data_wait_s: float       # time the step waited for the loader
+    bad_step: int = -1       # first non-finite step over all ranks (-1: none; the epoch stopped there)
+
+
+def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor) -> EpochResult:
+    """Batches ``first``.. of ``epoch`` (``first`` > 0 after a mid-epoch resume): step, watch for a non-finite loss
+    without a host sync per step, log, and take the step/time checkpoints that fall inside the epoch."""
+    cfg, device = tr.cfg, tr.device
+    tr.loader.set_epoch(epoch, start_batch=first)
+    tr.ddp.train()
+    loss_before = loss_sum.clone()  # what the metrics windows of this attempt must not count
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    data_wait = 0.0
+    t_epoch = t_ready = time.perf_counter()
+    tr.mon.start_epoch(epoch, tr.step)
+    for i, (v1, v2, _) in enumerate(tr.loader, start=first):  # v1, v2: (B, 3, S, S) two views of B images
+        data_wait += time.perf_counter() - t_ready
+        cur_lr = tr.schedule.apply(tr.step)
+        loss = pretrain_step(tr.ddp, tr.optimizer, tr.scaler, v1, v2, temperature=cfg.temperature,
+                             precision=tr.precision, device=device, channels_last=tr.channels_last,
+                             poison=tr.step == cfg.chaos_nan_step, normalize=cfg.proj_normalize)
+        # no host sync per step: remember the first non-finite step on the device
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, tr.step), bad_step)
+        loss_sum += loss
+        tr.step += 1
+        tr.drill()
+        end_of_epoch = i + 1 == tr.steps_per_epoch
+        save_due = (bool(cfg.checkpoint_every_steps) and tr.step % cfg.checkpoint_every_steps == 0
+                    and not end_of_epoch)
+        if tr.step % cfg.log_every == 0 or end_of_epoch or save_due or tr.pending:
+            late = not end_of_epoch and tr.time_due()
+            first_bad, time_due, busy = max_over_ranks(bad_step, late, tr.saver.busy())  # rank 0 decides for all
+            if first_bad >= 0:
+                return EpochResult(loss_sum, i + 1 - first, time.perf_counter() - t_epoch, data_wait, first_bad)
+            if tr.step % cfg.log_every == 0 or end_of_epoch:
+                tr.log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{tr.steps_per_epoch} "
+                       f"loss {loss.item():.4f} lr {cur_lr:.5f}")
+                tr.mon.observe(step=tr.step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
+            tr.pending = save_due or time_due or tr.pending
+            if tr.pending and not busy and not end_of_epoch:
+                tr.save({"epoch": epoch, "step": tr.step, "batch": i + 1, "status": "ok"},
+                        epochs_done=epoch, batch=i + 1, loss_sum=loss_sum)
+        t_ready = time.perf_counter()
+    return EpochResult(loss_sum, tr.steps_per_epoch - first, time.perf_counter() - t_epoch, data_wait)
+
+
 # ---------------------------------------------------------------------------- the loop
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
-
-    cfg = PretrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+def build_trainer(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
+                  log: Callable[[str], None], checkpoint: Any) -> tuple[Trainer, Position]:
+    """Model, optimizer, schedule and loader of this worker, restored from ``checkpoint`` (Ray's, or None)."""
     on_gpu = device.type == "cuda"
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    log = emit if rank == 0 else (lambda msg: None)
-    if not cfg.verbose:
-        quiet_report_log()
-
-    # -- model, loss precision, optimizer, schedule
     model = build_model(cfg)
-    if cfg.pretrained and ray.train.get_checkpoint() is None:  # a fresh run's init; a resume restores its own
+    if cfg.pretrained and checkpoint is None:  # a fresh run's init; a resume restores its own
         from simclr_dist.run.store.pretrained import init_from_pretrained
         init_from_pretrained(model, cfg.pretrained, strict=cfg.pretrained_strict, log=log)
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else on_gpu
+    channels_last = use_channels_last(cfg.channels_last)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     precision = Precision.of(cfg.precision, device)
     scaler = precision.scaler()
@@ -113,144 +217,111 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     schedule = WarmupCosine(optimizer, lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                             total_steps=total_steps)
 
-    # -- resume: the checkpoint Ray hands back (after a restart, or a rerun of the same run name)
+    # resume: the checkpoint Ray hands back (after a restart, or a rerun of the same run name)
     pos = Position()
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            state = load_checkpoint(d)
+            state = PretrainState.from_dict(load_checkpoint(d), where=d)
         pos = restore(state, cfg, model=model, optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch,
                       rank=rank, world=world)
-        schedule = resumed_schedule(schedule, state.get("schedule"), pos.step, total_steps, log=log)
+        schedule = resumed_schedule(schedule, state.schedule, pos.step, total_steps, log=log)
         where = f"epoch {pos.epoch}" + (f" + {pos.batch}/{steps_per_epoch} batches" if pos.batch else "")
         log(f"[simclr] resumed from {where} (step {pos.step}, lr {schedule.lr_at(pos.step):.5f})")
 
-    step, history, init_knn = pos.step, pos.history, pos.init_knn
-    attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
     if cfg.compile:
         model = torch.compile(model)
     ddp = DDP(model, device_ids=[device.index] if on_gpu else None) if world > 1 else model
     raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-
     log(f"[simclr] {cfg.arch} x{cfg.width} on {cfg.dataset}/{cfg.split} {cfg.image_size}px | {world} worker(s) x "
         f"{per_worker} = batch {cfg.batch_size} | {steps_per_epoch} steps/epoch | lr {lr:.4f} | {precision.name} on "
-        f"{device.type}")
-
-    node = socket.gethostname()
-    mon = WorkerMetrics(cfg.name, rank, node, samples_per_step=per_worker, device=device, model=raw,
+        f"{device.type}" + (" | channels_last" if channels_last else ""))
+    mon = WorkerMetrics(cfg.name, rank, socket.gethostname(), samples_per_step=per_worker, device=device, model=raw,
                         image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
-    node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
     saver = AsyncCheckpointer(storage.join(cfg.storage_path, cfg.name), rank,
                               kill_in_upload_epoch=cfg.chaos_kill_in_upload)
-    every_s = cfg.checkpoint_every_minutes * 60
-    last_save, pending = time.monotonic(), False  # pending: a step/time checkpoint deferred while uploads catch up
-    drilled = pos.step >= cfg.chaos_kill_step
+    tr = Trainer(cfg=cfg, rank=rank, world=world, device=device, raw=raw, ddp=ddp, optimizer=optimizer,
+                 schedule=schedule, scaler=scaler, precision=precision, channels_last=channels_last, loader=loader,
+                 saver=saver, mon=mon, log=log, step=pos.step, history=pos.history, init_knn=pos.init_knn,
+                 drilled=pos.step >= cfg.chaos_kill_step)
+    return tr, pos
 
-    def save(metrics: dict[str, Any], *, epochs_done: int, batch: int, loss_sum: torch.Tensor | None) -> None:
-        """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
-        nonlocal last_save, pending
-        sums = gather_all(loss_sum) if batch else None  # the epoch's running loss of every rank, to go on from
-        state = None
-        if rank == 0:
-            state = {"format_version": FORMAT_VERSION, "model": raw.state_dict(),
-                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epochs_done, "batch": batch, "step": step,
-                     "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(), "history": history,
-                     "epoch_loss_sums": sums, "init_knn": init_knn}
-        mon.checkpoint_saved(saver.report(metrics, state))
-        last_save, pending = time.monotonic(), False
+
+def epoch_metrics(tr: Trainer, epoch: int, ep: EpochResult, node_ids: list[str]) -> dict[str, Any]:
+    """What an epoch reports (every rank; rank 0's go to the history), the kNN monitor included when due."""
+    cfg = tr.cfg
+    mean_loss = mean_across(ep.loss_sum / tr.steps_per_epoch)
+    metrics = {
+        "epoch": epoch + 1, "step": tr.step, "loss": mean_loss, "lr": tr.schedule.lr_at(tr.step - 1),
+        "samples_per_s": ep.steps_run * cfg.batch_size / ep.seconds,
+        "worker_samples_per_s": ep.steps_run * tr.per_worker / ep.seconds,
+        "epoch_time_s": ep.seconds, "data_wait_s": ep.data_wait_s, "rank": tr.rank, "node": socket.gethostname(),
+        "node_id": ray_node_id(), "world_size": tr.world, "status": "ok", "node_ids": node_ids, **tr.init_knn,
+    }
+    tr.init_knn = {}
+    last = epoch + 1 == cfg.epochs
+    if (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or (last and cfg.knn_every >= 0):
+        metrics.update(online_knn(tr.raw.encoder, cfg, tr.device, tr.channels_last))
+    return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    import ray.train
+    import ray.train.torch
+
+    cfg = PretrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    log = emit if rank == 0 else (lambda msg: None)
+    if not cfg.verbose:
+        quiet_report_log()
+
+    tr, pos = build_trainer(cfg, rank, world, device, log, ray.train.get_checkpoint())
+    attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
+    node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
 
     result: dict[str, Any] = {"status": "ok"}
-    if step == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
-        init_knn = {f"{k}_init": v for k, v in online_knn(raw.encoder, cfg, device, channels_last).items()}
+    if tr.step == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
+        tr.init_knn = {f"{k}_init": v for k, v in online_knn(tr.raw.encoder, cfg, device, tr.channels_last).items()}
         init = "imported (--pretrained)" if cfg.pretrained else "randomly initialised"
-        log(f"[simclr] kNN top-1 of the {init} encoder: {next(iter(init_knn.values())):.3f}")
+        log(f"[simclr] kNN top-1 of the {init} encoder: {next(iter(tr.init_knn.values())):.3f}")
     for epoch in range(pos.epoch, cfg.epochs):
         first = pos.batch if epoch == pos.epoch else 0  # a mid-epoch resume goes on at this batch of the epoch
-        loader.set_epoch(epoch, start_batch=first)
-        ddp.train()
-        loss_sum = torch.zeros((), device=device)
-        if first and pos.loss_sum is not None:
-            loss_sum = pos.loss_sum.to(device)
-        loss_before = loss_sum.clone()  # what the metrics windows of this attempt must not count
-        bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        data_wait = 0.0
-        t_epoch = t_ready = time.perf_counter()
-        mon.start_epoch(epoch, step)
-        for i, (v1, v2, _) in enumerate(loader, start=first):
-            data_wait += time.perf_counter() - t_ready
-            cur_lr = schedule.apply(step)
-            loss = pretrain_step(ddp, optimizer, scaler, v1, v2, temperature=cfg.temperature, precision=precision,
-                                 device=device, channels_last=channels_last, poison=step == cfg.chaos_nan_step,
-                                 normalize=cfg.proj_normalize)
-            # no host sync per step: remember the first non-finite step on the device
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
-            loss_sum += loss
-            step += 1
-            if cfg.chaos_kill_step >= 0 and step >= cfg.chaos_kill_step and not (pending or drilled):
-                drilled = True  # once per attempt; the marker in storage makes it once per run
-                if rank == world - 1:
-                    chaos_kill(storage.join(cfg.storage_path, cfg.name), step)
-            end_of_epoch = i + 1 == steps_per_epoch
-            save_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 and not end_of_epoch
-            if step % cfg.log_every == 0 or end_of_epoch or save_due or pending:
-                late = every_s > 0 and not end_of_epoch and time.monotonic() - last_save >= every_s
-                # rank 0's clock and upload thread decide for everyone
-                first_bad, time_due, busy = max_over_ranks(bad_step, late, saver.busy())
-                if first_bad >= 0:
-                    result = {"status": "nonfinite", "step": first_bad, "epoch": epoch}
-                    break
-                if step % cfg.log_every == 0 or end_of_epoch:
-                    log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{steps_per_epoch} "
-                        f"loss {loss.item():.4f} lr {cur_lr:.5f}")
-                    mon.observe(step=step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
-                pending = save_due or time_due or pending  # deferred while rank 0's last upload is still going
-                if pending and not busy and not end_of_epoch:
-                    save({"epoch": epoch, "step": step, "batch": i + 1, "status": "ok"},
-                         epochs_done=epoch, batch=i + 1, loss_sum=loss_sum)
-            t_ready = time.perf_counter()
-        if result["status"] != "ok":
-            log(f"[simclr] non-finite loss at step {result['step']} (epoch {epoch + 1}); stopping, the last good "
+        loss_sum = pos.loss_sum.to(device) if first and pos.loss_sum is not None else torch.zeros((), device=device)
+        ep = train_one_epoch(tr, epoch, first, loss_sum)
+        if ep.bad_step >= 0:
+            result = {"status": "nonfinite", "step": ep.bad_step, "epoch": epoch}
+            log(f"[simclr] non-finite loss at step {ep.bad_step} (epoch {epoch + 1}); stopping, the last good "
                 "checkpoint is kept")
-            saver.report({"epoch": epoch, "step": step, "status": "nonfinite", "bad_step": result["step"]}, None)
+            tr.saver.report({"epoch": epoch, "step": tr.step, "status": "nonfinite", "bad_step": ep.bad_step}, None)
             break
 
-        epoch_time = time.perf_counter() - t_epoch
-        steps_run = steps_per_epoch - first
-        mean_loss = mean_across(loss_sum / steps_per_epoch)
-        metrics = {
-            "epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": schedule.lr_at(step - 1),
-            "samples_per_s": steps_run * cfg.batch_size / epoch_time,
-            "worker_samples_per_s": steps_run * per_worker / epoch_time,
-            "epoch_time_s": epoch_time, "data_wait_s": data_wait, "rank": rank, "node": node,
-            "node_id": ray_node_id(), "world_size": world, "status": "ok", "node_ids": node_ids, **init_knn,
-        }
-        init_knn = {}
-        last = epoch + 1 == cfg.epochs
-        if (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or (last and cfg.knn_every >= 0):
-            metrics.update(online_knn(raw.encoder, cfg, device, channels_last))
-        history.append({k: v for k, v in metrics.items() if k not in ("rank", "node", "node_id")})
-        log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} done: loss {mean_loss:.4f} | "
-            f"{metrics['samples_per_s']:.1f} samples/s | {epoch_time:.1f}s (data wait {data_wait:.1f}s)"
+        metrics = epoch_metrics(tr, epoch, ep, node_ids)
+        tr.history.append({k: v for k, v in metrics.items() if k not in ("rank", "node", "node_id")})
+        log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} done: loss {metrics['loss']:.4f} | "
+            f"{metrics['samples_per_s']:.1f} samples/s | {ep.seconds:.1f}s (data wait {ep.data_wait_s:.1f}s)"
             + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
             + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else "")
             + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else ""))
 
-        step_due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-        _, time_due, busy = max_over_ranks(torch.full((), -1, device=device),
-                                           every_s > 0 and time.monotonic() - last_save >= every_s, saver.busy())
-        pending = step_due or time_due or pending
-        if last or (epoch + 1) % cfg.checkpoint_every == 0 or (pending and not busy):
-            save(metrics, epochs_done=epoch + 1, batch=0, loss_sum=None)  # waits only for an --checkpoint-every save
+        # the epoch-end checkpoint: every --checkpoint-every epochs, the last, or a step/time one that fell due
+        step_due = bool(cfg.checkpoint_every_steps) and tr.step % cfg.checkpoint_every_steps == 0
+        _, time_due, busy = max_over_ranks(torch.full((), -1, device=device), tr.time_due(), tr.saver.busy())
+        tr.pending = step_due or time_due or tr.pending
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.checkpoint_every == 0 or (tr.pending and not busy):
+            tr.save(metrics, epochs_done=epoch + 1, batch=0, loss_sum=None)  # waits only for a --checkpoint-every save
         else:
-            saver.report(metrics, None)
+            tr.saver.report(metrics, None)
 
     if pos.epoch >= cfg.epochs:
         log(f"[simclr] run already complete ({pos.epoch}/{cfg.epochs} epochs): nothing to train")
-    return {**result, "history": history, "resumed_from_epoch": pos.epoch, "resumed_from_batch": pos.batch,
+    return {**result, "history": tr.history, "resumed_from_epoch": pos.epoch, "resumed_from_batch": pos.batch,
             "resumed_from_step": pos.step, "attempt_started_at": attempt_started_at,
-            "checkpoint_blocked_s": saver.blocked_s,
-            "epochs_done": history[-1]["epoch"] if history else pos.epoch}
+            "checkpoint_blocked_s": tr.saver.blocked_s,
+            "epochs_done": tr.history[-1]["epoch"] if tr.history else pos.epoch}
 
 
 def max_over_ranks(first_bad: torch.Tensor, *flags: bool) -> tuple[int, ...]:

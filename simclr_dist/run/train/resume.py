@@ -16,7 +16,7 @@ import torch
 
 from simclr_dist.config import ConfigError, PretrainConfig
 from simclr_dist.core.optim import WarmupCosine
-from simclr_dist.run.store.checkpoint import list_complete_checkpoints
+from simclr_dist.run.store.checkpoint import PretrainState, list_complete_checkpoints
 
 
 @dataclass
@@ -32,22 +32,22 @@ class Position:
     init_knn: dict[str, float] = field(default_factory=dict)
 
 
-def restore(state: dict[str, Any], cfg: PretrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def restore(state: PretrainState, cfg: PretrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: Any, steps_per_epoch: int, rank: int, world: int) -> Position:
     """Load ``state`` (a checkpoint of format 1 or 2) into the model, optimizer and scaler; the position to go on
     from. Raises ``ValueError`` (one line) when the run cannot continue from it."""
-    saved = PretrainConfig.from_dict(state["config"])
+    saved = PretrainConfig.from_dict(state.config)
     if saved.arch_signature() != cfg.arch_signature():
         raise ValueError(f"checkpoint architecture {saved.arch_signature()} != requested {cfg.arch_signature()}")
-    if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ValueError(f"checkpoint has {state['steps_per_epoch']} steps/epoch, this run {steps_per_epoch}: "
+    if (state.steps_per_epoch or steps_per_epoch) != steps_per_epoch:
+        raise ValueError(f"checkpoint has {state.steps_per_epoch} steps/epoch, this run {steps_per_epoch}: "
                          "resume with the same --batch-size and dataset")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    pos = Position(epoch=state["epoch"], batch=state.get("batch", 0), step=state["step"], history=state["history"],
-                   init_knn=dict(state.get("init_knn", {})))
-    sums = state.get("epoch_loss_sums")  # one per rank; another world size gets their mean (not bit-exact)
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scaler.load_state_dict(state.scaler)
+    pos = Position(epoch=state.epoch, batch=state.batch, step=state.step, history=state.history,
+                   init_knn=dict(state.init_knn))
+    sums = state.epoch_loss_sums  # one per rank; another world size gets their mean (not bit-exact)
     if pos.batch and sums is not None:
         pos.loss_sum = sums[rank].clone() if len(sums) == world else torch.stack(list(sums)).mean()
     return pos

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simclr_dist.core.loss import nt_xent
-from simclr_dist.core.precision import Precision
+from simclr_dist.core.precision import CHANNELS_LAST, Precision
 
 Phase = Callable[[str], None]
 
@@ -42,7 +42,7 @@ def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: to
 
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   v1: Tensor, v2: Tensor, *, temperature: float, precision: Precision, device: torch.device,
-                  channels_last: bool = False, poison: bool = False, normalize: bool = True,
+                  channels_last: bool = CHANNELS_LAST, poison: bool = False, normalize: bool = True,
                   phase: Phase = _noop) -> Tensor:
     """One SimCLR step on a batch of view pairs ``v1, v2`` (B, 3, S, S); returns the detached loss.
 
@@ -65,7 +65,8 @@ def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
 
 
 def classify_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                  x: Tensor, y: Tensor, *, precision: Precision, device: torch.device, channels_last: bool = False,
+                  x: Tensor, y: Tensor, *, precision: Precision, device: torch.device,
+                  channels_last: bool = CHANNELS_LAST,
                   phase: Phase = _noop) -> Tensor:
     """One cross-entropy step of encoder + linear head on ``x`` (B, 3, S, S), ``y`` (B,).
 
