@@ -17,10 +17,10 @@ from simclr_dist.config.base import (
     flag_name,
     is_uri,
     parse_into,
-    parse_spec,
+    parse_weights_spec,
 )
 from simclr_dist.config.pretrain import ARCH_FIELDS, KNN_SPLITS, LOADERS, PretrainConfig, parse_config
 
 __all__ = ["ARCH_FIELDS", "FORMATS", "KNN_SPLITS", "LOADERS", "ConfigError", "JobConfig", "PretrainConfig",
            "PretrainedError", "bad", "base_type", "build_parser", "check_fields", "check_plain_name", "flag",
-           "flag_name", "is_uri", "parse_config", "parse_into", "parse_spec"]
+           "flag_name", "is_uri", "parse_config", "parse_into", "parse_weights_spec"]

@@ -32,7 +32,7 @@ class PretrainedError(ConfigError):
     """A weight file cannot be imported (bad spec, unreadable, wrong layout, partial under --strict); one line."""
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
+def parse_weights_spec(spec: str) -> tuple[str, str]:
     """``"simclr-v1:/w/r50-2x.pth"`` -> ``("simclr-v1", "/w/r50-2x.pth")``; URIs keep their ``s3://``."""
     fmt, sep, path = spec.partition(":")
     fmt = fmt.strip().lower()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_spec
+from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_weights_spec
 from simclr_dist.data.datasets import DATASETS
 
 PROTOCOLS = ("linear", "knn", "finetune")
@@ -105,7 +105,7 @@ class EvalConfig(JobConfig):
         if sum(x is not None for x in (self.checkpoint, self.run, self.pretrained)) != 1:
             bad("checkpoint", "give exactly one of --checkpoint DIR, --run STORAGE/NAME or --pretrained FORMAT:PATH")
         if self.pretrained is not None:
-            fmt, _ = parse_spec(self.pretrained)
+            fmt, _ = parse_weights_spec(self.pretrained)
             if self.dataset is None and fmt != "simclr-dist":
                 bad("dataset", f"required with --pretrained {fmt}:... (the dataset to evaluate the encoder on)")
         else:

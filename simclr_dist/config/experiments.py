@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_spec
+from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_weights_spec
 from simclr_dist.config.evaluate import (
     DEFAULT_L2_GRID,
     check_fractions,
@@ -131,7 +131,7 @@ class ExperimentsConfig(JobConfig):
         if self.pretrain_args and given:
             bad("pretrain_args", f"only applies when pretraining a --run, not with {given}")
         if self.pretrained is not None:
-            fmt, _ = parse_spec(self.pretrained)
+            fmt, _ = parse_weights_spec(self.pretrained)
             if self.dataset is None and fmt != "simclr-dist":
                 bad("dataset", f"required with --pretrained {fmt}:... (the dataset of the experiments)")
         elif self.image_size is not None:

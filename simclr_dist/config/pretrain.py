@@ -17,7 +17,7 @@ from simclr_dist.core.models import ARCHS
 from simclr_dist.core.precision import PRECISIONS
 from simclr_dist.data.augment import default_augment
 from simclr_dist.data.datasets import DATASETS, dataset_info, reads_embedded
-from simclr_dist.config.base import JobConfig, bad, check_plain_name, flag, is_uri, parse_into, parse_spec
+from simclr_dist.config.base import JobConfig, bad, check_plain_name, flag, is_uri, parse_into, parse_weights_spec
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
@@ -202,7 +202,7 @@ class PretrainConfig(JobConfig):
             bad("train_subset", f"draws from the labelled train split "
                                 f"({dataset_info(self.dataset).labelled[0]!r}); --split is {self.split!r}")
         if self.pretrained is not None:
-            parse_spec(self.pretrained)
+            parse_weights_spec(self.pretrained)
         if self.sync_bn and self.use_gpu is False and self.num_workers > 1:
             bad("sync_bn", "needs GPU workers (SyncBatchNorm synchronises over NCCL; --no-use-gpu trains on CPU "
                            "with gloo): drop --sync-bn or --no-use-gpu")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_dist.config.base import FORMATS, JobConfig, PretrainedError, bad, check_plain_name, flag, parse_spec
+from simclr_dist.config.base import FORMATS, JobConfig, PretrainedError, bad, check_plain_name, flag, parse_weights_spec
 from simclr_dist.config.evaluate import dataset_names
 from simclr_dist.core.models import ARCHS
 from simclr_dist.data.augment import parse_components
@@ -100,7 +100,7 @@ class SupervisedConfig(JobConfig):
             if self.init_checkpoint is not None:
                 bad("init_pretrained", "give at most one of --init-checkpoint DIR and --init-pretrained FORMAT:PATH")
             try:
-                fmt, _ = parse_spec(self.init_pretrained)
+                fmt, _ = parse_weights_spec(self.init_pretrained)
             except PretrainedError as e:
                 raise PretrainedError(str(e).replace("--pretrained", "--init-pretrained", 1)) from None
             if self.dataset is None and fmt != "simclr-dist":

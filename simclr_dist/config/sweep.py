@@ -273,7 +273,7 @@ def _parse_scheduler(where: str, raw: Any) -> dict[str, Any] | None:
     return out
 
 
-def parse_spec(data: Any, source: str = "<sweep>", overrides: typing.Sequence[str] = ()) -> SweepSpec:
+def parse_sweep(data: Any, source: str = "<sweep>", overrides: typing.Sequence[str] = ()) -> SweepSpec:
     """Parse (and apply ``--set`` overrides to) a sweep mapping; raises :class:`SweepError`."""
     if not isinstance(data, dict):
         fail(source, "a sweep file is a mapping with sections " + ", ".join(SECTIONS))
@@ -382,6 +382,6 @@ def load_spec(path: str, overrides: typing.Sequence[str] = ()) -> SweepSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_spec(data, path, overrides)
+    return parse_sweep(data, path, overrides)
 
 

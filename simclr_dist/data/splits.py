@@ -7,7 +7,10 @@ split. Labels are read from ``.targets``; no image is decoded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,3 +120,65 @@ def selection_splits(labels: Sequence[int] | np.ndarray, *, val_fraction: float 
         fit = [np.setdiff1d(p, v) for p, v in zip(perms.values(), val)]
         splits.append((np.sort(np.concatenate(fit)), np.sort(np.concatenate(val))))
     return splits
+
+
+def subset_digest(indices: Sequence[int] | np.ndarray) -> str:
+    """A short fingerprint of a label subset (SHA-256 of its int64 indices, 16 hex digits): equal digests, the same
+    labelled images. Recorded with every classifier run."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LabelSplit:
+    """The labelled images of one classifier run, drawn once (by the experiments plan, or by the classifier job's
+    preflight) and handed down to the loop, which never redraws them. Indices point into the labelled train split.
+    """
+
+    fraction: float
+    subset_seed: int
+    subset: np.ndarray          # (n,) sorted: the class-balanced subset of the fraction
+    fit: np.ndarray             # (n_fit,) sorted: what the run trains on
+    val: np.ndarray | None      # (n_val,) sorted: its validation images (None: a final run fits the whole subset)
+    val_split: int | None       # which selection split (None: the final run)
+    folds: int                  # selection splits the subset has (0 for a final run; 1: a hold-out; k: k-fold)
+
+    def digest(self) -> str:
+        return subset_digest(self.subset)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists, to cross to Ray workers in the train-loop config."""
+        return {"fraction": self.fraction, "subset_seed": self.subset_seed, "subset": self.subset.tolist(),
+                "fit": self.fit.tolist(), "val": None if self.val is None else self.val.tolist(),
+                "val_split": self.val_split, "folds": self.folds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LabelSplit:
+        arr = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
+        return cls(d["fraction"], d["subset_seed"], arr(d["subset"]), arr(d["fit"]),
+                   None if d["val"] is None else arr(d["val"]), d["val_split"], d["folds"])
+
+
+def label_splits(labels: Sequence[int] | np.ndarray, *, fraction: float, subset_seed: int,
+                 val_fraction: float = 0.2) -> tuple[LabelSplit, list[LabelSplit]]:
+    """(the final run's split, every selection split) of one fraction's subset: the subset is drawn once and all
+    of them are carved from it. :class:`SelectionError` when the subset is too small to select on."""
+    labels = np.asarray(labels)
+    subset = balanced_subset(labels, fraction, subset_seed)
+    final = LabelSplit(fraction, subset_seed, subset, subset, None, None, 0)
+    folds = selection_splits(labels[subset], val_fraction=val_fraction, seed=subset_seed)
+    selecting = [LabelSplit(fraction, subset_seed, subset, subset[fit], subset[val], k, len(folds))
+                 for k, (fit, val) in enumerate(folds)]
+    return final, selecting
+
+
+def label_split(labels: Sequence[int] | np.ndarray, *, fraction: float, subset_seed: int, val_split: int | None,
+                val_fraction: float = 0.2) -> LabelSplit:
+    """One run's split: the final run's (``val_split=None``) or selection split ``val_split``. ``ValueError``
+    (one line) when the subset has fewer selection splits; :class:`SelectionError` when it has none."""
+    if val_split is None:
+        subset = balanced_subset(labels, fraction, subset_seed)
+        return LabelSplit(fraction, subset_seed, subset, subset, None, None, 0)
+    _, selecting = label_splits(labels, fraction=fraction, subset_seed=subset_seed, val_fraction=val_fraction)
+    if not 0 <= val_split < len(selecting):
+        raise ValueError(f"--val-split {val_split}: the subset has {len(selecting)} selection split(s)")
+    return selecting[val_split]

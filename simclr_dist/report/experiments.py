@@ -9,6 +9,7 @@ results file without retraining anything.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,6 +25,45 @@ TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "s
           "pixels": "logistic regression on pixels"}
 TRAINED = ("finetune", "supervised")
 PAIRS = (("finetune", "supervised"), ("linear", "supervised"))
+
+
+@dataclass
+class Record:
+    """One arm's result on one replicate's label subset at one fraction: the schema of ``results.json``'s
+    ``records`` that every table, test and plot here reads. Probes and kNN fill the first block; a trained arm
+    (its grid on the selection splits, then the final run) fills the rest."""
+
+    arm: str
+    fraction: float
+    replicate: int | None          # None: a record written before replicates were numbered
+    subset_seed: int
+    seed: int
+    label_count: int
+    subset_sha256: str             # every arm of a replicate and fraction: the same digest
+    top1: float                    # test top-1 of the final model (the only read of the test split)
+    top5: float
+    predictions: list[int]         # (test images,) predicted classes
+    chosen: dict[str, float]       # the grid point chosen on validation: lr/wd, l2 or k
+    train_time_s: float            # the final run's (probes: fit + feature extraction)
+    selection: dict[str, float] | None = None   # validation top-1 of every grid point
+    folds: int | None = None       # selection splits of the subset
+    curves: list[Any] | None = None             # the chosen point's validation curves, one per selection split
+    history: list[dict[str, Any]] | None = None # the final run's per-epoch history
+    steps: int | None = None
+    epochs: float | None = None
+    global_batch: int | None = None
+    peak_lr: float | None = None
+    lr_rule: str | None = None
+    augment: str | None = None
+    selection_time_s: float | None = None       # the grid's training time (tuning compute)
+    reused: bool = False           # read back from a finished run of the same name
+    normalization: Any = None
+    run: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # per-class metrics etc., added when summarised
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {k: v for k, v in d.items() if v is not None or k in ("replicate",)} | self.extra
 
 
 def title(arm: str, summary: dict[str, Any] | None = None) -> str:

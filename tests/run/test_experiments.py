@@ -21,7 +21,8 @@ from simclr_dist.config import PretrainConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.data.splits import balanced_subset
 from simclr_dist.run.store.checkpoint import load_checkpoint, save_checkpoint
-from simclr_dist.run.jobs.classify_job import run_classifier, subset_digest
+from simclr_dist.data.splits import subset_digest
+from simclr_dist.run.jobs.classify_job import run_classifier
 from simclr_dist.run.train.evaluation import Features, linear_probe_features, load_eval_data
 from simclr_dist.run.studies.experiment_plan import arm_config, make_plan
 from simclr_dist.run.jobs.launch import RunError

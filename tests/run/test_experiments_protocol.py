@@ -14,10 +14,11 @@ from simclr_dist import experiments as exp
 from simclr_dist.config import ConfigError, PretrainConfig
 from simclr_dist.config.experiments import PRESET_PRETRAIN, PRESETS, ExperimentsConfig
 from simclr_dist.config.supervised import SupervisedConfig
-from simclr_dist.data.splits import SelectionError, balanced_subset, selection_splits
+from simclr_dist.data import splits as splits_module
+from simclr_dist.data.splits import SelectionError, balanced_subset, label_split, selection_splits
 from simclr_dist.run.studies import experiment_run
 from simclr_dist.run.store.checkpoint import save_checkpoint
-from simclr_dist.run.train.classify_loop import label_split, load_initial
+from simclr_dist.run.train.classify_loop import load_initial
 from simclr_dist.run.jobs.classify_job import run_classifier
 from simclr_dist.run.train.evaluation import load_eval_data
 from simclr_dist.run.studies.experiment_plan import arm_config, finished_checkpoint, make_plan, pretrain_config
@@ -114,7 +115,7 @@ def test_model_selection_never_reads_the_test_split(tmp_path, monkeypatch, data)
 
 def test_selection_run_trains_without_its_validation_images(data):
     cfg = SupervisedConfig(fraction=0.1, subset_seed=3, val_split=0)
-    split = label_split(cfg, data.train_labels)
+    split = label_split(data.train_labels, fraction=cfg.fraction, subset_seed=cfg.subset_seed, val_split=0)
     assert not set(split.fit) & set(split.val) and set(split.fit) | set(split.val) == set(split.subset)
     assert np.bincount(data.train_labels[split.val], minlength=10).min() >= 2  # every class is validated
 
@@ -125,7 +126,8 @@ def test_subset_seed_and_init_seed_are_separate(data, tmp_path):
 
     def draw(subset_seed: int, seed: int):
         cfg = SupervisedConfig(fraction=0.1, subset_seed=subset_seed, seed=seed)
-        return label_split(cfg, data.train_labels).subset, load_initial(cfg, mcfg)[0].state_dict()["conv1.weight"]
+        return (label_split(data.train_labels, fraction=0.1, subset_seed=subset_seed, val_split=None).subset,
+                load_initial(cfg, mcfg)[0].state_dict()["conv1.weight"])
 
     sub00, w00 = draw(0, 0)
     sub10, w10 = draw(1, 0)
@@ -193,6 +195,34 @@ def test_a_finished_pretraining_run_is_reused_an_unfinished_one_resumed(tmp_path
     plan = make_plan(ExperimentsConfig(run=str(run), pretrain_args="--epochs 2 --image-size 16 --width 0.125",
                                        out=str(tmp_path / "o")))
     assert plan.pretrain_cfg is None and plan.checkpoint == done  # finished: reused, nothing pretrains
+
+
+def test_the_plan_draws_every_label_split_once_and_the_runs_train_on_it(tmp_path, monkeypatch, data):
+    """The plan's splits are the very objects every classifier run receives, and nothing after the plan draws a
+    subset again: with the drawing functions made to fail once the plan exists, the whole study still runs."""
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--seeds", "1", "--steps", "2", "--batch-size", "32",
+            "--lr-grid", "0.1", "--wd-grid", "0", "--baselines", "pixels", "--arms", "finetune,supervised",
+            "--no-ray", "--out", str(tmp_path / "o")]
+    plan = make_plan(exp.parse_args(args))
+    monkeypatch.setattr(exp, "make_plan", lambda ecfg: plan)
+    real, handed = experiment_run.run_classifier, []
+
+    def spy(scfg, *, split=None, **kw):
+        handed.append((scfg.val_split, split))
+        return real(scfg, split=split, **kw)
+
+    def redraw(*a, **k):
+        raise AssertionError("a label subset was drawn again after the plan")
+
+    monkeypatch.setattr(experiment_run, "run_classifier", spy)
+    for name in ("balanced_subset", "selection_splits", "label_split", "label_splits"):
+        monkeypatch.setattr(splits_module, name, redraw)
+    assert exp.main(args) == 0
+    assert len(handed) == plan.trainings() == 6  # 10%: two arms x (1 selection + final); Experiment B: 100%
+    for val_split, split in handed:
+        final, selecting = plan.splits[(split.fraction, 0)]
+        assert split is (final if val_split is None else selecting[val_split])
 
 
 def test_labels_of_every_fraction_are_drawn_once_per_replicate(tmp_path, data):

@@ -19,7 +19,7 @@ from simclr_dist.run.eval.jobs import pretrained_eval_data, pretrained_results_d
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.core.models import build_backbone, count_parameters
-from simclr_dist.config import PretrainedError, parse_spec
+from simclr_dist.config import PretrainedError, parse_weights_spec
 from simclr_dist.run.store.pretrained import IMAGENET_MEAN_STD, BNFreeProjectionHead, load_pretrained
 from simclr_dist.run.store.weights import compare_state_dict, import_encoder, infer_resnet
 from simclr_dist.run.store.checkpoint import save_checkpoint
@@ -303,11 +303,11 @@ def test_bad_files_one_line_error(tmp_path, r18_file, content, spec_format, need
 
 
 def test_spec_parsing():
-    assert parse_spec("simclr-dist:s3://bucket/runs/r/checkpoint_000001") == (
+    assert parse_weights_spec("simclr-dist:s3://bucket/runs/r/checkpoint_000001") == (
         "simclr-dist", "s3://bucket/runs/r/checkpoint_000001")
     for spec, needle in [("swav:/x.pth", "unknown format 'swav'"), ("/x.pth", "expected FORMAT:PATH_OR_URI")]:
         with pytest.raises(PretrainedError, match=needle):
-            parse_spec(spec)
+            parse_weights_spec(spec)
 
 
 def test_compare_state_dict_tolerates_missing_bn_counters():

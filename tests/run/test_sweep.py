@@ -17,7 +17,7 @@ from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.loader import LoaderSpec
 from simclr_dist.data.torch_loader import TorchPretrainLoader
-from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_spec
+from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_sweep
 from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
 from simclr_dist.run.jobs.capacity import Capacity, Growth, capacity_of
 from simclr_dist.run.studies.sweep_plan import check_spec, plan_concurrency, trial_resources
@@ -122,7 +122,7 @@ BAD = [
 def test_bad_sweep_file_one_line_error_at_parse(patch, overrides, match, tmp_path):
     data = {**tiny(tmp_path), **patch}
     with pytest.raises(SweepError, match=match) as e:
-        check_spec(parse_spec(data, "bad.yaml", overrides))
+        check_spec(parse_sweep(data, "bad.yaml", overrides))
     assert "\n" not in str(e.value)
 
 
@@ -140,7 +140,7 @@ BAD_CHECK = [
 @pytest.mark.parametrize("overrides, match", BAD_CHECK)
 def test_bad_sweep_one_line_error_before_any_trial(overrides, match, tmp_path):
     with pytest.raises(SweepError, match=match) as e:
-        check_spec(parse_spec(tiny(tmp_path), "bad.yaml", overrides))
+        check_spec(parse_sweep(tiny(tmp_path), "bad.yaml", overrides))
     assert "\n" not in str(e.value)
 
 
@@ -150,22 +150,22 @@ def fixed(**resources: float) -> Capacity:
 
 
 def test_trial_bigger_than_the_cluster():
-    spec = parse_spec(tiny(Path("/tmp")), "big.yaml", ["num_workers=4"])
+    spec = parse_sweep(tiny(Path("/tmp")), "big.yaml", ["num_workers=4"])
     cfgs = check_spec(spec)
     with pytest.raises(SweepError, match=r"trial 1 needs 4 CPU \(4 Ray Train worker\(s\) x 1 CPU\); the Ray cluster "
                                          r"has 2 CPU \(no autoscaler; .*--max-cluster-cpus"):
         plan_concurrency(spec, cfgs, fixed(CPU=2.0), None)
-    spec = parse_spec(tiny(Path("/tmp")), "gpu.yaml", ["use_gpu=true"])
+    spec = parse_sweep(tiny(Path("/tmp")), "gpu.yaml", ["use_gpu=true"])
     with pytest.raises(SweepError, match=r"needs 1 GPU .* the Ray cluster has 0 GPU"):
         plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0), None)
     assert plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0, GPU=1.0), None)[0] == 1
-    spec = parse_spec(tiny(Path("/tmp")), "ok.yaml")
+    spec = parse_sweep(tiny(Path("/tmp")), "ok.yaml")
     assert plan_concurrency(spec, check_spec(spec), fixed(CPU=16.0), None)[0] == 2  # the file's concurrency
     assert plan_concurrency(spec, check_spec(spec), fixed(CPU=16.0), 1)[0] == 1     # --max-concurrent
 
 
 def test_autoscaling_cluster_plans_against_what_it_can_grow_to():
-    spec = parse_spec(tiny(Path("/tmp")), "grow.yaml", ["num_workers=4"])
+    spec = parse_sweep(tiny(Path("/tmp")), "grow.yaml", ["num_workers=4"])
     cfgs = check_spec(spec)
     # 2 CPUs today, stated to grow to 8: a 4-CPU trial waits for nodes instead of being refused; 2 fit at once
     grows = capacity_of({"CPU": 2.0}, Growth({"CPU": 8.0}, {"CPU": "--max-cluster-cpus"}), autoscaling=False)
@@ -179,13 +179,13 @@ def test_autoscaling_cluster_plans_against_what_it_can_grow_to():
     assert plan_concurrency(spec, cfgs, capacity_of({"CPU": 0.0}, Growth(), autoscaling=True), None)[0] == 2
     # a stated GPU maximum on a cluster with no GPU node yet: trials get GPU workers (use_gpu unset)
     gpu = capacity_of({"CPU": 4.0}, Growth({"CPU": 64.0, "GPU": 8.0}, {"CPU": "x", "GPU": "y"}), autoscaling=False)
-    spec = parse_spec(tiny(Path("/tmp")), "gpu.yaml")
+    spec = parse_sweep(tiny(Path("/tmp")), "gpu.yaml")
     assert plan_concurrency(spec, check_spec(spec), gpu, None)[0] == 2
     assert trial_resources(check_spec(spec)[0], gpu.gpus_possible()) == {"CPU": 1.0, "GPU": 1.0}
 
 
 def test_sync_bn_on_cpu_trials_is_refused_before_any_trial():
-    spec = parse_spec(tiny(Path("/tmp")), "sbn.yaml", ["sync_bn=true", "num_workers=2"])
+    spec = parse_sweep(tiny(Path("/tmp")), "sbn.yaml", ["sync_bn=true", "num_workers=2"])
     with pytest.raises(SweepError, match=r"--sync-bn needs GPU workers") as e:
         plan_concurrency(spec, check_spec(spec), fixed(CPU=8.0), None)
     assert "\n" not in str(e.value)
@@ -209,7 +209,7 @@ class FakeResult:
 
 
 def test_results_table_records_failed_trials_with_their_error(tmp_path):
-    spec = parse_spec(tiny(tmp_path, augment={"pairs": ["crop", "color", "rotate"]}), "aug.yaml")
+    spec = parse_sweep(tiny(tmp_path, augment={"pairs": ["crop", "color", "rotate"]}), "aug.yaml")
     ok = [FakeResult({"augment": a}, {"trial_id": f"t{i}", "epoch": 1, "time_total_s": 3.0},
                      history=[{"epoch": 1, "val_knn_top1": 0.5 + i / 20, "val_knn_top5": 0.9, "loss": 4.0}])
           for i, a in enumerate(["crop", "color", "rotate", "crop,color", "crop,rotate"])]
@@ -226,7 +226,7 @@ def test_results_table_records_failed_trials_with_their_error(tmp_path):
     assert "| t9 | FAILED |" in md and "never the test split" in md
     plots = make_plots(spec, rows)
     assert set(plots) == {"augmentation_heatmap.png"} and plots["augmentation_heatmap.png"].startswith(PNG)
-    spec = parse_spec(tiny(tmp_path, batch_size=[64, 128], epochs=[1, 2]), "eb.yaml")
+    spec = parse_sweep(tiny(tmp_path, batch_size=[64, 128], epochs=[1, 2]), "eb.yaml")
     rows = [{"trial": f"t{b}{e}", "status": "OK", "batch_size": b, "epochs": e, "val_knn_top1": 0.5 + b / 1000 + e / 10,
              "note": ""} for b in (64, 128) for e in (1, 2)]
     assert set(make_plots(spec, rows)) == {"accuracy_vs_batch_size.png"}
@@ -237,7 +237,7 @@ def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
     branch set by ``augment2``; the heatmap maps every cell to its trial, with row and column means."""
     data = tiny(tmp_path, augment={"pairs": ["crop", "color", "noise", "rotate"], "with": "crop"})
     data["base"]["augment2"] = "crop"
-    spec = parse_spec(data, "fig5.yaml")
+    spec = parse_sweep(data, "fig5.yaml")
     policies = ["crop", "crop,color", "crop,noise", "crop,rotate", "crop,color,noise", "crop,color,rotate",
                 "crop,noise,rotate"]
     assert spec.search["augment"].values == policies
@@ -270,7 +270,7 @@ BAD_PAIRS = [
 @pytest.mark.parametrize("dim, match", BAD_PAIRS)
 def test_bad_pairs_one_line_error(dim, match, tmp_path):
     with pytest.raises(SweepError, match=match) as e:
-        parse_spec(tiny(tmp_path, augment=dim), "bad.yaml")
+        parse_sweep(tiny(tmp_path, augment=dim), "bad.yaml")
     assert "\n" not in str(e.value)
 
 
@@ -289,7 +289,7 @@ def test_real_asha_sweep_stops_trials_early_and_keeps_their_rows(ray_cluster, tm
     data["base"].update(epochs=2, knn_every=1)
     data["objective"]["metric"] = "val_linear_top1"
     data["scheduler"] = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
-    out = run_sweep(parse_spec(data, "tiny.yaml"))
+    out = run_sweep(parse_sweep(data, "tiny.yaml"))
     rows = out["rows"]
     assert out["concurrency"] == 2 and len(rows) == 4
     assert {r["status"] for r in rows} == {"OK"} and sorted(r["base_lr"] for r in rows) == [0.0001, 0.0002, 0.6, 1.2]
@@ -310,9 +310,9 @@ def test_real_asha_sweep_stops_trials_early_and_keeps_their_rows(ray_cluster, tm
     assert "logistic-regression probe" in md and md.count("stopped early by asha") == len(stopped)
 
     with pytest.raises(SweepError, match="already exists: pass --resume"):
-        run_sweep(parse_spec(data, "tiny.yaml"))
+        run_sweep(parse_sweep(data, "tiny.yaml"))
     with pytest.raises(SweepError, match="was started with a different base"):
-        run_sweep(parse_spec(data, "tiny.yaml", ["epochs=3"]), resume=True)
+        run_sweep(parse_sweep(data, "tiny.yaml", ["epochs=3"]), resume=True)
 
 
 def _trial_records(exp: Path) -> dict[str, tuple]:
@@ -340,7 +340,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     trial fails (a non-finite loss drill) and is recorded as failed without stopping the sweep."""
     data = tiny(tmp_path, chaos_nan_step=[-1, 0])
     data["concurrency"] = 1
-    first = run_sweep(parse_spec(data, "tiny.yaml"), callbacks=[_interrupt_after_first_trial()])
+    first = run_sweep(parse_sweep(data, "tiny.yaml"), callbacks=[_interrupt_after_first_trial()])
     done = [r for r in first["rows"] if r["status"] == "OK"]
     assert len(done) == 1 and done[0]["chaos_nan_step"] == -1
     assert any(r["status"] == "UNFINISHED" for r in first["rows"]) or len(first["rows"]) == 1
@@ -348,7 +348,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     before = _trial_records(exp)[done[0]["trial"]]
     assert before[0].count("\n") == 1 and len(before[1]) == 1  # one epoch reported, one checkpoint
 
-    second = run_sweep(parse_spec(data, "tiny.yaml"), resume=True)
+    second = run_sweep(parse_sweep(data, "tiny.yaml"), resume=True)
     rows = {r["chaos_nan_step"]: r for r in second["rows"]}
     assert rows[-1]["trial"] == done[0]["trial"] and rows[-1]["status"] == "OK"
     assert rows[-1]["val_knn_top1"] == done[0]["val_knn_top1"]
@@ -357,7 +357,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster
     assert "| FAILED |" in Path(second["files"]["markdown"]).read_text()
 
     before = _trial_records(exp)
-    third = run_sweep(parse_spec(data, "tiny.yaml"), resume=True)  # all done: a resume reruns nothing
+    third = run_sweep(parse_sweep(data, "tiny.yaml"), resume=True)  # all done: a resume reruns nothing
     assert [(r["trial"], r["status"]) for r in third["rows"]] == [(r["trial"], r["status"]) for r in second["rows"]]
     assert _trial_records(exp) == before
 

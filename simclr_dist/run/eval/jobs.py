@@ -26,6 +26,7 @@ from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.console import Log, emit
 from simclr_dist.data.datasets import DatasetError
+from simclr_dist.data.splits import label_split
 from simclr_dist.run.eval import store as eval_store
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import (
@@ -92,7 +93,8 @@ def finetune(encoder: nn.Module, data: EvalData, mcfg: PretrainConfig, ecfg: Eva
         batch_size=ecfg.finetune_batch_size, lr=ecfg.lr_for(data.dataset), weight_decay=0.0,
         augment=finetune_components(data.dataset), eval_batch_size=ecfg.batch_size,
         loader_workers=ecfg.loader_workers, ray=False).validate()
-    out = train_classifier(scfg, mcfg, LocalSession(None, device=device), data=data, encoder=encoder, log=log)
+    split = label_split(data.train_labels, fraction=fraction, subset_seed=ecfg.seed, val_split=None)
+    out = train_classifier(scfg, mcfg, LocalSession(None, device=device), split, data=data, encoder=encoder, log=log)
     return {"top1": out["top1"], "top5": out["top5"], "label_fraction": fraction,
             "label_count": len(out["subset_indices"]), "test_size": out["test_size"], "history": out["history"],
             "subset_indices": out["subset_indices"], "predictions": out["predictions"],

@@ -10,7 +10,6 @@ its results file, so a rerun of the same experiment (``simclr_dist.supervised`` 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 from typing import Any
@@ -18,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, is_uri, parse_spec
+from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, is_uri, parse_weights_spec
 from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.config.supervised import RESUME_FIELDS, SupervisedConfig, default_name
 from simclr_dist.console import Log, emit
 from simclr_dist.data.augment import parse_components
 from simclr_dist.data.datasets import check_available, load_dataset
-from simclr_dist.data.splits import SelectionError, balanced_subset, labelled_splits, selection_splits
+from simclr_dist.data.splits import LabelSplit, SelectionError, label_split, labelled_splits, subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import latest_checkpoint, load_checkpoint, read_complete, MANIFEST_FILE
 from simclr_dist.run.train.classify_loop import (
@@ -44,11 +43,6 @@ RESULTS_FILE = "results.json"
 FORMAT_VERSION = 1
 
 
-def subset_digest(indices: list[int] | np.ndarray) -> str:
-    """A short fingerprint of a label subset: equal digests = the same labelled images."""
-    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
 def absolute(uri: str | None) -> str | None:
     """Local paths made absolute: Ray workers, which read them, need not share this process's cwd."""
     return uri if uri is None or is_uri(uri) else os.path.abspath(os.path.expanduser(uri))
@@ -57,7 +51,7 @@ def absolute(uri: str | None) -> str | None:
 def absolute_spec(spec: str) -> str:
     """``FORMAT:PATH`` with a local path made absolute; URIs and torch-hub names (``torchvision:resnet50``) are
     kept as given. The format is lower-cased."""
-    fmt, path = parse_spec(spec)
+    fmt, path = parse_weights_spec(spec)
     local = os.path.expanduser(path)
     if not is_uri(path) and os.path.exists(local):
         path = os.path.abspath(local)
@@ -162,39 +156,45 @@ def resolve(scfg: SupervisedConfig) -> tuple[SupervisedConfig, PretrainConfig]:
     return scfg, mcfg
 
 
-def check_subset(scfg: SupervisedConfig, labels: np.ndarray, flag: str = "--fraction") -> int:
-    """The label count of the run's subset; one line when the batch layout or the validation split cannot work."""
-    subset = balanced_subset(labels, scfg.fraction, scfg.subset_seed)
-    if scfg.val_split is not None:
-        try:
-            splits = selection_splits(labels[subset], val_fraction=scfg.val_fraction, seed=scfg.subset_seed)
-        except SelectionError as e:
-            raise ConfigError(f"{flag} {scfg.fraction:g} (subset seed {scfg.subset_seed}): {e}; raise the "
-                              "fraction") from None
-        if scfg.val_split >= len(splits):
-            raise ConfigError(f"--val-split {scfg.val_split}: the subset has {len(splits)} selection split(s)")
-        fit_count = len(splits[scfg.val_split][0])
-    else:
-        fit_count = len(subset)
+def check_subset(scfg: SupervisedConfig, labels: np.ndarray, flag: str = "--fraction") -> LabelSplit:
+    """The run's label split, drawn here once; one line when the batch layout or the validation split cannot work."""
+    try:
+        split = label_split(labels, fraction=scfg.fraction, subset_seed=scfg.subset_seed, val_split=scfg.val_split,
+                            val_fraction=scfg.val_fraction)
+    except SelectionError as e:
+        raise ConfigError(f"{flag} {scfg.fraction:g} (subset seed {scfg.subset_seed}): {e}; raise the "
+                          "fraction") from None
+    except ValueError as e:  # --val-split beyond the subset's selection splits
+        raise ConfigError(str(e)) from None
+    check_batch(scfg, len(split.fit), flag)
+    return split
+
+
+def check_batch(scfg: SupervisedConfig, fit_count: int, flag: str = "--fraction") -> None:
+    """BatchNorm needs >= 2 images per worker: one line naming the fraction or the batch size otherwise."""
     _, per_worker = batch_layout(fit_count, scfg.batch_size, scfg.world())
     if per_worker < 2:
         culprit = f"{flag} {scfg.fraction:g}" if fit_count < scfg.batch_size else f"--batch-size {scfg.batch_size}"
         raise ConfigError(f"{culprit}: {fit_count} labels in batches of {scfg.batch_size} give {per_worker} image(s) "
                           f"per worker over {scfg.world()} worker(s); BatchNorm needs >= 2 per worker")
-    return len(subset)
 
 
-def preflight(scfg: SupervisedConfig, labels: np.ndarray | None = None) -> tuple[SupervisedConfig, PretrainConfig]:
+def preflight(scfg: SupervisedConfig, labels: np.ndarray | None = None, split: LabelSplit | None = None,
+              ) -> tuple[SupervisedConfig, PretrainConfig, LabelSplit]:
     """Every check that needs no Ray (flags, checkpoint, data, label subset, storage, a resume's config): the
-    resolved configs or a one-line error. ``labels``: the train labels, when the caller has them loaded. Writes
-    the run's config file, as pretraining does."""
+    resolved configs and the run's label split, or a one-line error. ``labels``: the train labels, when the caller
+    has them loaded; ``split``: the split the caller (the experiments plan) drew for this run, else drawn here.
+    Writes the run's config file, as pretraining does."""
     scfg, mcfg = resolve(scfg)
-    if labels is None:
+    if split is not None:
+        check_batch(scfg, len(split.fit))
+    elif labels is None:
         for split in labelled_splits(scfg.dataset):
             check_available(scfg.dataset, split, scfg.data_root)
         labels = np.asarray(load_dataset(scfg.dataset, labelled_splits(scfg.dataset)[0], root=scfg.data_root,
                                          image_size=scfg.image_size).targets)
-    check_subset(scfg, labels)
+    if split is None:
+        split = check_subset(scfg, labels)
     storage.check_writable(scfg.storage_path)
     cfg_uri = storage.join(run_uri(scfg), RUN_CONFIG_FILE)
     if storage.exists(cfg_uri):
@@ -205,7 +205,7 @@ def preflight(scfg: SupervisedConfig, labels: np.ndarray | None = None) -> tuple
             raise ConfigError(f"run {run_uri(scfg)} was started with {', '.join(diff)}: resume with the same "
                               "settings or choose a new --name")
     storage.write_json(cfg_uri, scfg.to_dict())
-    return scfg, mcfg
+    return scfg, mcfg, split
 
 
 def initial_encoder(scfg: SupervisedConfig, mcfg: PretrainConfig) -> torch.nn.Module:
@@ -224,11 +224,12 @@ def cached_result(scfg: SupervisedConfig) -> dict[str, Any] | None:
     return {**saved, "cached": True}
 
 
-def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, log: Log = emit) -> dict[str, Any]:
+def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, split: LabelSplit | None = None,
+                   log: Log = emit) -> dict[str, Any]:
     """Train (or resume, or read back a finished) classifier run; returns its results, also written to
     ``STORAGE/NAME/results.json`` with the label subset's indices. ``data``: the labelled splits, already loaded
-    (an in-process caller that runs many arms)."""
-    scfg, mcfg = preflight(scfg, None if data is None else data.train_labels)
+    (an in-process caller that runs many arms); ``split``: its label split, drawn once by that caller's plan."""
+    scfg, mcfg, split = preflight(scfg, None if data is None else data.train_labels, split)
     cached = cached_result(scfg)
     if cached is not None:
         score = "validation" if scfg.selecting() else "test"
@@ -238,11 +239,12 @@ def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, log:
         torch.set_num_threads(scfg.threads)
     t0 = time.perf_counter()
     if scfg.ray:
-        result = fit(train_loop_per_worker, {"supervised": scfg.to_dict(), "model": mcfg.to_dict()}, scfg)
+        result = fit(train_loop_per_worker, {"supervised": scfg.to_dict(), "model": mcfg.to_dict(),
+                                             "split": split.to_dict()}, scfg)
         out = {**(result.return_value or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None}
     else:
         session = LocalSession(run_uri(scfg), scfg.num_to_keep)
-        out = {**train_classifier(scfg, mcfg, session, data=data, log=log),
+        out = {**train_classifier(scfg, mcfg, session, split, data=data, log=log),
                "checkpoint": latest_checkpoint(run_uri(scfg))}
     history = out["history"]
     keep = ("top1", "top5", "val_top1", "predictions", "test_size", "fit_size", "val_size", "folds", "curve",

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from simclr_dist.config import PretrainedError, parse_spec
+from simclr_dist.config import PretrainedError, parse_weights_spec
 from simclr_dist.console import Log
 from simclr_dist.core.models import ResNetEncoder, count_parameters
 from simclr_dist import storage
@@ -265,7 +265,7 @@ def load_pretrained(spec: str, *, strict: bool = True, log: Log | None = None) -
     (``strict``) any missing/unexpected key or shape mismatch. ``log`` receives the partial-load warning (non-
     strict) and the :meth:`PretrainedEncoder.describe` line.
     """
-    fmt, path = parse_spec(spec)
+    fmt, path = parse_weights_spec(spec)
     where = f"--pretrained {fmt}:{path}"
     out = _LOADERS[fmt](path, where, strict)
     encoder = out.pop("encoder").eval()

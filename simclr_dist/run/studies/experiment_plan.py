@@ -21,7 +21,7 @@ from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, bui
 from simclr_dist.config.experiments import ExperimentsConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.data.datasets import check_available, load_dataset
-from simclr_dist.data.splits import SelectionError, balanced_subset, labelled_splits, selection_splits
+from simclr_dist.data.splits import LabelSplit, SelectionError, label_splits, labelled_splits
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import list_complete_checkpoints
 from simclr_dist.run.train.classify_loop import batch_layout
@@ -61,7 +61,8 @@ class Plan:
     arms: tuple[str, ...]
     baselines: tuple[str, ...]
     replicates: tuple[Replicate, ...]
-    subsets: dict[tuple[float, int], np.ndarray]  # (fraction, subset seed) -> train indices
+    # (fraction, subset seed) -> (the final run's split, the selection splits): drawn once, here, for every arm
+    splits: dict[tuple[float, int], tuple[LabelSplit, list[LabelSplit]]]
     cells: list[Cell]
     train_size: int
     pretrained: PretrainedEncoder | None = None
@@ -69,6 +70,16 @@ class Plan:
 
     def grid(self) -> list[tuple[float, float]]:
         return self.ecfg.grid()
+
+    @property
+    def subsets(self) -> dict[tuple[float, int], np.ndarray]:
+        """(fraction, subset seed) -> the subset's train indices."""
+        return {key: final.subset for key, (final, _) in self.splits.items()}
+
+    def split_of(self, cell: Cell, val_split: int | None) -> LabelSplit:
+        """The label split a classifier run of ``cell`` trains on: selection split ``val_split``, or the final."""
+        final, selecting = self.splits[(cell.fraction, cell.rep.subset_seed)]
+        return final if val_split is None else selecting[val_split]
 
     def trainings(self) -> int:
         """Classifier runs of the study: every cell's grid x folds, plus its final run."""
@@ -156,29 +167,30 @@ def make_plan(ecfg: ExperimentsConfig) -> Plan:
                                      root=model_cfg.data_root, image_size=model_cfg.image_size).targets)
     reps = tuple(Replicate(r, ecfg.subset_seed + r, ecfg.seed + r) for r in range(ecfg.seeds))
     fractions, arms = ecfg.fraction_list(), ecfg.arm_list()
-    subsets, cells = {}, []
+    splits, cells = {}, []
     jobs = [(a, f) for f in fractions for a in arms] + [("supervised", 1.0)] * ("supervised" in arms)
     for rep in reps:
         for arm, f in dict.fromkeys(jobs):
             key = (f, rep.subset_seed)
-            if key not in subsets:
-                subsets[key] = balanced_subset(labels, f, rep.subset_seed)
-            sub = subsets[key]
-            try:
-                splits = selection_splits(labels[sub], val_fraction=ecfg.val_fraction, seed=rep.subset_seed)
-            except SelectionError as e:
-                raise ConfigError(f"--fractions {f:g} (subset seed {rep.subset_seed}): {e}; raise the fraction") from None
+            if key not in splits:
+                try:
+                    splits[key] = label_splits(labels, fraction=f, subset_seed=rep.subset_seed,
+                                               val_fraction=ecfg.val_fraction)
+                except SelectionError as e:
+                    raise ConfigError(f"--fractions {f:g} (subset seed {rep.subset_seed}): {e}; raise the "
+                                      "fraction") from None
+            selecting = splits[key][1]
             if arm in TRAINED:
                 world = ecfg.num_workers if ecfg.ray else 1
-                smallest = min(len(fit) for fit, _ in splits)
+                smallest = min(len(s.fit) for s in selecting)
                 _, per_worker = batch_layout(smallest, ecfg.batch_size, world)
                 if per_worker < 2:
                     raise ConfigError(f"--fractions {f:g}: {smallest} labels to fit give {per_worker} image(s) per "
                                       f"worker over {world} worker(s); BatchNorm needs >= 2: drop the fraction or "
                                       "lower --num-workers")
-                cells.append(Cell(arm, f, rep, len(splits)))
+                cells.append(Cell(arm, f, rep, len(selecting)))
     plan = Plan(ecfg, out, run, pretrain_cfg, checkpoint, model_cfg, fractions, arms, ecfg.baseline_list(), reps,
-                subsets, cells, len(labels), pretrained=pre, pretrained_spec=spec)
+                splits, cells, len(labels), pretrained=pre, pretrained_spec=spec)
     for cell in plan.cells:  # a run directory in --out must have trained the same network and initialisation
         check_reusable(plan, arm_config(plan, cell, *plan.grid()[0], split=0 if cell.folds else None))
     storage.check_writable(out)

@@ -20,15 +20,16 @@ import torch
 from torch import nn
 
 from simclr_dist.console import Log, emit
+from simclr_dist.report.experiments import Record
 from simclr_dist.report.experiments_md import report
 from simclr_dist.report.experiments_plots import plots
 from simclr_dist.core.models import Classifier
 from simclr_dist.core.knn import extract_features
 from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
-from simclr_dist.data.splits import selection_splits
+from simclr_dist.data.splits import subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
-from simclr_dist.run.jobs.classify_job import pretraining_config, run_classifier, subset_digest
+from simclr_dist.run.jobs.classify_job import pretraining_config, run_classifier
 from simclr_dist.run.train.evaluation import EvalData, Features, knn_eval, linear_probe_features, load_eval_data, select_device
 from simclr_dist.run.studies.experiment_plan import Cell, Plan, Replicate, arm_config
 from simclr_dist.run.jobs.launch import RunError
@@ -198,23 +199,25 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
                       "label_count": len(sub), "subset_sha256": subset_digest(sub)}
             probe = {"ssl": "linear", "random": "random-linear", "pixels": "pixels"}[kind]
             if kind != "ssl" or "linear" in plan.arms:
-                splits = selection_splits(data.train_labels[sub], val_fraction=e.val_fraction, seed=rep.subset_seed)
+                # the plan's selection splits, as positions into the subset (what the probe's features are in)
+                splits = [(np.searchsorted(sub, s.fit), np.searchsorted(sub, s.val))
+                          for s in plan.splits[(f, rep.subset_seed)][1]]
                 t0 = time.perf_counter()
                 out = linear_probe_features(feats, num_classes=data.num_classes, l2_grid=e.l2_values(),
                                             splits=splits, log=lambda m: None)
-                records.append({**common, "arm": probe, "top1": out["top1"], "top5": out["top5"],
-                                "predictions": out["predictions"], "chosen": {"l2": out["l2"]},
-                                "selection": out["val_top1_by_l2"], "folds": len(splits),
-                                "train_time_s": time.perf_counter() - t0 + bank.seconds})
+                records.append(Record(**common, arm=probe, top1=out["top1"], top5=out["top5"],
+                                      predictions=out["predictions"], chosen={"l2": out["l2"]},
+                                      selection=out["val_top1_by_l2"], folds=len(splits),
+                                      train_time_s=time.perf_counter() - t0 + bank.seconds).to_dict())
                 log(f"[exp] {probe} {100 * f:g}% (replicate {rep.index}): L2 {out['l2']:g} chosen on validation, "
                     f"test top-1 {out['top1']:.4f}")
             if kind != "pixels" and ("knn" in plan.baselines or kind == "random"):
                 for k in e.knn_ks():
                     out = knn_eval(feats, num_classes=data.num_classes, k=k)
                     name = ("knn" if kind == "ssl" else "random-knn") + f"-{k}"
-                    records.append({**common, "arm": name, "top1": out["top1"], "top5": out["top5"],
-                                    "predictions": out["predictions"], "chosen": {"k": min(k, len(sub))},
-                                    "train_time_s": out["wall_time_s"] + bank.seconds})
+                    records.append(Record(**common, arm=name, top1=out["top1"], top5=out["top5"],
+                                          predictions=out["predictions"], chosen={"k": min(k, len(sub))},
+                                          train_time_s=out["wall_time_s"] + bank.seconds).to_dict())
     return records
 
 
@@ -231,31 +234,33 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]
     """The grid on the cell's selection splits (validation only), then the final run of the chosen point."""
     grid, scores, curves, spent = plan.grid(), {}, {}, 0.0
     for lr, wd in grid:
-        runs = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data, log=log) for k in range(cell.folds)]
+        runs = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data, split=plan.split_of(cell, k),
+                               log=log) for k in range(cell.folds)]
         scores[(lr, wd)] = float(np.mean([r["score"] for r in runs]))
         curves[(lr, wd)] = [r["curve"] for r in runs]
         spent += sum(r["train_time_s"] for r in runs)
     best = max(grid, key=lambda p: (scores[p], -grid.index(p)))  # ties: the first point of the grid
-    final = run_classifier(arm_config(plan, cell, *best, split=None), data=data, log=log)
+    final = run_classifier(arm_config(plan, cell, *best, split=None), data=data, split=plan.split_of(cell, None),
+                           log=log)
     log(f"[exp] {cell.arm} {100 * cell.fraction:g}% (replicate {cell.rep.index}): chose lr {best[0]:g} wd "
         f"{best[1]:g} (validation top-1 {scores[best]:.4f} over {cell.folds} split(s)); test top-1 "
         f"{final['top1']:.4f}")
     p = final["params"]
-    return {"arm": cell.arm, "fraction": cell.fraction, "replicate": cell.rep.index,
-            "subset_seed": cell.rep.subset_seed, "seed": cell.rep.seed, "label_count": final["label_count"],
-            "subset_sha256": final["subset_sha256"], "top1": final["top1"], "top5": final["top5"],
-            "predictions": final["predictions"], "chosen": {"lr": best[0], "wd": best[1]},
-            "selection": {f"lr={lr:g},wd={wd:g}": s for (lr, wd), s in scores.items()}, "folds": cell.folds,
-            "curves": curves[best], "history": final["history"], "steps": p["steps"],
-            "epochs": p["steps"] / p["steps_per_epoch"],
-            "global_batch": p["global_batch"], "peak_lr": p["peak_lr"], "lr_rule": p["lr_rule"],
-            "augment": p["augment"], "train_time_s": final["train_time_s"], "selection_time_s": spent,
-            "reused": bool(final.get("cached")), "normalization": final.get("normalization"), "run": final["run"]}
+    return Record(
+        arm=cell.arm, fraction=cell.fraction, replicate=cell.rep.index, subset_seed=cell.rep.subset_seed,
+        seed=cell.rep.seed, label_count=final["label_count"], subset_sha256=final["subset_sha256"],
+        top1=final["top1"], top5=final["top5"], predictions=final["predictions"],
+        chosen={"lr": best[0], "wd": best[1]}, train_time_s=final["train_time_s"],
+        selection={f"lr={lr:g},wd={wd:g}": s for (lr, wd), s in scores.items()}, folds=cell.folds,
+        curves=curves[best], history=final["history"], steps=p["steps"], epochs=p["steps"] / p["steps_per_epoch"],
+        global_batch=p["global_batch"], peak_lr=p["peak_lr"], lr_rule=p["lr_rule"], augment=p["augment"],
+        selection_time_s=spent, reused=bool(final.get("cached")), normalization=final.get("normalization"),
+        run=final["run"]).to_dict()
 
 
 def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
-    """Run the whole study; ``on_update(records, pretraining, budget, complete)`` is called after every part
-    (the command writes results.json there, and the report at the end)."""
+    """Run the whole study; ``on_update(plan, records, pretraining, budget, elapsed_s, complete)`` is called after
+    every part (the command writes results.json there, and the report at the end)."""
     t_start = time.perf_counter()
     if plan.ecfg.threads:
         torch.set_num_threads(plan.ecfg.threads)

@@ -22,7 +22,6 @@ import dataclasses
 import math
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,7 +38,7 @@ from simclr_dist.core.optim import WarmupCosine, scale_lr
 from simclr_dist.core.precision import Precision, to_memory_format, use_channels_last
 from simclr_dist.data.augment import augment_seed, build_view_transform, default_augment
 from simclr_dist.data.datasets import dataset_info
-from simclr_dist.data.splits import balanced_subset, selection_splits
+from simclr_dist.data.splits import LabelSplit
 from simclr_dist import storage
 from simclr_dist.run.store.chaos import chaos_kill
 from simclr_dist.run.store.checkpoint import (
@@ -140,27 +139,6 @@ class RaySession:
 
 
 # ---------------------------------------------------------------------------- what the loop trains on
-@dataclass
-class LabelSplit:
-    """The labelled images of a run: the subset of its fraction, what it trains on, and its validation images."""
-
-    subset: np.ndarray
-    fit: np.ndarray
-    val: np.ndarray | None
-    folds: int  # how many selection splits the subset has (1: a hold-out; k: k-fold)
-
-
-def label_split(scfg: SupervisedConfig, train_labels: np.ndarray) -> LabelSplit:
-    subset = balanced_subset(train_labels, scfg.fraction, scfg.subset_seed)
-    if scfg.val_split is None:
-        return LabelSplit(subset, subset, None, 0)
-    splits = selection_splits(train_labels[subset], val_fraction=scfg.val_fraction, seed=scfg.subset_seed)
-    if scfg.val_split >= len(splits):
-        raise ValueError(f"--val-split {scfg.val_split}: the subset has {len(splits)} selection split(s)")
-    fit, val = splits[scfg.val_split]
-    return LabelSplit(subset, subset[fit], subset[val], len(splits))
-
-
 def batch_layout(label_count: int, batch_size: int, world: int) -> tuple[int, int]:
     """(global batch, per-worker batch): the batch is capped at the label count and split evenly over workers."""
     global_batch = min(batch_size, label_count) // world * world
@@ -183,16 +161,20 @@ def load_initial(scfg: SupervisedConfig, mcfg: PretrainConfig, log: Log | None =
 
 
 # ---------------------------------------------------------------------------- the loop
-def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Session, *, data: EvalData | None = None,
-                     encoder: torch.nn.Module | None = None, log: Log = emit) -> dict[str, Any]:
+def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Session, split: LabelSplit, *,
+                     data: EvalData | None = None, encoder: torch.nn.Module | None = None,
+                     log: Log = emit) -> dict[str, Any]:
     """Train encoder + linear head for ``scfg.steps`` updates (or ``epochs``), report and checkpoint every epoch,
-    resume from the session's checkpoint. ``data``/``encoder``: already loaded (in-process callers). Returns rank
+    resume from the session's checkpoint. ``split``: the labelled images, drawn once by the caller (the loop never
+    redraws them). ``data``/``encoder``: already loaded (in-process callers). Returns rank
     0's view: per-epoch history, the validation curve, the split's sizes and the final scores (validation for a
     selection run; test, with its predictions, for a final run)."""
     rank, world, device = session.rank, session.world, torch.device(session.device)
     log = log if rank == 0 else (lambda msg: None)
     data = data if data is not None else load_eval_data(mcfg, scfg.data_root)
-    split = label_split(scfg, data.train_labels)
+    if (split.fraction, split.subset_seed, split.val_split) != (scfg.fraction, scfg.subset_seed, scfg.val_split):
+        raise ValueError(f"the label split handed down (fraction {split.fraction:g}, subset seed {split.subset_seed}, "
+                         f"split {split.val_split}) is not this run's: a caller bug")
     given = encoder is not None
     if encoder is None:
         encoder, norm = load_initial(scfg, mcfg, log=log)
@@ -335,4 +317,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     scfg = SupervisedConfig.from_dict(config["supervised"])
     torch.set_num_threads(max(1, int(scfg.cpus_per_worker)))
     return train_classifier(scfg, PretrainConfig.from_dict(config["model"]),
-                            RaySession(run_uri(scfg), scfg.chaos_kill_epoch))
+                            RaySession(run_uri(scfg), scfg.chaos_kill_epoch), LabelSplit.from_dict(config["split"]))
