@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from simclr_dist.report.classes import class_report
-from simclr_dist.report.stats import Summary, holm, mcnemar, permutation_test, summarize
+from simclr_dist.report.stats import (Summary, class_metrics_over_seeds, declared_family, mcnemar, paired_t_test,
+                                      sign_flip_test, summarize, two_level_bootstrap, two_level_bootstrap_diff)
 
 RESULT_FORMAT = 2
 TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "supervised": "from scratch",
@@ -24,7 +25,13 @@ TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "s
           "random-knn-20": "random init kNN (k=20)", "random-knn-200": "random init kNN (k=200)",
           "pixels": "logistic regression on pixels"}
 TRAINED = ("finetune", "supervised")
-PAIRS = (("finetune", "supervised"), ("linear", "supervised"))
+# The comparisons declared before the run (one family: Holm over all of them). Experiment A, at each fraction
+# below 100%: SimCLR fine-tuned vs the same network from scratch, and the SimCLR linear probe vs logistic
+# regression on pixels. Experiment B: SimCLR (fine-tuned, probe) on the small fraction vs from scratch on all
+# labels, paired by replicate index (the same seeds, different subsets).
+PAIRS_A = (("finetune", "supervised"), ("linear", "pixels"))
+PAIRS_B = (("finetune", "supervised"), ("linear", "supervised"))
+IMAGE_DRAWS = "shared"  # the runs share one test set: one image draw for all seeds (see two_level_bootstrap)
 
 
 @dataclass
@@ -98,8 +105,9 @@ def summarise(plan, records: list[dict[str, Any]], pretraining: dict[str, Any], 
                                class_names=names).to_dict()
             r.update(per_class_recall=rep["recall"], worst_class=rep["worst_class_name"],
                      worst_class_acc=rep["worst_recall"], macro_f1=rep["macro_f1"], confusion=rep["confusion"])
-        summary["rows"] = aggregate(records)
-        summary["paired"] = paired_tests(records, labels, summary["titles"])
+        summary["rows"] = aggregate(records, labels, data.num_classes)
+        summary["paired"] = paired_tests(records, labels, summary["titles"], small=e.small_fraction)
+        summary["statistics"] = STATISTICS
     return summary
 
 
@@ -119,51 +127,93 @@ def titles_for(plan) -> dict[str, str]:
             "knn-20": f"{pre.format} kNN (k=20)", "knn-200": f"{pre.format} kNN (k=200)"}
 
 
-def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (arm, fraction): statistics of top-1 over replicates, mean worst-class accuracy and macro-F1,
-    the budget (steps, epochs) and the hyper-parameters each replicate chose."""
+STATISTICS = (
+    "The seed (one training run on its own label subset and initialisation) is the unit: per arm, the mean of "
+    "test top-1 over seeds with its 95% Student-t interval, and a two-level bootstrap interval (seeds, then "
+    "test images, one image draw shared by all seeds since they share the test set) that includes training "
+    "variance. Comparisons declared before the run (Experiment A at each fraction: SimCLR fine-tuned vs from "
+    "scratch, SimCLR linear probe vs pixel logistic regression; Experiment B: SimCLR on the small fraction vs from "
+    "scratch on all labels) are tested over seeds with a paired t-test and an exact sign-flip test, Holm-adjusted "
+    "over the whole declared family; McNemar's test per seed is description only.")
+
+
+def correctness(rs: list[dict[str, Any]], labels: np.ndarray) -> np.ndarray:
+    """(seeds, test images) bool: which test images each replicate's final model got right."""
+    return np.stack([np.asarray(r["predictions"]) == labels for r in rs])
+
+
+def aggregate(records: list[dict[str, Any]], labels: np.ndarray | None = None,
+              num_classes: int | None = None) -> list[dict[str, Any]]:
+    """One row per (arm, fraction): top-1 over replicates (t-interval, and with ``labels`` the two-level bootstrap
+    interval), per-class results over seeds (worst class, macro-F1, balanced accuracy), the budget and the
+    hyper-parameters each replicate chose."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["arm"], r["fraction"])].append(r)
     rows = []
     for (arm, f), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rs = sorted(rs, key=lambda r: r.get("replicate") or 0)
         stats = stat_dict(summarize([r["top1"] for r in rs]))
-        rows.append({"arm": arm, "fraction": f, "label_count": rs[0]["label_count"], **stats,
-                     "worst_class": float(np.mean([r["worst_class_acc"] for r in rs])),
-                     "macro_f1": float(np.mean([r["macro_f1"] for r in rs])),
-                     "steps": rs[0].get("steps"), "epochs": rs[0].get("epochs"),
-                     "chosen": [r.get("chosen") for r in rs],
-                     "train_time_s": float(np.mean([r.get("train_time_s", 0.0) for r in rs]))})
+        row = {"arm": arm, "fraction": f, "label_count": rs[0]["label_count"], **stats,
+               "top1_by_seed": [r["top1"] for r in rs],
+               "worst_class": float(np.mean([r["worst_class_acc"] for r in rs])),
+               "macro_f1": float(np.mean([r["macro_f1"] for r in rs])),
+               "steps": rs[0].get("steps"), "epochs": rs[0].get("epochs"),
+               "chosen": [r.get("chosen") for r in rs],
+               "train_time_s": float(np.mean([r.get("train_time_s", 0.0) for r in rs])),
+               "selection_time_s": float(np.mean([r.get("selection_time_s") or 0.0 for r in rs]))}
+        if labels is not None:
+            boot = two_level_bootstrap(correctness(rs, labels), image_draws=IMAGE_DRAWS)
+            row.update(boot_low=boot.ci_low, boot_high=boot.ci_high, boot_note=boot.note)
+            per_class = class_metrics_over_seeds(labels, [r["predictions"] for r in rs], num_classes)
+            row.update(worst_class_index=per_class["worst_class"],
+                       worst_class_recall=stat_dict(per_class["worst_recall"]),
+                       balanced_accuracy=stat_dict(per_class["balanced_accuracy"]),
+                       macro_f1_over_seeds=stat_dict(per_class["macro_f1"]),
+                       recall_by_class=[None if s is None else stat_dict(s) for s in per_class["recall"]])
+        rows.append(row)
     return rows
 
 
-def paired_tests(records: list[dict[str, Any]], labels: np.ndarray, titles: dict[str, str]) -> list[dict[str, Any]]:
-    """SimCLR against scratch at each fraction, on the same replicates (same subsets, same test images): McNemar's
-    exact test on the test predictions pooled over the replicates (Holm-adjusted over the fractions of a pair), and
-    the sign-flip permutation test of the per-replicate accuracies (which few replicates cannot make decisive)."""
-    by = {(r["arm"], r["fraction"], r["replicate"]): r for r in records}
-    out = []
-    for a, b in PAIRS:
-        names = (titles.get(a, a), titles.get(b, b))
-        family = []
-        for f in sorted({r["fraction"] for r in records}):
-            reps = sorted(k[2] for k in by if k[0] == a and k[1] == f and (b, f, k[2]) in by)
-            if not reps:
-                continue
-            right_a = np.concatenate([np.asarray(by[(a, f, i)]["predictions"]) == labels for i in reps])
-            right_b = np.concatenate([np.asarray(by[(b, f, i)]["predictions"]) == labels for i in reps])
-            test = mcnemar(right_a, right_b, names=names)
-            acc_a, acc_b = [by[(a, f, i)]["top1"] for i in reps], [by[(b, f, i)]["top1"] for i in reps]
-            seeds = permutation_test(acc_a, acc_b, names=names)
-            diff = stat_dict(summarize(np.subtract(acc_a, acc_b)))
-            family.append({"a": a, "b": b, "fraction": f, "replicates": len(reps), "diff": diff,
-                           "only_a": test.details["only_a_right"], "only_b": test.details["only_b_right"],
-                           "p": test.p_value, "verdict": test.verdict, "seeds_p": seeds.p_value,
-                           "seeds_verdict": seeds.verdict})
-        for row, adjusted in zip(family, holm([row["p"] for row in family])):
-            row["p_holm"] = adjusted
-        out += family
-    return out
+def declared_pairs(records: list[dict[str, Any]], small: float) -> list[tuple[str, float, str, float]]:
+    """(arm a, fraction a, arm b, fraction b) of every declared comparison the records allow."""
+    have = {(r["arm"], r["fraction"]) for r in records}
+    pairs = [(a, f, b, f) for f in sorted({r["fraction"] for r in records}) if f < 1.0 for a, b in PAIRS_A]
+    pairs += [(a, small, b, 1.0) for a, b in PAIRS_B]
+    return [p for p in pairs if (p[0], p[1]) in have and (p[2], p[3]) in have]
+
+
+def paired_tests(records: list[dict[str, Any]], labels: np.ndarray, titles: dict[str, str], *,
+                 small: float | None = None) -> list[dict[str, Any]]:
+    """Every declared comparison, tested over seeds (replicates paired by index: the same subsets within a
+    fraction, the same test images): paired t-test (the primary p) and exact sign-flip test, each Holm-adjusted
+    over the whole family; the two-level bootstrap interval of the difference; McNemar per seed as description."""
+    by = {(r["arm"], r["fraction"], r.get("replicate")): r for r in records}
+    fractions = sorted({r["fraction"] for r in records if r["fraction"] < 1.0})
+    small = small if small is not None else (fractions[-1] if fractions else 1.0)
+    rows, t_tests, flips = [], [], []
+    for a, fa, b, fb in declared_pairs(records, small):
+        reps = sorted(k[2] for k in by if k[0] == a and k[1] == fa and (b, fb, k[2]) in by)
+        if len(reps) < 2:
+            continue  # one seed: no test over seeds (the report says so through the rows' n)
+        names = (f"{titles.get(a, a)} ({100 * fa:g}%)", f"{titles.get(b, b)} ({100 * fb:g}%)")
+        ra, rb = [by[(a, fa, i)] for i in reps], [by[(b, fb, i)] for i in reps]
+        acc_a, acc_b = [r["top1"] for r in ra], [r["top1"] for r in rb]
+        t_tests.append(paired_t_test(acc_a, acc_b, names=names))
+        flips.append(sign_flip_test(acc_a, acc_b, names=names))
+        ca, cb = correctness(ra, labels), correctness(rb, labels)
+        boot = two_level_bootstrap_diff(ca, cb, image_draws=IMAGE_DRAWS)
+        per_seed = [mcnemar(x, y, names=names) for x, y in zip(ca, cb)]
+        rows.append({"a": a, "b": b, "fraction": fa, "fraction_b": fb, "experiment": "B" if fb != fa else "A",
+                     "replicates": len(reps), "diff": stat_dict(summarize(np.subtract(acc_a, acc_b))),
+                     "diff_boot": {"mean": boot.mean, "ci_low": boot.ci_low, "ci_high": boot.ci_high},
+                     "mcnemar_per_seed": [{"only_a": m.details["only_a_right"], "only_b": m.details["only_b_right"],
+                                           "p": m.p_value} for m in per_seed]})
+    if rows:
+        for row, t, s in zip(rows, declared_family(t_tests), declared_family(flips)):
+            row.update(p=t.p_value, p_holm=t.p_holm, verdict=t.verdict, seeds_p=s.p_value, seeds_p_holm=s.p_holm,
+                       seeds_verdict=s.verdict, min_p_sign_flip=s.min_p, family_size=t.family_size)
+    return rows
 
 
 def find_row(summary: dict[str, Any], arm: str, fraction: float) -> dict[str, Any] | None:
@@ -205,7 +255,7 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(f"{r['label_count']:>6} ({pct(r['fraction']):>5})  {title(r['arm'], summary):<32} "
                      f"{acc(r):<38} {r['worst_class']:>11.3f} {budget_cell(r):>12}")
     for p in summary.get("paired", []):
-        lines.append(f"{pct(p['fraction'])}: {p['verdict']}")
+        lines.append(f"{p.get('experiment', 'A')} {pct(p['fraction'])}: {p['verdict']}")
     return "\n".join(lines)
 
 

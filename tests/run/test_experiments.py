@@ -159,7 +159,7 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     assert "[exp] budget: 2 replicate(s)" in stdout and "s/step here" in stdout and "report.md" in stdout
 
     report = (out / "report.md").read_text()
-    for needle in ("## Experiment A: 10% of the labels (142 images)", "## Experiment B", "McNemar p",
+    for needle in ("## Experiment A: 10% of the labels (142 images)", "## Experiment B", "sign-flip p (Holm; min)",
                    "| SimCLR fine-tuned | 142 |", "| from scratch | 1437 (100%) |", "## Per-class recall",
                    "![accuracy vs label fraction](accuracy_vs_fraction.png)", "logistic regression on pixels"):
         assert needle in report, needle
@@ -180,8 +180,16 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
             assert r["chosen"]["lr"] in (0.1, 0.4) and r["curves"] and len(r["history"]) >= 1
     rows = {(r["arm"], r["fraction"]): r for r in summary["rows"]}
     assert rows[("finetune", 0.1)]["n"] == 2 and rows[("finetune", 0.1)]["ci_low"] <= rows[("finetune", 0.1)]["mean"]
-    [paired] = [p for p in summary["paired"] if p["a"] == "finetune"]
-    assert paired["replicates"] == 2 and 0 <= paired["p"] <= 1 and paired["verdict"]
+    # the declared family, tested over seeds: A (finetune vs scratch, probe vs pixels at 10%) and B (at 10% vs 100%)
+    declared = {(p["experiment"], p["a"], p["b"]) for p in summary["paired"]}
+    assert declared == {("A", "finetune", "supervised"), ("A", "linear", "pixels"), ("B", "finetune", "supervised"),
+                        ("B", "linear", "supervised")}
+    for paired in summary["paired"]:
+        assert paired["replicates"] == 2 and paired["family_size"] == 4 and paired["verdict"]
+        assert 0 <= paired["p"] <= paired["p_holm"] <= 1 and paired["min_p_sign_flip"] == 0.5  # 2 seeds: 2/4
+        assert len(paired["mcnemar_per_seed"]) == 2  # description, one per seed
+        bt = paired["diff_boot"]
+        assert bt["ci_low"] <= bt["mean"] <= bt["ci_high"]
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("arm,fraction,label_count,n,mean,sd") and len(csv_rows) == 1 + len(rows)
 
