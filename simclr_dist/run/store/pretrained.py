@@ -225,6 +225,7 @@ def _load_simclr_dist(uri: str, where: str, strict: bool) -> dict[str, Any]:
     from simclr_dist.config import PretrainConfig
     from simclr_dist.data.datasets import dataset_info
     from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint, read_complete
+    from simclr_dist.run.store.publish import check_pinned
     from simclr_dist.run.store.weights import build_model
 
     try:
@@ -235,6 +236,7 @@ def _load_simclr_dist(uri: str, where: str, strict: bool) -> dict[str, Any]:
                     "no complete checkpoint (checkpoint dir with manifest.json, or a run dir holding one)")
                 raise PretrainedError(f"{where}: {what}")
             uri = latest
+        check_pinned(uri)  # a published encoder: its SHA-256 must match the pin in SHA256SUMS beside it
         state = load_checkpoint(uri, map_location="cpu")
     except PretrainedError:
         raise

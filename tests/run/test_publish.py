@@ -1,0 +1,100 @@
+"""Encoders leaving the project: a published simclr-dist checkpoint (optimizer stripped, SHA-256 pinned and
+checked on load, never overwritten) and a torchvision state dict that torchvision's own ResNet loads strictly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torchvision
+
+from simclr_dist import export
+from simclr_dist.config import PretrainConfig, PretrainedError
+from simclr_dist.data.datasets import load_dataset
+from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE, MANIFEST_FILE, load_checkpoint, save_checkpoint
+from simclr_dist.run.store.pretrained import load_pretrained
+from simclr_dist.run.store.weights import build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_run(tmp_path, **cfg_kw) -> tuple[str, torch.nn.Module]:
+    """A run directory holding one complete checkpoint (with an optimizer state, as training writes it)."""
+    cfg = PretrainConfig(dataset="digits", epochs=3, **cfg_kw).resolved()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3, cfg.image_size, cfg.image_size))[1].sum().backward()
+    opt.step()  # momentum buffers: the optimizer state a published copy must drop
+    run = tmp_path / "runs" / "r"
+    save_checkpoint(str(run / "checkpoint_000002"), {
+        "format_version": 2, "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": {},
+        "epoch": 2, "step": 20, "steps_per_epoch": 10, "config": cfg.to_dict(),
+        "history": [{"epoch": 1, "loss": 5.0}, {"epoch": 2, "loss": 4.5}]})
+    return str(run), model
+
+
+def test_publish_strips_the_optimizer_pins_the_hash_and_loads(tmp_path, capsys):
+    run, model = write_run(tmp_path, image_size=16, width=0.125)
+    out = tmp_path / "weights" / "digits-r18"
+    assert export.main([run, "--format", "simclr-dist", "--out", str(out), "--command", "python -m x",
+                        "--evaluation", '{"knn_top1": 0.5}']) == 0
+    assert "sha256" in capsys.readouterr().out
+    state = load_checkpoint(str(out))
+    assert "optimizer" not in state and state["epoch"] == 2 and state["published"]["command"] == "python -m x"
+    digest = hashlib.sha256((out / CHECKPOINT_FILE).read_bytes()).hexdigest()
+    assert (tmp_path / "weights" / "SHA256SUMS").read_text() == f"{digest}  digits-r18/{CHECKPOINT_FILE}\n"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert digest in card and "knn_top1 | 0.5000" in card and "2 of 3 scheduled epochs" in card
+
+    pre = load_pretrained(f"simclr-dist:{out}")
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    assert torch.equal(pre.encoder(x), model.encoder(x))
+
+    # never overwritten: the same name again is refused, and the first publication is intact
+    assert export.main([run, "--format", "simclr-dist", "--out", str(out)]) == 2
+    assert "already published" in capsys.readouterr().err
+    assert hashlib.sha256((out / CHECKPOINT_FILE).read_bytes()).hexdigest() == digest
+
+
+def test_a_published_file_changed_behind_its_pin_is_refused(tmp_path):
+    run, _ = write_run(tmp_path, image_size=16, width=0.125)
+    out = tmp_path / "weights" / "enc"
+    export.main([run, "--format", "simclr-dist", "--out", str(out)])
+    # different weights, with the manifest rewritten to match them: only the pin can tell
+    state = load_checkpoint(str(out))
+    state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    save_checkpoint(str(tmp_path / "forged"), state)
+    (out / CHECKPOINT_FILE).write_bytes((tmp_path / "forged" / CHECKPOINT_FILE).read_bytes())
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["sha256"] = hashlib.sha256((out / CHECKPOINT_FILE).read_bytes()).hexdigest()
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    load_checkpoint(str(out))  # the manifest check alone passes
+    with pytest.raises(PretrainedError, match="differs from its pin"):
+        load_pretrained(f"simclr-dist:{out}")
+
+
+def test_torchvision_export_loads_strictly_and_gives_the_same_features(tmp_path, capsys):
+    run, model = write_run(tmp_path, image_size=32, width=1.0, cifar_stem=False)
+    out = tmp_path / "r18.pt"
+    assert export.main([run, "--format", "torchvision", "--out", str(out)]) == 0
+    tv = torchvision.models.resnet18()
+    tv.fc = torch.nn.Identity()
+    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    images = load_dataset("digits", "test", image_size=32)
+    x = torch.stack([images[i][0].float() / 255 for i in range(8)])  # real digits, (8, 3, 32, 32) in [0, 1]
+    tv.eval(), model.eval()
+    torch.testing.assert_close(tv(x), model.encoder(x), rtol=1e-5, atol=1e-5)
+    assert export.main([run, "--format", "torchvision", "--out", str(out)]) == 2  # exists: not overwritten
+    assert "exists" in capsys.readouterr().err
+
+
+def test_torchvision_export_refuses_a_network_it_cannot_hold(tmp_path, capsys):
+    run, _ = write_run(tmp_path, image_size=16, width=0.25)
+    assert export.main([run, "--format", "torchvision", "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "width 0.25" in err and "CIFAR stem" in err
+    assert not (tmp_path / "x.pt").exists()
