@@ -5,6 +5,15 @@ Why one config for every trained arm: Experiments A/B are fair only if the arms 
 initialisation and the hyper-parameters each one is given, so they are all this config, run by the one loop
 (:mod:`simclr_dist.run.train.classify_loop`). Two seeds, on purpose: ``subset_seed`` draws the labelled images (shared
 by every arm of a replicate), ``seed`` the initialisation, data order and augmentation.
+
+Augmentation: a classifier trains with the supervised recipe by default, pad-crop + horizontal flip
+(``RandomCrop(size, padding=size // 8)``; no flip on digits, where a mirrored digit is another symbol), the same for
+every arm. SimCLR's RandomResizedCrop(0.2-1) (``--augment simclr``) is opt-in: the SimCLR encoder was pretrained to
+be invariant to it, so as the classifiers' default it slowed the from-scratch arm only (a confound).
+
+Budget: ``--steps`` (a fixed number of updates), ``--epochs`` (a fixed number of epochs), or, for a selection run
+(``--val-split``), early stopping: ``--patience K`` stops when validation top-1 has not improved for K epochs (``--epochs``
+is then the maximum) and restores the best epoch's weights.
 """
 
 from __future__ import annotations
@@ -17,6 +26,12 @@ from simclr_dist.config.evaluate import dataset_names
 from simclr_dist.core.models import ARCHS
 from simclr_dist.data.augment import parse_components
 
+# The classifiers' supervised augmentation. "padcrop" (pad by size // 8, random crop back to size) is built by the
+# classifier loop (simclr_dist.run.train.classify_loop.classifier_transform) until data.augment has the component.
+PADCROP = "padcrop"
+AUGMENT_ALIASES = ("supervised", "simclr")
+SCHEDULES = ("cosine", "constant")
+
 # Fields that change neither the experiment nor its result's meaning: a finished run is reused across them.
 CLUSTER_FIELDS = ("ray", "num_workers", "use_gpu", "cpus_per_worker", "ray_address", "storage_path", "name",
                   "checkpoint_every", "num_to_keep", "max_failures", "threads", "loader_workers", "eval_batch_size",
@@ -25,7 +40,7 @@ CLUSTER_FIELDS = ("ray", "num_workers", "use_gpu", "cpus_per_worker", "ray_addre
                   "init_strict")
 # Fields a resumed run must keep (its checkpoint was trained under them).
 RESUME_FIELDS = ("dataset", "image_size", "arch", "width", "cifar_stem", "init_checkpoint", "init_pretrained",
-                 "fraction", "subset_seed", "seed", "batch_size", "val_split", "val_fraction")
+                 "fraction", "subset_seed", "seed", "batch_size", "val_split", "val_fraction", "augment")
 
 
 @dataclass
@@ -64,8 +79,15 @@ class SupervisedConfig(JobConfig):
     # recipe
     steps: int | None = flag(None, "optimiser steps (the budget; epochs follow from the label count, so every "
                                  "fraction gets the same number of updates); overrides --epochs", ge=1)
-    epochs: int | None = flag(None, "epochs when --steps is not given (default: 30 on digits; 60 for <= 1%% of the "
-                                  "labels, else 30)", ge=1)
+    epochs: int | None = flag(None, "epochs when --steps is not given; with --patience the maximum (default: 30 on "
+                                  "digits; 60 for <= 1%% of the labels, else 30)", ge=1)
+    patience: int | None = flag(None, "early stopping, with --val-split only: stop when validation top-1 (evaluated "
+                                    "every epoch) has not improved for K epochs, restore the best epoch's weights "
+                                    "and report that epoch; --epochs is the maximum (a run that reaches it reports "
+                                    "hit_max_epochs: the budget was too small). Default: off", ge=1)
+    schedule: str | None = flag(None, "learning-rate schedule: cosine (per-step decay to 0 over the run) or "
+                                    "constant (default: constant with --patience, whose stopping epoch is not "
+                                    "known in advance; else cosine)", choices=SCHEDULES, what="schedule")
     batch_size: int = flag(64, "global batch size (capped at the label count, rounded down to the workers; the LR "
                              "rule keeps using this nominal batch, so a cap does not shrink the peak LR)", ge=1)
     lr: float | None = flag(None, "SGD (Nesterov) learning rate per 256 images: peak LR = lr * batch-size / 256 "
@@ -73,7 +95,11 @@ class SupervisedConfig(JobConfig):
     weight_decay: float | None = flag(None, "weight decay (default: 0 when fine-tuning, as the paper; from scratch "
                                           "5e-4, 1e-4 on imagenet/imagefolder)", ge=0)
     momentum: float = flag(0.9, "SGD momentum (Nesterov)", ge=0, le=0.999)
-    augment: str | None = flag(None, "augmentation components (default: crop on digits, crop,flip elsewhere)")
+    augment: str | None = flag(None, "training augmentation: supervised (the default: padcrop,flip = RandomCrop(size, "
+                                   "padding=size//8) + horizontal flip; padcrop alone on digits), simclr (SimCLR's "
+                                   "RandomResizedCrop at the dataset's scale, + flip except on digits: the recipe "
+                                   "the SimCLR encoder is invariant to), or a list of components: padcrop[,flip], or "
+                                   "SimCLR components (simclr_dist.data.augment)")
     eval_batch_size: int = flag(256, "images per forward pass when validating and testing", ge=1)
     loader_workers: int = flag(0, "DataLoader worker processes per training process", ge=0)
     # cluster, checkpoints (as pretraining)
@@ -107,9 +133,15 @@ class SupervisedConfig(JobConfig):
                 bad("dataset", f"required with --init-pretrained {fmt}:... (the dataset to fine-tune the encoder on)")
         if self.augment is not None:
             try:
-                parse_components(self.augment)
+                classifier_components(self.augment)
             except ValueError as e:
                 bad("augment", str(e))
+        if self.patience is not None:
+            if self.val_split is None:
+                bad("patience", "early stopping needs a validation split: give --val-split K (a final run trains "
+                                "for a fixed --epochs)")
+            if self.steps is not None:
+                bad("patience", "stops on validation, --steps fixes the budget: give --epochs (the maximum) instead")
         check_plain_name(self.name)
         if self.chaos_kill_epoch >= 0 and not self.ray:
             bad("chaos_kill_epoch", "is a Ray Train fault drill: it needs --ray")
@@ -129,6 +161,14 @@ class SupervisedConfig(JobConfig):
         """A model-selection run: it trains without its validation split, reports on it and never reads test."""
         return self.val_split is not None
 
+    def early_stopping(self) -> bool:
+        """A selection run that stops when its validation top-1 stops improving (``--patience``)."""
+        return self.patience is not None and self.val_split is not None
+
+    def schedule_name(self) -> str:
+        """The schedule in effect: the one given, else constant with early stopping, cosine otherwise."""
+        return self.schedule or ("constant" if self.early_stopping() else "cosine")
+
     def experiment_key(self) -> dict[str, Any]:
         """What defines the result (cluster layout and bookkeeping excluded)."""
         return {k: v for k, v in self.to_dict().items() if k not in CLUSTER_FIELDS}
@@ -137,3 +177,41 @@ class SupervisedConfig(JobConfig):
 def default_name(scfg: SupervisedConfig) -> str:
     prefix = "finetune" if scfg.from_pretrained() else "supervised"
     return f"{prefix}-{scfg.dataset}-{scfg.arch}-{scfg.fraction:g}"
+
+
+def classifier_components(spec: str) -> tuple[str, ...]:
+    """The components of a classifier augmentation spec (an alias is returned as itself, one element): ``padcrop``
+    (with ``flip`` only) or SimCLR components of :mod:`simclr_dist.data.augment`. ValueError (one line) otherwise."""
+    names = [p.strip().lower() for p in spec.split(",") if p.strip()]
+    if len(names) == 1 and names[0] in AUGMENT_ALIASES:
+        return (names[0],)
+    if any(n in AUGMENT_ALIASES for n in names):
+        raise ValueError(f"{'/'.join(AUGMENT_ALIASES)} is a whole recipe: give it alone")
+    if PADCROP in names:
+        others = set(names) - {PADCROP, "flip", "none"}
+        if others:
+            raise ValueError(f"{PADCROP} combines with flip only, got {sorted(others)[0]!r}")
+        return (PADCROP,) + (("flip",) if "flip" in names else ())
+    try:
+        return parse_components(names)
+    except ValueError as e:
+        raise ValueError(str(e).replace(" or 'none'", f", {PADCROP} or 'none'")) from None
+
+
+def resolve_augment(spec: str | None, dataset: str) -> str:
+    """The canonical component list of a classifier augmentation: ``None``/``supervised`` -> pad-crop + flip
+    (pad-crop alone on digits: a mirrored digit is another symbol); ``simclr`` -> SimCLR's crop (the dataset's
+    RandomResizedCrop scale) + flip except on digits; a list -> itself in canonical order ("none" for nothing)."""
+    digits = dataset == "digits"
+    parts = classifier_components(spec or "supervised")
+    if parts == ("supervised",):
+        parts = (PADCROP,) if digits else (PADCROP, "flip")
+    elif parts == ("simclr",):
+        parts = ("crop",) if digits else ("crop", "flip")
+    return ",".join(parts) or "none"
+
+
+def augment_tag(components: str) -> str:
+    """A run-name-safe short form of a canonical component list (``padcrop,flip`` -> ``padcrop+flip``)."""
+    return components.replace(",", "+")
+
