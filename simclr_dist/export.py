@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from simclr_dist.console import CommandParser
 from simclr_dist import storage
 from simclr_dist.config import PretrainedError
 from simclr_dist.run.store.checkpoint import CheckpointError
@@ -26,7 +27,7 @@ FORMATS = ("simclr-dist", "torchvision")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m simclr_dist.export", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="python -m simclr_dist.export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a pretraining run directory or checkpoint directory (path, s3://, gs://)")
     p.add_argument("--format", required=True, choices=FORMATS, help="simclr-dist (published) or torchvision")
     p.add_argument("--out", required=True, help="the new directory (simclr-dist) or file (torchvision)")

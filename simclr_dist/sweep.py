@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from simclr_dist.console import CommandParser
 from simclr_dist.config import ConfigError
 from simclr_dist.config.sweep import SweepError, load_spec
 from simclr_dist.data.datasets import DatasetError
@@ -23,7 +24,7 @@ from simclr_dist.run.studies.sweep_run import run_sweep
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m simclr_dist.sweep",
+    p = CommandParser(prog="python -m simclr_dist.sweep",
                                 description="SimCLR ablations on Ray Tune: each trial is a Ray Train run.")
     p.add_argument("sweep_file", nargs="?", help="a sweep definition, e.g. tune/temperature.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import field
 from typing import Any, TypeVar
 
+from simclr_dist.console import CommandParser
+
 T = TypeVar("T", bound="JobConfig")
 Choices = Iterable[str] | Callable[[], Iterable[str]]
 
@@ -127,8 +129,11 @@ def base_type(tp: Any) -> tuple[Any, bool]:
 def build_parser(cls: type, prog: str, description: str, *, one_line: bool = False) -> argparse.ArgumentParser:
     """One flag per dataclass field (``--batch-size``), typed, with the field's help and default. ``one_line``:
     a bad flag raises :class:`ConfigError` instead of argparse's usage text and exit."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def raise_config_error(line: str) -> typing.NoReturn:
+        raise ConfigError(line)
+
+    parser = CommandParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           on_error=raise_config_error if one_line else None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = base_type(hints[f.name])
@@ -139,10 +144,6 @@ def build_parser(cls: type, prog: str, description: str, *, one_line: bool = Fal
         else:
             parser.add_argument(flag_name(f.name), dest=f.name, type=tp, default=f.default, help=helptext,
                                 metavar=f.name.upper())
-    if one_line:
-        def error(message: str) -> typing.NoReturn:
-            raise ConfigError(message)
-        parser.error = error  # type: ignore[method-assign]
     return parser
 
 

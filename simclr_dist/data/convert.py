@@ -13,6 +13,7 @@ import sys
 import uuid
 from functools import partial
 
+from simclr_dist.console import CommandParser
 from simclr_dist.data.datasets import DATASETS, DatasetError, dataset_info
 from simclr_dist.data.ffcv.convert import SMART_THRESHOLD, WRITE_MODES, ConvertSpec, convert
 
@@ -43,7 +44,7 @@ def upload(out: str, local_files: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m simclr_dist.data.convert",
+    p = CommandParser(prog="python -m simclr_dist.data.convert",
                                 description="Write a dataset split to FFCV .beton file(s).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", required=True, help=f"one of {', '.join(DATASETS)}")
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         result = convert(spec, upload=partial(upload, spec.out))
     except DatasetError as e:  # ConvertError included
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out that cannot be written (a read-only or virtual filesystem, a missing directory)
+        print(f"error: --out {ns.out}: cannot write there ({e.strerror or type(e).__name__})", file=sys.stderr)
         return 2
     for f in result.files:
         print(f)

@@ -81,3 +81,66 @@ def test_every_field_is_a_flag_with_help():
 def test_config_error_is_a_value_error():
     with pytest.raises(ConfigError, match="--num-workers: must be >= 1"):
         PretrainConfig(num_workers=0).validate()
+
+
+# ---------------------------------------------------------------------------- the three that used to print pages
+@pytest.mark.parametrize("command, args, needles", [
+    ("pretrain", ["--epohcs", "3"], ("unrecognized arguments: --epohcs 3", "(did you mean --epochs?)",
+                                    "see python -m simclr_dist.pretrain --help")),
+    ("evaluate", ["--chekpoint", "x"], ("--chekpoint", "(did you mean --checkpoint?)", "--help")),
+    ("data.convert", ["--dataset", "digits", "--out", "x.beton", "--shadrs", "2"], ("(did you mean --shards?)",)),
+    ("sweep", ["--zzz"], ("unrecognized arguments: --zzz", "--help")),
+])
+def test_an_unknown_flag_is_one_line_with_a_close_match(capsys, command, args, needles):
+    import importlib
+
+    module = importlib.import_module(f"simclr_dist.{command}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert "usage:" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_convert_to_an_unwritable_place_is_one_line(capsys, tmp_path):
+    from simclr_dist.data import convert
+
+    rc = convert.main(["--dataset", "digits", "--split", "train", "--out", "/proc/x.beton", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and err.startswith("error: --out /proc/x.beton: cannot write there"), err
+
+
+def test_evaluate_refuses_a_malicious_checkpoint_in_one_line(capsys, tmp_path):
+    """A complete checkpoint whose checkpoint.pt holds a pickle that would run code (its manifest hash updated to
+    match): refused without running it, as one line and exit 2, not a traceback."""
+    import hashlib
+    import io
+    import os
+    import pickle
+
+    import torch
+
+    from simclr_dist import evaluate
+    from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE, MANIFEST_FILE, save_checkpoint
+    from simclr_dist.run.store.weights import build_model
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    cfg = PretrainConfig(dataset="digits", image_size=16, width=0.125, epochs=1).resolved()
+    ckpt = tmp_path / "checkpoint_000001"
+    save_checkpoint(str(ckpt), {"model": build_model(cfg).state_dict(), "config": cfg.to_dict(), "epoch": 1,
+                                "step": 1, "optimizer": {}, "scaler": {}, "history": []})
+    buf = io.BytesIO()
+    torch.save({"model": Boom()}, buf, pickle_module=pickle)
+    (ckpt / CHECKPOINT_FILE).write_bytes(buf.getvalue())
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    manifest.update(sha256=hashlib.sha256(buf.getvalue()).hexdigest(), bytes=len(buf.getvalue()))
+    (ckpt / MANIFEST_FILE).write_text(json.dumps(manifest))
+    rc = evaluate.main(["--checkpoint", str(ckpt), "--protocols", "knn"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "refused to load" in err, err
+    assert not (tmp_path / "pwned").exists()  # no code ran

@@ -8,9 +8,11 @@ import sys
 from simclr_dist.config import ConfigError
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist.run.jobs.launch import RunError
+from simclr_dist.run.store.checkpoint import CheckpointError
 from simclr_dist.storage import StorageError
 
-BAD_INPUT = (ConfigError, DatasetError, StorageError)
+# a checkpoint a flag names that is incomplete, corrupt or unsafe (a pickle that would run code) is bad input too
+BAD_INPUT = (ConfigError, DatasetError, StorageError, CheckpointError)
 FAILURES = (*BAD_INPUT, RunError)
 
 
