@@ -23,6 +23,7 @@ import torch
 from simclr_dist.config import parse_into
 from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.console import emit
+from simclr_dist.report.pretraining_curve import curve_rows, write_curve
 from simclr_dist.run.eval import store as eval_store
 from simclr_dist.run.jobs.classify_job import require_complete
 from simclr_dist.run.eval.jobs import (
@@ -48,7 +49,9 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
     header = f"{'checkpoint':<{w}} {'epoch':>5} {'protocol':<14} {'labels':>7} {'top-1':>7} {'top-5':>7} {'time':>8}"
     rows = [header, "-" * len(header)]
     for name, r in zip(names, results):
-        proto = result_name(r["protocol"], r.get("label_fraction"))
+        fraction = r.get("label_fraction")
+        fraction = None if r["protocol"] != "finetune" and fraction in (None, 1.0) else fraction
+        proto = result_name(r["protocol"], fraction, r.get("queries", "test"))
         when = "cached" if r.get("cached") else f"{r['wall_time_s']:.1f}s"
         epoch = "-" if r.get("checkpoint_epoch") is None else r["checkpoint_epoch"]  # imported: no epoch
         rows.append(f"{name:<{w}} {epoch:>5} {proto:<14} {r['label_count']:>7} {r['top1']:>7.4f} "
@@ -78,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     emit("\n" + format_table(results))
     if ecfg.run is not None:  # the run's whole history, also of checkpoints pruned since
+        entries = eval_store.read_index(ecfg.run)
         emit(f"\n[eval] history of {ecfg.run} ({eval_store.index_uri(ecfg.run)}):\n"
-             + eval_store.format_history(eval_store.read_index(ecfg.run)))
+             + eval_store.format_history(entries))
+        if ecfg.curve is not None:
+            csv_uri = write_curve(curve_rows(entries), ecfg.curve, title=f"{ecfg.run}: accuracy vs pretraining")
+            emit(f"[eval] pretraining curve: {ecfg.curve} ({csv_uri})")
     return 0
 
 

@@ -75,6 +75,8 @@ class EvalConfig(JobConfig):
                                        "./runs/pretrained-eval/<format>-<file>-<dataset>-<size>px)")
     watch: bool = flag(False, "with --run: poll the run and evaluate every new complete checkpoint once")
     interval: float = flag(60.0, "seconds between polls of --watch", gt=0)
+    curve: str | None = flag(None, "with --run: also draw accuracy against pretraining epochs and wall time from the "
+                                   "run's eval index into this PNG (and a CSV beside it)")
     watch_until_epoch: int | None = flag(None, "stop --watch once a checkpoint of this epoch (or later) is evaluated")
     protocols: str = flag("linear,knn", "comma-separated protocols: linear, knn, finetune")
     force: bool = flag(False, "re-evaluate even when a result file already exists")
@@ -93,6 +95,12 @@ class EvalConfig(JobConfig):
     val_fraction: float = flag(0.2, "fraction of the labelled train split held out to choose the L2 strength",
                                gt=0, le=0.99)
     linear_max_iter: int = flag(300, "L-BFGS iterations of each logistic-regression fit", ge=1)
+    linear_fractions: str = flag("1.0", "fractions of the train labels the linear probe fits on (a class-balanced "
+                                        "subset each, seeded by --seed), e.g. 0.01,0.1,1.0")
+    queries: str = flag("test", "what linear and kNN are scored on: test (the held-out test split) or val (a fixed "
+                                "class-stratified 20%% of the labelled train split, held out of the bank and of every "
+                                "probe: for curves over pretraining that must not read the test split)",
+                        choices=("test", "val"), what="queries")
     # fine-tuning (simclr_dist.run.train.classify_loop, the loop of simclr_dist.supervised)
     label_fractions: str = flag("0.01,0.1,1.0", "fractions of the train labels to fine-tune on, each in (0, 1]")
     finetune_epochs: int | None = flag(None, "fine-tuning epochs (default: paper's 60 for <=1%% labels, 30 above; "
@@ -114,10 +122,13 @@ class EvalConfig(JobConfig):
                     bad(name, "only applies with --pretrained (a checkpoint is evaluated on its own data)")
         if self.watch and self.run is None:
             bad("watch", "needs --run STORAGE/NAME (it polls a run for new checkpoints)")
+        if self.curve is not None and self.run is None:
+            bad("curve", "needs --run STORAGE/NAME (the curve is drawn from the run's eval index)")
         if self.watch_until_epoch is not None and not self.watch:
             bad("watch_until_epoch", "only applies with --watch")
         self.protocol_list()
         check_fractions("label_fractions", self.label_fractions_list())
+        check_fractions("linear_fractions", self.linear_fractions_list())
         check_l2("l2_grid", self.l2_values())
 
     def protocol_list(self) -> tuple[str, ...]:
@@ -125,6 +136,9 @@ class EvalConfig(JobConfig):
 
     def label_fractions_list(self) -> tuple[float, ...]:
         return parse_floats("label_fractions", self.label_fractions)
+
+    def linear_fractions_list(self) -> tuple[float, ...]:
+        return parse_floats("linear_fractions", self.linear_fractions)
 
     def l2_values(self) -> tuple[float, ...]:
         return parse_floats("l2_grid", self.l2_grid)

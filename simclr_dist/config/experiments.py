@@ -1,19 +1,29 @@
 """The experiments driver's configuration, its per-dataset defaults and the named presets of the study.
 
-Why presets: the study's fairness rules (same steps at every label fraction, the same LR x weight-decay grid for
-every trained arm, several seeds) are fixed in code; what changes with the machine is the budget. A preset names a
-budget that was measured to fit (see docs/performance.md) and its pretraining run, so a coordinator can start that
+Why presets: the study's fairness rules are fixed in code: every trained arm trains at every fraction until early
+stopping on its own validation split says it has converged (a maximum epoch budget and a patience per fraction), its
+LR chosen from a log-spaced grid of its own (extended by a point when the choice lands on an edge), with the same
+supervised augmentation for every arm, over several replicates. What changes with the machine is the budget: a
+preset names one (maximum epochs, replicates per fraction) and its pretraining run, so a coordinator can start that
 pretraining early and the study reuses it by name. Fields left ``None`` take the preset's value, else the dataset's
-default (:data:`DATASET_DEFAULTS`); a flag given on the command line always wins.
+default (:data:`DATASET_DEFAULTS`); a flag given on the command line always wins. ``--steps N`` replaces early
+stopping with the old fixed budget (N updates for every run, cosine schedule).
+
+Per-fraction values (``--max-epochs``, ``--patience``, ``--seeds-by-fraction``) are written ``F:N,...`` (and/or one
+bare ``N`` for every fraction not listed); a fraction not listed and without a bare default takes the entry of the
+largest listed fraction below it (more epochs and replicates than a larger subset would get), else the smallest
+listed fraction's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_weights_spec
+from simclr_dist.config.supervised import classifier_components
 from simclr_dist.config.evaluate import (
     DEFAULT_L2_GRID,
     check_fractions,
@@ -35,26 +45,79 @@ PRESET_PRETRAIN = {
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
                           "--num-workers 4 --use-gpu --knn-every 50"),
 }
+# The LR grids (per 256 images, log-spaced, factor 2): fine-tuning wants smaller steps than training from scratch
+# (the old shared 0.1,0.4 grid had fine-tuning on its bottom edge and scratch on its top edge at 10%).
+FINETUNE_LRS, SCRATCH_LRS = "0.025,0.05,0.1", "0.1,0.2,0.4"
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~100 min on 2 CPU cores, pretraining included (measured step times: docs/performance.md)
-    "fashion-mnist-cpu": dict(dataset="fashion-mnist", fractions="0.01,0.1", small_fraction=0.1, seeds=3,
-                              steps=300, batch_size=64, lr_grid="0.1,0.4", wd_grid="0,5e-4", ray=False,
-                              threads=2),
-    # the paper-scale study for a GPU cluster: full-width ResNet-18, 500 pretraining epochs, 5 seeds
-    "fashion-mnist-gpu": dict(dataset="fashion-mnist", fractions="0.01,0.1,1", small_fraction=0.1, seeds=5,
-                              steps=5000, batch_size=256, lr_grid="0.05,0.2,0.8", wd_grid="0,5e-4", ray=True,
-                              num_workers=1, use_gpu=True),
+    # Experiment A at 0.1% (60 labels), 1% and 10%, Experiment B at 100%, each arm trained to convergence; tuned on
+    # the first replicate, reused by the others (docs/performance.md: the dry run prints the planned budget)
+    "fashion-mnist-cpu": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=10,
+                              seeds_by_fraction="0.001:10,0.01:10,0.1:6,1:3", steps=None,
+                              max_epochs="0.001:300,0.01:120,0.1:40,1:15", patience="0.001:40,0.01:20,0.1:8,1:3",
+                              tune_once=True, batch_size=64, lr_grid_finetune=FINETUNE_LRS,
+                              lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=False, threads=2),
+    # the paper-scale study for a GPU cluster: full-width ResNet-18, 500 pretraining epochs
+    "fashion-mnist-gpu": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=10,
+                              seeds_by_fraction="0.001:10,0.01:10,0.1:6,1:3", steps=None,
+                              max_epochs="0.001:1000,0.01:300,0.1:100,1:60",
+                              patience="0.001:100,0.01:30,0.1:10,1:5", tune_once=True, batch_size=256,
+                              lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4",
+                              ray=True, num_workers=1, use_gpu=True),
 }
-# Defaults of the fields a preset sets, per dataset (others: "*").
+# Defaults of the fields a preset sets, per dataset (others: "*"). Digits: the 10-minute demo (pretraining
+# included): 10% of the labels (1 step per selection epoch), at most 30 epochs there and 10 on all labels, one
+# weight decay, tuned on the first replicate.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(fractions="0.1", small_fraction=0.1, seeds=2, steps=120, batch_size=64, lr_grid="0.1,0.4",
-                   wd_grid="0,5e-4", ray=False, threads=1),
+    "digits": dict(fractions="0.1", small_fraction=0.1, seeds=2, seeds_by_fraction=None, steps=None,
+                   max_epochs="0.1:30,1:10", patience="0.1:5,1:3", tune_once=True, batch_size=64,
+                   lr_grid_finetune="0.05,0.1,0.2", lr_grid_supervised=SCRATCH_LRS, wd_grid="5e-4", ray=False,
+                   threads=1),
     "fashion-mnist": PRESETS["fashion-mnist-cpu"],
-    "*": dict(fractions="0.01,0.1", small_fraction=0.1, seeds=3, steps=2000, batch_size=256, lr_grid="0.05,0.2",
-              wd_grid="0,5e-4", ray=True, threads=1),
+    "*": dict(fractions="0.01,0.1", small_fraction=0.1, seeds=3, seeds_by_fraction=None, steps=None,
+              max_epochs="0.01:100,0.1:40,1:20", patience="0.01:20,0.1:8,1:4", tune_once=True, batch_size=256,
+              lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=True, threads=1),
 }
-PRESET_FIELDS = ("dataset", "fractions", "small_fraction", "seeds", "steps", "batch_size", "lr_grid", "wd_grid",
-                 "ray", "threads", "num_workers", "use_gpu")
+PRESET_FIELDS = ("dataset", "fractions", "small_fraction", "seeds", "seeds_by_fraction", "steps", "max_epochs",
+                 "patience", "tune_once", "batch_size", "lr_grid_finetune", "lr_grid_supervised", "wd_grid", "ray",
+                 "threads", "num_workers", "use_gpu")
+GRID_ARMS = ("finetune", "supervised")  # the trained arms, each with its own LR grid
+
+
+def parse_by_fraction(name: str, text: str) -> tuple[int | None, dict[float, int]]:
+    """``"30"`` -> (30, {}); ``"0.001:300,0.1:40"`` -> (None, {0.001: 300, 0.1: 40}); a bare number and ``F:N``
+    entries may be mixed (the bare one is the default). One-line error naming the field otherwise."""
+    default, table = None, {}
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        bad(name, "is empty: give N or F:N,...")
+    for part in parts:
+        f_text, sep, n_text = part.rpartition(":")
+        try:
+            n = int(n_text)
+            f = float(f_text) if sep else None
+        except ValueError:
+            bad(name, f"{part!r} is not N or FRACTION:N (N a whole number)")
+        if n < 1:
+            bad(name, f"each value must be >= 1, got {part!r}")
+        if f is None:
+            default = n
+        elif not 0 < f <= 1:
+            bad(name, f"each fraction must be in (0, 1], got {part!r}")
+        else:
+            table[f] = n
+    return default, table
+
+
+def value_for(name: str, text: str, fraction: float) -> int:
+    """The value of ``fraction`` in a per-fraction spec: its own entry, else the bare default, else the entry of the
+    largest listed fraction below it, else the smallest listed fraction's."""
+    default, table = parse_by_fraction(name, text)
+    if fraction in table:
+        return table[fraction]
+    if default is not None:
+        return default
+    below = [f for f in table if f < fraction]
+    return table[max(below)] if below else table[min(table)]
 
 
 @dataclass
@@ -93,16 +156,43 @@ class ExperimentsConfig(JobConfig):
     baselines: str = flag(",".join(BASELINES), "comma-separated baselines on the same subsets: pixels (logistic "
                                                "regression on raw pixels), random (the randomly initialised encoder: "
                                                "linear probe and kNN), knn (kNN of the SimCLR encoder); '' for none")
-    seeds: int | None = flag(None, "replicates per fraction (default: digits 2, else 3); replicate r draws its "
-                                 "label subset with --subset-seed + r and its init/data order with --seed + r", ge=1)
+    seeds: int | None = flag(None, "replicates per fraction (default: digits 2, the fashion-mnist presets by "
+                                 "fraction, see --seeds-by-fraction, else 3); replicate r draws its label subset with "
+                                 "--subset-seed + r and its init/data order with --seed + r; given alone it replaces "
+                                 "the preset's --seeds-by-fraction", ge=1)
+    seeds_by_fraction: str | None = flag(None, "replicates per fraction, F:N,... (the fashion-mnist presets: "
+                                             "0.001:10,0.01:10,0.1:6,1:3); overrides --seeds")
     subset_seed: int = flag(0, "first seed of the label subsets (shared by every arm of a replicate)")
     seed: int = flag(0, "first seed of the initialisations, data order and augmentation")
-    steps: int | None = flag(None, "optimiser steps of every trained arm at every fraction (the same budget; epochs "
-                                 "grow as the subset shrinks); default: measured per preset/dataset", ge=1)
+    steps: int | None = flag(None, "a fixed budget instead of early stopping: this many optimiser steps for every "
+                                 "trained run at every fraction, cosine schedule (the old protocol); default: off, "
+                                 "every run trains until early stopping (--max-epochs, --patience)", ge=1)
+    max_epochs: str | None = flag(None, "early stopping: the maximum epochs of a selection run, N or F:N,... per "
+                                      "fraction (default: digits 0.1:30,1:10; fashion-mnist-cpu "
+                                      "0.001:300,0.01:120,0.1:40,1:15); a run that reaches it is flagged "
+                                      "hit_max_epochs (the budget was too small)")
+    patience: str | None = flag(None, "early stopping: epochs without a better validation top-1 before a selection "
+                                    "run stops (its best epoch's weights kept), N or F:N,... (default: digits "
+                                    "0.1:5,1:3; fashion-mnist-cpu 0.001:40,0.01:20,0.1:8,1:3)")
+    tune_once: bool | None = flag(None, "choose each arm's LR, weight decay and epochs on the first replicate only "
+                                      "and reuse them for the others (recorded per record); --no-tune-once tunes "
+                                      "every replicate (default: on)")
+    grid_extensions: int = flag(2, "when the chosen LR is the lowest or highest of the arm's grid, try one more log "
+                                   "step beyond that edge (the grid's spacing) and choose again, at most this many "
+                                   "times; 0: off", ge=0)
     batch_size: int | None = flag(None, "global batch size of the trained arms (capped at the label count; the peak "
                                       "LR keeps using this nominal batch)", ge=1)
-    lr_grid: str | None = flag(None, "learning rates per 256 images tried by every trained arm (default 0.1,0.4)")
-    wd_grid: str | None = flag(None, "weight decays tried by every trained arm (default 0,5e-4)")
+    lr_grid: str | None = flag(None, "learning rates per 256 images tried by both trained arms (sets the two per-arm "
+                                   "grids below that are not given)")
+    lr_grid_finetune: str | None = flag(None, "learning rates per 256 images of SimCLR fine-tuning, log-spaced "
+                                            f"(default {FINETUNE_LRS}; digits 0.05,0.1,0.2)")
+    lr_grid_supervised: str | None = flag(None, "learning rates per 256 images of the from-scratch arm, log-spaced "
+                                              f"(default {SCRATCH_LRS})")
+    wd_grid: str | None = flag(None, "weight decays tried by every trained arm (default 0,5e-4; digits 5e-4)")
+    augment: str | None = flag(None, "training augmentation of every trained arm (simclr_dist.supervised "
+                                   "--augment): supervised (default: pad-crop + flip; pad-crop alone on digits), "
+                                   "simclr (SimCLR's RandomResizedCrop, which the SimCLR encoder is invariant to), "
+                                   "or components")
     val_fraction: float = flag(0.2, "share of each labelled subset held out for model selection (k-fold when a "
                                     "class has fewer than 10 labels)", gt=0, le=0.5)
     l2_grid: str = flag(",".join(f"{v:g}" for v in DEFAULT_L2_GRID), "L2 strengths of the linear probes' sweep")
@@ -149,21 +239,45 @@ class ExperimentsConfig(JobConfig):
         for k in parse_floats("knn_k", self.knn_k):
             if k < 1 or k != int(k):
                 bad("knn_k", f"each k must be a whole number >= 1, got {k:g}")
-        for name in ("lr_grid", "wd_grid"):
+        for name in ("lr_grid", "lr_grid_finetune", "lr_grid_supervised", "wd_grid"):
             text = getattr(self, name)
             if text is not None:
+                positive = name.startswith("lr_grid")
                 for v in parse_floats(name, text):
-                    if not (v > 0 if name == "lr_grid" else v >= 0):
-                        bad(name, f"each value must be {'> 0' if name == 'lr_grid' else '>= 0'}, got {v:g}")
+                    if not (v > 0 if positive else v >= 0) or not math.isfinite(v):
+                        bad(name, f"each value must be {'> 0' if positive else '>= 0'}, got {v:g}")
+        for name in ("max_epochs", "patience", "seeds_by_fraction"):
+            if getattr(self, name) is not None:
+                parse_by_fraction(name, getattr(self, name))
+        if self.steps is not None:
+            for name in ("max_epochs", "patience"):
+                if getattr(self, name) is not None:
+                    bad(name, "--steps fixes the budget of every run (no early stopping): give one of the two")
+        if self.augment is not None:
+            try:
+                classifier_components(self.augment)
+            except ValueError as e:
+                bad("augment", str(e))
 
     # ---------------------------------------------------------------- defaults
     def resolved(self, dataset: str) -> "ExperimentsConfig":
         """A copy with every ``None`` protocol field filled: the preset's value, else ``dataset``'s default."""
         cfg = dataclasses.replace(self)
         table = PRESETS[self.preset] if self.preset else DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["*"])
+        given = {name for name in PRESET_FIELDS if getattr(self, name) is not None}
+        if cfg.lr_grid is not None:  # the shared grid, for each arm without a grid of its own
+            cfg.lr_grid_finetune = cfg.lr_grid_finetune or cfg.lr_grid
+            cfg.lr_grid_supervised = cfg.lr_grid_supervised or cfg.lr_grid
         for name in PRESET_FIELDS:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, table.get(name, DATASET_DEFAULTS["*"].get(name)))
+        if "steps" in given:  # the fixed budget replaces early stopping
+            cfg.max_epochs = cfg.patience = None
+        elif cfg.steps is not None:  # a table's fixed budget, overridden by early-stopping flags
+            if given & {"max_epochs", "patience"}:
+                cfg.steps = None
+        if "seeds" in given and "seeds_by_fraction" not in given:  # --seeds alone: that many at every fraction
+            cfg.seeds_by_fraction = None
         cfg.num_workers = cfg.num_workers or 2
         if cfg.preset and cfg.run is None:
             cfg.run = f"./runs/{PRESET_PRETRAIN[cfg.preset][0]}"
@@ -185,9 +299,33 @@ class ExperimentsConfig(JobConfig):
     def baseline_list(self) -> tuple[str, ...]:
         return parse_names("baselines", self.baselines, BASELINES, "baseline") if self.baselines.strip() else ()
 
-    def grid(self) -> list[tuple[float, float]]:
-        """(lr per 256, weight decay) of every grid point, the same for every trained arm."""
-        return [(lr, wd) for lr in parse_floats("lr_grid", self.lr_grid) for wd in parse_floats("wd_grid", self.wd_grid)]
+    def lrs(self, arm: str) -> tuple[float, ...]:
+        """The LR grid of a trained arm (after resolved())."""
+        name = f"lr_grid_{arm}"
+        return parse_floats(name, getattr(self, name))
+
+    def grid(self, arm: str | None = None) -> list[tuple[float, float]]:
+        """(lr per 256, weight decay) of every grid point of ``arm``; without an arm every point some trained arm
+        tries (the fine-tuning grid's, then the scratch grid's new ones)."""
+        wds = parse_floats("wd_grid", self.wd_grid)
+        arms = (arm,) if arm is not None else GRID_ARMS
+        return list(dict.fromkeys((lr, wd) for a in arms for lr in self.lrs(a) for wd in wds))
+
+    def early_stopping(self) -> bool:
+        """Every trained run stops on its validation split (after resolved(): no --steps)."""
+        return self.steps is None
+
+    def seeds_for(self, fraction: float) -> int:
+        """Replicates at ``fraction`` (after resolved())."""
+        if self.seeds_by_fraction:
+            return value_for("seeds_by_fraction", self.seeds_by_fraction, fraction)
+        return self.seeds
+
+    def max_epochs_for(self, fraction: float) -> int:
+        return value_for("max_epochs", self.max_epochs, fraction)
+
+    def patience_for(self, fraction: float) -> int:
+        return value_for("patience", self.patience, fraction)
 
     def knn_ks(self) -> tuple[int, ...]:
         return tuple(int(k) for k in parse_floats("knn_k", self.knn_k))

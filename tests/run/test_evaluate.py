@@ -219,6 +219,50 @@ def test_cli_writes_results_next_to_checkpoint_then_skips(tmp_path, capsys):
     assert {p: os.stat(p).st_mtime_ns for p in files.values()} == stamps
 
 
+def test_linear_at_label_fractions_on_validation_queries_never_reads_the_test_split(tmp_path, capsys, monkeypatch):
+    """The pretraining curve's evaluation: probes on 5% and 20% of the labels and kNN, scored on a held-out part of
+    the labelled train split; the test split is never loaded into features, and the bank excludes the queries."""
+    ckpt = write_checkpoint(tmp_path / "runs" / "r" / "checkpoint_000001", epoch=1)
+    seen = []
+    real = evl.extract_features
+
+    def spy(encoder, dataset, *a, **k):
+        seen.append(len(dataset))
+        return real(encoder, dataset, *a, **k)
+
+    monkeypatch.setattr(evl, "extract_features", spy)
+    args = ["--checkpoint", ckpt, "--protocols", "linear,knn", "--linear-fractions", "0.05,0.2", "--queries", "val",
+            "--l2-grid", "1e-4,1e-2"]
+    assert ev.main(args) == 0
+    out_dir = tmp_path / "runs" / "r" / "eval" / "checkpoint_000001"
+    assert sorted(p.name for p in out_dir.glob("*.json")) == ["knn-val.json", "linear-0.05-val.json",
+                                                             "linear-0.2-val.json"]
+    assert seen == [1437]  # the train split only: no test features
+    low, high, knn = (read(out_dir / f"{n}.json") for n in ("linear-0.05-val", "linear-0.2-val", "knn-val"))
+    queries = knn["test_size"]
+    assert queries == round(0.2 * 1437) or abs(queries - 0.2 * 1437) <= 10  # the fixed 20% per class
+    assert knn["label_count"] == 1437 - queries and knn["queries"] == "val"
+    assert low["label_fraction"] == 0.05 and low["label_count"] < high["label_count"] < 1437 - queries
+    assert "linear-0.05-val" in capsys.readouterr().out
+
+
+def test_pretraining_curve_from_the_eval_index(tmp_path, capsys):
+    """Two checkpoints scored by the evaluation job, then --curve draws accuracy vs epochs and wall time from the
+    run's index: one CSV row per (protocol, epoch), the PNG a real image."""
+    run = tmp_path / "runs" / "r"
+    for epoch in (1, 2):
+        write_checkpoint(run / f"checkpoint_00000{epoch}", epoch=epoch, seed=epoch)
+        assert ev.main(["--checkpoint", str(run / f"checkpoint_00000{epoch}"), "--protocols", "knn",
+                        "--queries", "val"]) == 0
+    png = tmp_path / "curve.png"
+    assert ev.main(["--run", str(run), "--protocols", "knn", "--queries", "val", "--curve", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows[0] == "protocol,epoch,step,train_s,label_count,top1"
+    assert [r.split(",")[:2] for r in rows[1:]] == [["knn-val", "1"], ["knn-val", "2"]]
+    assert "pretraining curve" in capsys.readouterr().out
+
+
 def test_run_and_watch_evaluate_each_complete_checkpoint_once(tmp_path, capsys):
     run = tmp_path / "runs" / "r"
     first = write_checkpoint(run / "checkpoint_000001", epoch=1)

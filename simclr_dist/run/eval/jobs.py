@@ -26,7 +26,7 @@ from simclr_dist.config.evaluate import EvalConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.console import Log, emit
 from simclr_dist.data.datasets import DatasetError
-from simclr_dist.data.splits import label_split
+from simclr_dist.data.splits import balanced_subset, label_split
 from simclr_dist.run.eval import store as eval_store
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import (
@@ -53,8 +53,10 @@ RESULTS_DIR = "eval"
 RESULT_FORMAT = 1
 
 
-def result_name(protocol: str, fraction: float | None = None) -> str:
-    return f"finetune-{fraction:g}" if protocol == "finetune" else protocol
+def result_name(protocol: str, fraction: float | None = None, queries: str = "test") -> str:
+    """``linear``, ``linear-0.01``, ``knn``, ``finetune-0.1``; ``-val`` when scored on the validation queries."""
+    name = protocol if fraction is None else f"{protocol}-{fraction:g}"
+    return name + ("-val" if queries == "val" else "")
 
 
 def result_uri(out_dir: str, name: str) -> str:
@@ -66,7 +68,12 @@ def planned_results(ecfg: EvalConfig) -> list[tuple[str, float | None]]:
     """(protocol, label fraction) of every result file the config asks for."""
     plan: list[tuple[str, float | None]] = []
     for p in ecfg.protocol_list():
-        plan += [(p, f) for f in ecfg.label_fractions_list()] if p == "finetune" else [(p, None)]
+        if p == "finetune":
+            plan += [(p, f) for f in ecfg.label_fractions_list()]
+        elif p == "linear":  # all labels keeps the historical name "linear"
+            plan += [(p, None if f == 1.0 else f) for f in ecfg.linear_fractions_list()]
+        else:
+            plan.append((p, None))
     return plan
 
 
@@ -74,7 +81,7 @@ def cached_results(out_uri: str, ecfg: EvalConfig) -> tuple[list, dict, list]:
     """(plan, results already on disk, protocols still to run) of the result files under ``out_uri``/eval/."""
     plan, results, todo = planned_results(ecfg), {}, []
     for protocol, fraction in plan:
-        uri = result_uri(out_uri, result_name(protocol, fraction))
+        uri = result_uri(out_uri, result_name(protocol, fraction, ecfg.queries))
         if not ecfg.force and storage.exists(uri):
             results[(protocol, fraction)] = {**storage.read_json(uri), "cached": True}
         else:
@@ -113,20 +120,24 @@ def run_protocols(encoder: nn.Module, data: EvalData, mcfg: PretrainConfig, ecfg
     features = None
     if any(p in ("linear", "knn") for p, _ in todo):
         features = compute_features(encoder, data, device=device, batch_size=ecfg.batch_size,
-                                    num_workers=ecfg.loader_workers, log=log)
+                                    num_workers=ecfg.loader_workers, queries=ecfg.queries, log=log)
     for protocol, fraction in todo:
         if protocol == "linear":
-            out = linear_probe_features(features, num_classes=data.num_classes, l2_grid=ecfg.l2_values(),
+            fit = features if fraction is None else features.subset(
+                balanced_subset(features.train_y.numpy(), fraction, ecfg.seed))
+            out = linear_probe_features(fit, num_classes=data.num_classes, l2_grid=ecfg.l2_values(),
                                         val_fraction=ecfg.val_fraction, seed=ecfg.seed,
                                         max_iter=ecfg.linear_max_iter, device=device, log=log)
+            out.update(label_fraction=fraction or 1.0, queries=ecfg.queries)
         elif protocol == "knn":
             out = knn_eval(features, num_classes=data.num_classes, k=ecfg.knn_k, temperature=ecfg.knn_temperature)
-            log(f"[eval] kNN (k={ecfg.knn_k}): test top-1 {out['top1']:.4f}")
+            out.update(queries=ecfg.queries)
+            log(f"[eval] kNN (k={ecfg.knn_k}): {ecfg.queries} top-1 {out['top1']:.4f}")
         else:
             out = finetune(copy.deepcopy(encoder), data, mcfg, ecfg, fraction, device=device, log=log)
         result = {**common, "protocol": protocol, **out,
                   "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        storage.write_json(result_uri(out_uri, result_name(protocol, fraction)), result)
+        storage.write_json(result_uri(out_uri, result_name(protocol, fraction, ecfg.queries)), result)
         results[(protocol, fraction)] = {**result, "cached": False}
     return results
 
@@ -139,8 +150,8 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
     out_dir = eval_store.results_dir(checkpoint_uri)
     plan, results, todo = cached_results(out_dir, ecfg)
     if not todo:
-        log(f"[eval] {checkpoint_uri}: already evaluated ({', '.join(result_name(*p) for p in plan)}); skipping")
-        eval_store.record(checkpoint_uri, {result_name(*p): results[p] for p in plan})  # after a crash in between
+        log(f"[eval] {checkpoint_uri}: already evaluated ({', '.join(result_name(*p, ecfg.queries) for p in plan)}); skipping")
+        eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})  # after a crash in between
         return [results[p] for p in plan]
     state = load_checkpoint(checkpoint_uri, map_location="cpu")
     cfg = PretrainConfig.from_dict(state["config"])
@@ -148,13 +159,14 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
     model.load_state_dict(state["model"])
     data = load_eval_data(cfg, ecfg.data_root)
     common = {"format_version": RESULT_FORMAT, "checkpoint": checkpoint_uri, "checkpoint_epoch": state["epoch"],
-              "checkpoint_step": state["step"], "dataset": cfg.dataset, "arch": cfg.arch_signature(),
+              "checkpoint_step": state["step"],
+              "checkpoint_train_s": sum(h.get("epoch_time_s", 0.0) for h in state.get("history", [])), "dataset": cfg.dataset, "arch": cfg.arch_signature(),
               "image_size": cfg.image_size, "device": device.type}
     log(f"[eval] {checkpoint_uri}: epoch {state['epoch']} of {cfg.arch} x{cfg.width} on {cfg.dataset}; "
-        f"running {', '.join(result_name(*p) for p in todo)} on {device.type}")
+        f"running {', '.join(result_name(*p, ecfg.queries) for p in todo)} on {device.type}")
     results.update(run_protocols(model.encoder.to(device), data, cfg, ecfg, todo, out_uri=out_dir,
                                  common=common, device=device, log=log))
-    eval_store.record(checkpoint_uri, {result_name(*p): results[p] for p in plan})
+    eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})
     return [results[p] for p in plan]
 
 
@@ -194,7 +206,7 @@ def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | s
     out_uri = pretrained_results_dir(pre, data, ecfg)
     plan, results, todo = cached_results(out_uri, ecfg)
     if not todo:
-        log(f"[eval] {pre.source} on {data.dataset}: already evaluated ({', '.join(result_name(*p) for p in plan)}) "
+        log(f"[eval] {pre.source} on {data.dataset}: already evaluated ({', '.join(result_name(*p, ecfg.queries) for p in plan)}) "
             f"in {out_uri}; skipping")
         return [results[p] for p in plan]
     own = (pre.checkpoint or {}).get("config")
@@ -205,7 +217,7 @@ def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | s
               "dataset": data.dataset, "arch": arch, "image_size": data.image_size, "device": device.type,
               "pretrained": pre.summary()}
     log(f"[eval] {pre.source} on {data.dataset} {data.image_size}px (input normalisation: "
-        f"{pre.normalization_text()}): running {', '.join(result_name(*p) for p in todo)} on {device.type}; "
+        f"{pre.normalization_text()}): running {', '.join(result_name(*p, ecfg.queries) for p in todo)} on {device.type}; "
         f"results in {out_uri}")
     results.update(run_protocols(pre.encoder.to(device), data, mcfg, ecfg, todo, out_uri=out_uri, common=common,
                                  device=device, log=log))

@@ -83,6 +83,7 @@ def index_entry(checkpoint_name: str, protocol: str, result: Mapping[str, Any]) 
     return {"checkpoint": checkpoint_name, "protocol": protocol, "epoch": result.get("checkpoint_epoch"),
             "step": result.get("checkpoint_step"), "top1": result.get("top1"), "top5": result.get("top5"),
             "label_count": result.get("label_count"), "evaluated_at": result.get("evaluated_at"),
+            "train_s": result.get("checkpoint_train_s"),
             "result": f"{EVAL_DIR}/{checkpoint_name}/{protocol}.json"}
 
 

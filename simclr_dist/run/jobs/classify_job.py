@@ -19,9 +19,8 @@ import torch
 
 from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, is_uri, parse_weights_spec
 from simclr_dist.config.evaluate import EvalConfig
-from simclr_dist.config.supervised import RESUME_FIELDS, SupervisedConfig, default_name
+from simclr_dist.config.supervised import RESUME_FIELDS, SupervisedConfig, default_name, resolve_augment
 from simclr_dist.console import Log, emit
-from simclr_dist.data.augment import parse_components
 from simclr_dist.data.datasets import check_available, load_dataset
 from simclr_dist.data.splits import LabelSplit, SelectionError, label_split, labelled_splits, subset_digest
 from simclr_dist import storage
@@ -148,9 +147,7 @@ def resolve(scfg: SupervisedConfig) -> tuple[SupervisedConfig, PretrainConfig]:
         scfg.lr = 0.4 if scfg.dataset == "digits" else (0.05 if scfg.from_pretrained() else 0.1)
     if scfg.weight_decay is None:
         scfg.weight_decay = 0.0 if scfg.from_pretrained() else (1e-4 if big else 5e-4)
-    if scfg.augment is None:
-        scfg.augment = "crop" if scfg.dataset == "digits" else "crop,flip"
-    scfg.augment = ",".join(parse_components(scfg.augment))
+    scfg.augment = resolve_augment(scfg.augment, scfg.dataset)  # default: the supervised recipe, padcrop(,flip)
     scfg.name = scfg.name or default_name(scfg)
     scfg.storage_path = absolute(scfg.storage_path)
     return scfg, mcfg
@@ -248,7 +245,8 @@ def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, spli
                "checkpoint": latest_checkpoint(run_uri(scfg))}
     history = out["history"]
     keep = ("top1", "top5", "val_top1", "predictions", "test_size", "fit_size", "val_size", "folds", "curve",
-            "resumed_from_epoch", "normalization", "device", "train_time_s", "checkpoint")
+            "resumed_from_epoch", "normalization", "device", "train_time_s", "images_seen", "diverged", "best_epoch",
+            "stopped_epoch", "converged", "hit_max_epochs", "checkpoint")
     result = {
         "format_version": FORMAT_VERSION, "kind": "supervised", "run": run_uri(scfg),
         "arm": "finetune" if scfg.from_pretrained() else "supervised", "init_checkpoint": scfg.init_checkpoint,
@@ -261,7 +259,9 @@ def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, spli
         "params": {"steps": out["steps"], "epochs": out["epochs"], "global_batch": out["global_batch"],
                    "nominal_batch": scfg.batch_size, "lr_per_256": scfg.lr, "peak_lr": out["peak_lr"],
                    "lr_rule": out["lr_rule"], "momentum": scfg.momentum, "nesterov": scfg.momentum > 0,
-                   "weight_decay": scfg.weight_decay, "schedule": "cosine", "augment": scfg.augment,
+                   "weight_decay": scfg.weight_decay, "schedule": out.get("schedule", "cosine"),
+                   "augment": scfg.augment, "patience": scfg.patience if scfg.early_stopping() else None,
+                   "max_epochs": out["epochs"] if scfg.early_stopping() else None,
                    "seed": scfg.seed, "subset_seed": scfg.subset_seed, "val_split": scfg.val_split,
                    "steps_per_epoch": out["steps_per_epoch"]},
         "config": scfg.to_dict(), "cached": False,

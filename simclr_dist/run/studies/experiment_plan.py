@@ -3,8 +3,11 @@ the first one starts.
 
 Why a plan: the fairness rules are easiest to check (and to test) on a list. Every replicate ``r`` draws its label
 subsets with ``subset_seed + r`` (shared by all arms) and its initialisations and data order with ``seed + r``;
-every trained arm, at every fraction, runs the same grid of (learning rate, weight decay) for the same number of
-steps on the same selection splits of that subset, and its final run uses the grid point it chose. A bad input
+a fraction has its own number of replicates (``seeds_by_fraction``: the first N). Every trained arm, at every
+fraction, runs its own log-spaced LR grid (x the weight-decay grid) on the same selection splits of that subset,
+each run until early stopping on its validation split (or for ``--steps``), with the same augmentation for every
+arm; its final run trains on the whole subset with the point and the number of epochs it chose. With
+``tune_once`` only the first replicate of a fraction runs the grid and the others reuse its choice. A bad input
 (a flag, a missing checkpoint, a class left without a validation label) costs one line and no training.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from simclr_dist.config import ConfigError, PretrainConfig, PretrainedError, build_parser
 from simclr_dist.config.experiments import ExperimentsConfig
-from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.config.supervised import SupervisedConfig, augment_tag, resolve_augment
 from simclr_dist.data.datasets import check_available, load_dataset
 from simclr_dist.data.splits import LabelSplit, SelectionError, label_splits, labelled_splits
 from simclr_dist import storage
@@ -68,8 +71,18 @@ class Plan:
     pretrained: PretrainedEncoder | None = None
     pretrained_spec: str | None = None
 
-    def grid(self) -> list[tuple[float, float]]:
-        return self.ecfg.grid()
+    def grid(self, arm: str | None = None) -> list[tuple[float, float]]:
+        """(lr, wd) points of ``arm``'s grid (before any extension); without an arm every point some arm tries."""
+        return self.ecfg.grid(arm)
+
+    def tuned(self, cell: Cell) -> bool:
+        """Whether the cell runs its own grid: every cell, or with ``tune_once`` the first replicate's only (the
+        others reuse its choice of LR, weight decay and epochs)."""
+        return not self.ecfg.tune_once or cell.rep.index == 0
+
+    def fractions_of(self, rep: Replicate) -> tuple[float, ...]:
+        """The fractions of ``plan.fractions`` that replicate ``rep`` covers (its index below their replicates)."""
+        return tuple(f for f in self.fractions if rep.index < self.ecfg.seeds_for(f))
 
     @property
     def subsets(self) -> dict[tuple[float, int], np.ndarray]:
@@ -82,8 +95,10 @@ class Plan:
         return final if val_split is None else selecting[val_split]
 
     def trainings(self) -> int:
-        """Classifier runs of the study: every cell's grid x folds, plus its final run."""
-        return sum(len(self.grid()) * c.folds + 1 for c in self.cells)
+        """Classifier runs the study plans: every tuned cell's grid x folds, plus every cell's final run. A grid
+        extension (a choice on the grid's edge) adds its weight decays x folds to a tuned cell, at most
+        ``grid_extensions`` times."""
+        return sum((len(self.grid(c.arm)) * c.folds if self.tuned(c) else 0) + 1 for c in self.cells)
 
 
 def pretrain_config(ecfg: ExperimentsConfig, run: str) -> PretrainConfig:
@@ -165,12 +180,15 @@ def make_plan(ecfg: ExperimentsConfig) -> Plan:
 
     labels = np.asarray(load_dataset(model_cfg.dataset, labelled_splits(model_cfg.dataset)[0],
                                      root=model_cfg.data_root, image_size=model_cfg.image_size).targets)
-    reps = tuple(Replicate(r, ecfg.subset_seed + r, ecfg.seed + r) for r in range(ecfg.seeds))
     fractions, arms = ecfg.fraction_list(), ecfg.arm_list()
-    splits, cells = {}, []
     jobs = [(a, f) for f in fractions for a in arms] + [("supervised", 1.0)] * ("supervised" in arms)
+    n_reps = max(ecfg.seeds_for(f) for _, f in jobs)
+    reps = tuple(Replicate(r, ecfg.subset_seed + r, ecfg.seed + r) for r in range(n_reps))
+    splits, cells = {}, []
     for rep in reps:
         for arm, f in dict.fromkeys(jobs):
+            if rep.index >= ecfg.seeds_for(f):  # this fraction has fewer replicates
+                continue
             key = (f, rep.subset_seed)
             if key not in splits:
                 try:
@@ -192,7 +210,8 @@ def make_plan(ecfg: ExperimentsConfig) -> Plan:
     plan = Plan(ecfg, out, run, pretrain_cfg, checkpoint, model_cfg, fractions, arms, ecfg.baseline_list(), reps,
                 splits, cells, len(labels), pretrained=pre, pretrained_spec=spec)
     for cell in plan.cells:  # a run directory in --out must have trained the same network and initialisation
-        check_reusable(plan, arm_config(plan, cell, *plan.grid()[0], split=0 if cell.folds else None))
+        check_reusable(plan, arm_config(plan, cell, *plan.grid(cell.arm)[0], split=0 if cell.folds else None,
+                                        epochs=1))
     storage.check_writable(out)
     return plan
 
@@ -212,22 +231,40 @@ def check_reusable(plan: Plan, scfg: SupervisedConfig) -> None:
                           f"({', '.join(diff)}): choose a new --out")
 
 
-def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | None) -> SupervisedConfig:
+def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | None,
+               epochs: int | None = None) -> SupervisedConfig:
     """The classifier run of a cell at one grid point: a selection run on selection split ``split``, or the final
     run (``split=None``) on the whole subset. ``finetune`` starts from the SimCLR checkpoint (or the import),
-    ``supervised`` from a random init of the same network; everything else is shared."""
+    ``supervised`` from a random init of the same network; everything else is shared.
+
+    Budget: with ``--steps`` every run trains that many steps (cosine). Otherwise a selection run trains up to the
+    fraction's maximum epochs with early stopping (its patience, constant LR), and the final run trains for
+    ``epochs`` (the number the selection runs chose; required) at the same constant LR."""
     e, m = plan.ecfg, plan.model_cfg
     imported = plan.pretrained_spec if cell.arm == "finetune" else None
     checkpoint = (plan.checkpoint or "pending") if cell.arm == "finetune" and not imported else None
+    augment = resolve_augment(e.augment, m.dataset)
+    if e.early_stopping():
+        if split is not None:
+            budget = dict(epochs=e.max_epochs_for(cell.fraction), patience=e.patience_for(cell.fraction),
+                          schedule="constant")
+            tag = f"es{budget['epochs']}p{budget['patience']}"
+        else:
+            if epochs is None:
+                raise ValueError("the final run of an early-stopping study needs the chosen number of epochs")
+            budget = dict(epochs=epochs, schedule="constant")
+            tag = f"{epochs}ep-const"
+    else:
+        budget, tag = dict(steps=e.steps), f"{e.steps}st"
     # the recipe is in the name: a rerun with other flags trains new runs instead of extending finished ones
     name = (f"{cell.arm}-{cell.fraction:g}-s{cell.rep.subset_seed}-i{cell.rep.seed}-lr{lr:g}-wd{wd:g}-"
-            f"{e.steps}st-b{e.batch_size}" + ("" if split is None else f"-v{split}")
+            f"{augment_tag(augment)}-{tag}-b{e.batch_size}" + ("" if split is None else f"-v{split}")
             + (f"-pt{spec_digest(imported)}" if imported else ""))
     return SupervisedConfig(
         dataset=m.dataset, data_root=m.data_root, image_size=m.image_size, arch=m.arch, width=m.width,
         cifar_stem=m.cifar_stem, init_checkpoint=checkpoint, init_pretrained=imported, init_strict=e.strict,
         fraction=cell.fraction, subset_seed=cell.rep.subset_seed, seed=cell.rep.seed, val_split=split,
-        val_fraction=e.val_fraction, steps=e.steps, batch_size=e.batch_size, lr=lr, weight_decay=wd,
+        val_fraction=e.val_fraction, batch_size=e.batch_size, lr=lr, weight_decay=wd, augment=augment,
         ray=e.ray, num_workers=e.num_workers, use_gpu=e.use_gpu, cpus_per_worker=e.cpus_per_worker,
         ray_address=e.ray_address, threads=e.threads, storage_path=storage.join(plan.out, "runs"), name=name,
-        checkpoint_every=0 if split is not None else 10**6)  # selection runs keep their results file only
+        checkpoint_every=0 if split is not None else 10**6, **budget)  # selection runs keep their results file only

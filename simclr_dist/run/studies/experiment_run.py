@@ -1,5 +1,6 @@
 """Run a planned study (:mod:`simclr_dist.run.studies.experiment_plan`): pretraining if needed, the frozen-encoder probes and
-baselines, then every trained cell (grid on the selection splits, final run on the chosen grid point).
+baselines, then every trained cell (its arm's grid on the selection splits, each run early-stopped on validation,
+the grid extended past an edge the choice lands on; then the final run of the chosen point for the chosen epochs).
 
 Why this order of reads: a cell's grid runs report validation accuracy only (the loop never reads the test split
 in a selection run); the chosen point's final run, and each probe after its L2 is chosen, read the test split
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import time
 from typing import Any
 
@@ -30,6 +32,7 @@ from simclr_dist.data.splits import subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
 from simclr_dist.run.jobs.classify_job import pretraining_config, run_classifier
+from simclr_dist.run.train.classify_loop import epoch_steps
 from simclr_dist.run.train.evaluation import EvalData, Features, knn_eval, linear_probe_features, load_eval_data, select_device
 from simclr_dist.run.studies.experiment_plan import Cell, Plan, Replicate, arm_config
 from simclr_dist.run.jobs.launch import RunError
@@ -61,29 +64,64 @@ def time_steps(model: nn.Module, batch: int, image_size: int, *, pretrain: bool,
     return float(np.median(times[1:]))
 
 
+def cell_budget(plan: Plan, cell: Cell) -> dict[str, int]:
+    """Planned optimiser steps of a cell: ``selection`` (its grid on every selection split, 0 when it reuses the
+    first replicate's choice), ``extension`` (what each grid extension adds), ``final``. Under early stopping these
+    are the maxima: every run to its maximum epochs (the final run at most that many)."""
+    e = plan.ecfg
+    world = e.num_workers if e.ray else 1
+    final, selecting = plan.splits[(cell.fraction, cell.rep.subset_seed)]
+    if e.early_stopping():
+        per_fold = [e.max_epochs_for(cell.fraction) * epoch_steps(len(s.fit), e.batch_size, world) for s in selecting]
+        final_steps = e.max_epochs_for(cell.fraction) * epoch_steps(len(final.fit), e.batch_size, world)
+    else:
+        per_fold, final_steps = [e.steps] * len(selecting), e.steps
+    wds = len(e.grid(cell.arm)) // max(1, len(e.lrs(cell.arm)))
+    tuned = plan.tuned(cell)
+    return {"selection": len(plan.grid(cell.arm)) * sum(per_fold) if tuned else 0,
+            "extension": wds * sum(per_fold) if tuned and len(e.lrs(cell.arm)) > 1 else 0, "final": final_steps}
+
+
 def plan_budget(plan: Plan, log: Log = emit) -> dict[str, Any]:
     """Time a few steps of the study's network (classifier, and pretraining when it is still to run), print the
-    planned steps and time of every part, and return them (they go into results.json)."""
+    planned steps and time of every part, and return them (they go into results.json). Under early stopping the
+    steps are maxima (every run to its maximum epochs; grid extensions counted separately)."""
     m, e = plan.model_cfg, plan.ecfg
     torch.manual_seed(0)
     net = build_model(m)
     batch = min(e.batch_size, plan.train_size)
     step_s = time_steps(Classifier(net.encoder, net.encoder.feat_dim, 10), batch, m.image_size, pretrain=False)
-    grid, trainings = plan.grid(), plan.trainings()
+    trainings = plan.trainings()
     parts = {}
     for arm in ("finetune", "supervised"):
         cells = [c for c in plan.cells if c.arm == arm]
-        runs = sum(len(grid) * c.folds + 1 for c in cells)
-        parts[arm] = {"cells": len(cells), "runs": runs, "steps": runs * e.steps, "est_s": runs * e.steps * step_s}
-    budget = {"classify_step_s": step_s, "batch": batch, "steps_per_run": e.steps, "grid": grid,
-              "trainings": trainings, "parts": parts, "threads": torch.get_num_threads()}
-    lines = [f"[exp] budget: {len(plan.replicates)} replicate(s) x fractions {', '.join(f'{f:g}' for f in plan.fractions)}"
-             f"; grid {len(grid)} (lr x wd) x selection split(s), then one final run per cell; every run "
-             f"{e.steps} steps at batch {e.batch_size} (measured {step_s:.3f} s/step here, "
+        budgets = [cell_budget(plan, c) for c in cells]
+        steps = sum(b["selection"] + b["final"] for b in budgets)
+        ext = e.grid_extensions * sum(b["extension"] for b in budgets)
+        runs = sum((len(plan.grid(arm)) * c.folds if plan.tuned(c) else 0) + 1 for c in cells)
+        parts[arm] = {"cells": len(cells), "tuned_cells": sum(plan.tuned(c) for c in cells), "runs": runs,
+                      "steps": steps, "est_s": steps * step_s, "extension_steps": ext, "extension_s": ext * step_s}
+    budget = {"classify_step_s": step_s, "batch": batch, "steps_per_run": e.steps, "grid": plan.grid(),
+              "grids": {arm: plan.grid(arm) for arm in ("finetune", "supervised")}, "trainings": trainings,
+              "parts": parts, "threads": torch.get_num_threads(), "early_stopping": e.early_stopping(),
+              "tune_once": bool(e.tune_once)}
+    if e.early_stopping():
+        how = ("every run until early stopping: " + ", ".join(
+            f"{100 * f:g}% <= {e.max_epochs_for(f)} epochs (patience {e.patience_for(f)})"
+            for f in sorted(set(plan.fractions) | {c.fraction for c in plan.cells})) + "; steps below are maxima")
+    else:
+        how = f"every run {e.steps} steps"
+    lines = [f"[exp] budget: {len(plan.replicates)} replicate(s) ("
+             + ", ".join(f"{e.seeds_for(f)} at {100 * f:g}%" for f in sorted({c.fraction for c in plan.cells}))
+             + f"); each arm's LR grid x wd x selection split(s)"
+             + (", on the first replicate only (--tune-once)" if e.tune_once else "")
+             + f", then one final run per cell; {how}; batch {e.batch_size} (measured {step_s:.3f} s/step here, "
              f"{torch.get_num_threads()} thread(s))"]
     for arm, p in parts.items():
-        lines.append(f"[exp]   {arm:<10} {p['cells']:>3} cells, {p['runs']:>4} runs, {p['steps']:>7} steps, "
-                     f"~{p['est_s'] / 60:.1f} min")
+        lines.append(f"[exp]   {arm:<10} {p['cells']:>3} cells ({p['tuned_cells']} tuned), {p['runs']:>4} runs, "
+                     f"{p['steps']:>7} steps, ~{p['est_s'] / 60:.1f} min"
+                     + (f" (+ up to {p['extension_steps']} steps, ~{p['extension_s'] / 60:.1f} min, if every grid "
+                        f"choice lands on an edge {e.grid_extensions} time(s))" if p["extension_steps"] else ""))
     if plan.pretrain_cfg is not None:
         c = plan.pretrain_cfg
         per_worker = c.batch_size // c.num_workers
@@ -95,8 +133,9 @@ def plan_budget(plan: Plan, log: Log = emit) -> dict[str, Any]:
                      f"worker's share here), ~{steps * pre_s / 60:.1f} min")
     total = sum(p["est_s"] for p in parts.values()) + budget.get("pretrain", {}).get("est_s", 0.0)
     budget["est_total_s"] = total
-    lines.append(f"[exp]   planned total ~{total / 60:.0f} min of training (probes, validation and test passes "
-                 "come on top)")
+    lines.append(f"[exp]   planned total ~{total / 60:.0f} min of training"
+                 + (" at most, without grid extensions" if e.early_stopping() else "")
+                 + " (probes, validation and test passes come on top)")
     for line in lines:
         log(line)
     return budget
@@ -177,7 +216,10 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
     e = plan.ecfg
     wanted = (["ssl"] if "linear" in plan.arms or "knn" in plan.baselines else []) + \
              (["random"] if "random" in plan.baselines else []) + (["pixels"] if "pixels" in plan.baselines else [])
-    needed = np.concatenate([plan.subsets[(f, rep.subset_seed)] for f in plan.fractions])
+    fractions = plan.fractions_of(rep)  # a fraction with fewer replicates is left out of the later ones
+    if not fractions:
+        return []
+    needed = np.concatenate([plan.subsets[(f, rep.subset_seed)] for f in fractions])
     records = []
     for kind in wanted:
         if kind == "ssl":
@@ -192,7 +234,7 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
             bank = FeatureBank(nn.Flatten(), data, needed)
         log(f"[exp] {kind} features of {len(bank.indices)} train + {len(bank.features.test_y)} test images "
             f"({bank.features.train_x.shape[1]}-d) in {bank.seconds:.1f}s")
-        for f in plan.fractions:
+        for f in fractions:
             sub = plan.subsets[(f, rep.subset_seed)]
             feats = bank.of(sub)
             common = {"fraction": f, "replicate": rep.index, "subset_seed": rep.subset_seed, "seed": rep.seed,
@@ -230,32 +272,134 @@ def ssl_data(plan: Plan, data: EvalData) -> EvalData:
 
 
 # ---------------------------------------------------------------------------- trained cells
-def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
-    """The grid on the cell's selection splits (validation only), then the final run of the chosen point."""
-    grid, scores, curves, spent = plan.grid(), {}, {}, 0.0
-    for lr, wd in grid:
-        runs = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data, split=plan.split_of(cell, k),
-                               log=log) for k in range(cell.folds)]
-        scores[(lr, wd)] = float(np.mean([r["score"] for r in runs]))
-        curves[(lr, wd)] = [r["curve"] for r in runs]
-        spent += sum(r["train_time_s"] for r in runs)
-    best = max(grid, key=lambda p: (scores[p], -grid.index(p)))  # ties: the first point of the grid
-    final = run_classifier(arm_config(plan, cell, *best, split=None), data=data, split=plan.split_of(cell, None),
-                           log=log)
-    log(f"[exp] {cell.arm} {100 * cell.fraction:g}% (replicate {cell.rep.index}): chose lr {best[0]:g} wd "
-        f"{best[1]:g} (validation top-1 {scores[best]:.4f} over {cell.folds} split(s)); test top-1 "
-        f"{final['top1']:.4f}")
+def grid_edge(lr: float, lrs: list[float]) -> str | None:
+    """"low"/"high" when ``lr`` is the grid's lowest/highest LR (a grid of one LR has no edge to extend), else None."""
+    if len(set(lrs)) < 2:
+        return None
+    return "low" if lr == min(lrs) else "high" if lr == max(lrs) else None
+
+
+def beyond(lrs: list[float], edge: str) -> float:
+    """One more log step past ``edge``: the grid's spacing at that edge (the ratio of its two outermost LRs)."""
+    lo = sorted(set(lrs))
+    new = lo[0] ** 2 / lo[1] if edge == "low" else lo[-1] ** 2 / lo[-2]
+    return float(f"{new:.6g}")
+
+
+def select(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
+    """The cell's arm grid on every selection split (validation only), then the choice: the best mean validation
+    top-1 over the splits (ties: the first point of the grid). A choice on the grid's lowest or highest LR runs one
+    more log step beyond that edge (at every weight decay) and chooses again, at most ``grid_extensions`` times.
+    Under early stopping the final run's epochs are the chosen point's mean best epoch over the splits, rounded up
+    (each selection run stopped on its own validation split, its best epoch's weights kept)."""
+    e = plan.ecfg
+    lrs = list(e.lrs(cell.arm))
+    wds = list(dict.fromkeys(wd for _, wd in e.grid(cell.arm)))
+    runs: dict[tuple[float, float], list[dict[str, Any]]] = {}
+
+    def run_points(points: list[tuple[float, float]]) -> None:
+        for lr, wd in points:
+            runs[(lr, wd)] = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data,
+                                             split=plan.split_of(cell, k), log=log) for k in range(cell.folds)]
+
+    def choose() -> tuple[float, float]:
+        order = list(runs)
+        return max(order, key=lambda p: (float(np.mean([r["score"] for r in runs[p]])), -order.index(p)))
+
+    run_points(e.grid(cell.arm))
+    best = choose()
+    first_edge = edge = grid_edge(best[0], lrs)
+    extended: list[float] = []
+    while edge is not None and len(extended) < e.grid_extensions:
+        new = beyond(lrs, edge)
+        log(f"[exp] {cell.arm} {100 * cell.fraction:g}% (replicate {cell.rep.index}): lr {best[0]:g} is the "
+            f"{edge} edge of the grid {', '.join(f'{v:g}' for v in sorted(lrs))}: extending it to lr {new:g}")
+        lrs.append(new)
+        extended.append(new)
+        run_points([(new, wd) for wd in wds])
+        best = choose()
+        edge = grid_edge(best[0], lrs)
+    chosen_runs = runs[best]
+    all_runs = [r for rs in runs.values() for r in rs]
+    detail = {f"lr={lr:g},wd={wd:g}": {
+        "val_top1": float(np.mean([r["score"] for r in rs])), "val_top1_by_split": [r["score"] for r in rs],
+        "best_epochs": [r.get("best_epoch") for r in rs], "stopped_epochs": [r.get("stopped_epoch") for r in rs],
+        "hit_max_epochs": [bool(r.get("hit_max_epochs")) for r in rs],
+        "diverged": [bool(r.get("diverged")) for r in rs]} for (lr, wd), rs in runs.items()}
+    epochs = None
+    if e.early_stopping():
+        epochs = max(1, math.ceil(np.mean([r.get("best_epoch") or 0 for r in chosen_runs])))
+    return {
+        "lr": best[0], "wd": best[1], "epochs": epochs, "replicate": cell.rep.index,
+        "selection": {k: d["val_top1"] for k, d in detail.items()}, "selection_detail": detail,
+        "curves": [r["curve"] for r in chosen_runs], "lr_grid": sorted(lrs), "grid_edge": first_edge,
+        "grid_extended": extended, "edge_after_extension": edge,
+        "best_epochs": [r.get("best_epoch") for r in chosen_runs],
+        "hit_max_epochs": any(r.get("hit_max_epochs") for r in chosen_runs),
+        "selection_runs": len(all_runs), "selection_time_s": sum(r.get("train_time_s") or 0.0 for r in all_runs),
+        "selection_images_seen": sum(r.get("images_seen") or 0 for r in all_runs),
+        "any_hit_max_epochs": sum(bool(r.get("hit_max_epochs")) for r in all_runs),
+    }
+
+
+def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
+             tuned: dict[tuple[str, float], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The arm's grid on the cell's selection splits (:func:`select`), then the final run of the chosen point: on
+    the whole subset, for the chosen number of epochs (under early stopping), reading the test split once.
+
+    Why the final run retrains instead of keeping a selection run's best-validation weights: those were fitted
+    without the validation labels (a fifth of a small subset, or a k-th of it per fold) and there is one per split;
+    the final model gets every label, for the epochs the splits agreed on, at the same constant LR.
+
+    ``tuned``: choices already made, by (arm, fraction); with ``tune_once`` a later replicate reuses the first
+    replicate's (its LR, weight decay and epochs), recorded as ``tuned_on_replicate``, and its tuning compute is not
+    counted again (``selection_time_s`` 0)."""
+    e = plan.ecfg
+    key = (cell.arm, cell.fraction)
+    reused = tuned is not None and not plan.tuned(cell) and key in tuned
+    choice = tuned[key] if reused else select(plan, cell, data, log)
+    if tuned is not None and not reused:
+        tuned.setdefault(key, choice)
+    final = run_classifier(arm_config(plan, cell, choice["lr"], choice["wd"], split=None, epochs=choice["epochs"]),
+                           data=data, split=plan.split_of(cell, None), log=log)
+    how = (f"reusing replicate {choice['replicate']}'s choice: " if reused else "chose ")
+    score = choice["selection"][f"lr={choice['lr']:g},wd={choice['wd']:g}"]
+    ext = (f"; grid extended past its {choice['grid_edge']} edge to {', '.join(f'{v:g}' for v in choice['grid_extended'])}"
+           if choice["grid_extended"] else "")
+    log(f"[exp] {cell.arm} {100 * cell.fraction:g}% (replicate {cell.rep.index}): {how}lr {choice['lr']:g} wd "
+        f"{choice['wd']:g}" + (f", {choice['epochs']} epochs" if choice["epochs"] else "")
+        + f" (validation top-1 {score:.4f} over {cell.folds} split(s){ext}); test top-1 {final['top1']:.4f}")
+    if not reused and choice["edge_after_extension"] is not None:
+        log(f"[exp] WARNING {cell.arm} {100 * cell.fraction:g}%: the choice is still at the {choice['edge_after_extension']} "
+            f"edge after {len(choice['grid_extended'])} extension(s): widen --lr-grid-{cell.arm}")
+    if not reused and choice["hit_max_epochs"]:
+        log(f"[exp] WARNING {cell.arm} {100 * cell.fraction:g}%: a selection run of the chosen point reached the "
+            f"maximum of {e.max_epochs_for(cell.fraction)} epochs still improving: the budget was too small "
+            "(raise --max-epochs)")
     p = final["params"]
+    chosen = {"lr": choice["lr"], "wd": choice["wd"]} | ({"epochs": choice["epochs"]} if choice["epochs"] else {})
+    extra = {
+        "tune_once": bool(e.tune_once), "tuned_on_replicate": choice["replicate"], "lr_grid": choice["lr_grid"],
+        "grid_edge": choice["grid_edge"], "grid_extended": choice["grid_extended"],
+        "edge_after_extension": choice["edge_after_extension"], "selection_detail": choice["selection_detail"],
+        "epochs_chosen": choice["epochs"], "best_epochs": choice["best_epochs"],
+        "hit_max_epochs": choice["hit_max_epochs"], "selection_runs_hit_max_epochs": choice["any_hit_max_epochs"],
+        "selection_runs": 0 if reused else choice["selection_runs"],
+        "selection_images_seen": 0 if reused else choice["selection_images_seen"],
+        "images_seen": final.get("images_seen"), "schedule": p.get("schedule"),
+        "early_stopping": e.early_stopping(),
+        "max_epochs": e.max_epochs_for(cell.fraction) if e.early_stopping() else None,
+        "patience": e.patience_for(cell.fraction) if e.early_stopping() else None,
+    }
     return Record(
         arm=cell.arm, fraction=cell.fraction, replicate=cell.rep.index, subset_seed=cell.rep.subset_seed,
         seed=cell.rep.seed, label_count=final["label_count"], subset_sha256=final["subset_sha256"],
-        top1=final["top1"], top5=final["top5"], predictions=final["predictions"],
-        chosen={"lr": best[0], "wd": best[1]}, train_time_s=final["train_time_s"],
-        selection={f"lr={lr:g},wd={wd:g}": s for (lr, wd), s in scores.items()}, folds=cell.folds,
-        curves=curves[best], history=final["history"], steps=p["steps"], epochs=p["steps"] / p["steps_per_epoch"],
+        top1=final["top1"], top5=final["top5"], predictions=final["predictions"], chosen=chosen,
+        train_time_s=final["train_time_s"], selection=choice["selection"], folds=cell.folds, curves=choice["curves"],
+        history=final["history"], steps=p["steps"], epochs=p["steps"] / p["steps_per_epoch"],
         global_batch=p["global_batch"], peak_lr=p["peak_lr"], lr_rule=p["lr_rule"], augment=p["augment"],
-        selection_time_s=spent, reused=bool(final.get("cached")), normalization=final.get("normalization"),
-        run=final["run"]).to_dict()
+        selection_time_s=0.0 if reused else choice["selection_time_s"], reused=bool(final.get("cached")),
+        normalization=final.get("normalization"), run=final["run"], extra=extra).to_dict()
 
 
 def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
@@ -272,6 +416,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     data = load_eval_data(plan.model_cfg, plan.ecfg.data_root)
     records: list[dict[str, Any]] = []
     banks: dict[str, FeatureBank] = {}
+    tuned: dict[tuple[str, float], dict[str, Any]] = {}  # --tune-once: the first replicate's choices
     parts = [("probes", rep, None) for rep in plan.replicates] + [("cell", c.rep, c) for c in plan.cells]
     parts.sort(key=lambda p: p[1].index)  # replicate by replicate: an interrupted study has whole replicates
     for i, (kind, rep, cell) in enumerate(parts, 1):
@@ -281,7 +426,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
         if cell is None:
             records += run_probes(plan, rep, data, banks, log)
         else:
-            records.append(run_cell(plan, cell, data, log))
+            records.append(run_cell(plan, cell, data, log, tuned))
         if on_update is not None:
             on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False)
     for r in records:  # the fairness invariant: every arm of a replicate trained on the one drawn subset

@@ -283,9 +283,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
     segment = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n since the last curve point
     train_time = sum(h["epoch_time_s"] for h in history)
     diverged = stop["reason"] == "diverged"
-    for epoch in range(start_epoch, epochs):
-        if stop["stopped_epoch"] is not None:
-            break
+    complete = start_epoch >= epochs or stop["stopped_epoch"] is not None  # a finished run resumed: nothing to do
+    for epoch in range(start_epoch, epochs if not complete else start_epoch):
         sampler.set_epoch(epoch)
         torch.manual_seed(augment_seed(scfg.seed, rank, epoch))  # this epoch's augmentation draws
         ddp.train()
@@ -367,8 +366,7 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
                 state["early_stop"] = {**stop, "best_model": best_state}
         session.report(metrics, state)
         session.after_report(epoch + 1)
-    if start_epoch >= epochs or (start_epoch == resumed_from and stop["stopped_epoch"] is not None
-                                 and stop["stopped_epoch"] <= start_epoch):
+    if complete:
         log(f"[supervised] run already complete ({start_epoch}/{epochs} epochs): nothing to train")
 
     out = {"history": history, "curve": curve, "subset_indices": split.subset.tolist(), "fit_size": len(split.fit),

@@ -32,7 +32,7 @@ from simclr_dist.core.precision import Precision
 from simclr_dist.core.probe import fit_logistic, select_l2, topk_accuracy
 from simclr_dist.data.augment import build_eval_transform
 from simclr_dist.data.datasets import dataset_info, load_dataset
-from simclr_dist.data.splits import labelled_splits, stratified_split
+from simclr_dist.data.splits import VAL_FRACTION, VAL_SEED, labelled_splits, stratified_split
 
 __all__ = ["EvalData", "Features", "TransformedSubset", "compute_features", "finetune_components", "knn_eval",
            "linear_probe", "linear_probe_features", "load_eval_data", "predict", "select_device"]
@@ -94,16 +94,29 @@ class Features:
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return dataclasses.replace(self, train_x=self.train_x[idx], train_y=self.train_y[idx])
 
+    @classmethod
+    def validation_queries(cls, train_x: Tensor, train_y: Tensor) -> "Features":
+        """Bank and queries both from the labelled train split: the fixed class-stratified VAL_FRACTION (the kNN
+        monitor's) held out as queries, so a curve over pretraining never reads the test split."""
+        fit, val = stratified_split(train_y.numpy(), VAL_FRACTION, VAL_SEED)
+        fit_i, val_i = torch.as_tensor(fit), torch.as_tensor(val)
+        return cls(train_x[fit_i], train_y[fit_i], train_x[val_i], train_y[val_i])
+
 
 def compute_features(encoder: nn.Module, data: EvalData, *, device: torch.device | str = "cpu",
-                     batch_size: int = 256, num_workers: int = 0, log: Log = emit) -> Features:
+                     batch_size: int = 256, num_workers: int = 0, queries: str = "test", log: Log = emit) -> Features:
+    """Features of the labelled train split and of the queries: the test split, or (``queries="val"``) a held-out
+    part of the train split (the test split is then not read at all)."""
     t0 = time.perf_counter()
     kw = dict(device=device, batch_size=batch_size, num_workers=num_workers, precision="auto", normalize=False)
     train_x, train_y = extract_features(encoder, data.train, data.eval_transform(), **kw)
-    test_x, test_y = extract_features(encoder, data.test, data.eval_transform(), **kw)
-    log(f"[eval] features of {len(train_x)} train + {len(test_x)} test images ({train_x.shape[1]}-d) "
-        f"in {time.perf_counter() - t0:.1f}s")
-    return Features(train_x, train_y, test_x, test_y)
+    if queries == "val":
+        features = Features.validation_queries(train_x, train_y)
+    else:
+        features = Features(train_x, train_y, *extract_features(encoder, data.test, data.eval_transform(), **kw))
+    log(f"[eval] features of {len(features.train_x)} train + {len(features.test_x)} {queries} images "
+        f"({train_x.shape[1]}-d) in {time.perf_counter() - t0:.1f}s")
+    return features
 
 
 # ---------------------------------------------------------------------------- linear probe
