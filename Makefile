@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (each sets up what is missing, then runs):
 #   make demo   - SimCLR pretraining on the embedded digits data (2 Ray workers), ends with a kNN accuracy
-#   make test   - the test suite (fast unit tests + real Ray/gloo integration tests; `make test-slow` for the rest)
+#   make test   - the test suite (unit tests + real Ray/gloo, FFCV, Prometheus, S3 integration tests); `make test-cluster`
+#                 for the multi-process cluster drills (CI runs both), `make test-slow` for the long ones
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +13,7 @@ include deploy/image.env
 IMAGE_NOW   := $(shell sed -n 's/^IMAGE=//p' deploy/image.env)
 IMAGE_FILES := deploy/image.env cluster/aws-gpu.yaml cluster/kuberay/raycluster.yaml cluster/kuberay/rayjob.yaml
 
-.PHONY: setup demo test test-slow clean monitor monitor-stop image image-push set-image
+.PHONY: setup demo test test-slow test-cluster clean monitor monitor-stop image image-push set-image
 
 setup: $(STAMP)
 
@@ -32,6 +33,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# the real multi-process cluster drills (ray start, two nodes on loopback, job submit): CI's second stage
+test-cluster: setup
+	$(PY) -m pytest -m 'cluster and not slow' $(PYTEST_ARGS)
 
 # Local Prometheus on 127.0.0.1 scraping the local Ray (its service-discovery file), with deploy/'s rules;
 # idempotent (a second call reloads the config and prints the URL). State in build/monitor/.

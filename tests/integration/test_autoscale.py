@@ -19,7 +19,7 @@ import time
 import pytest
 from ray_procs import ROOT, RayHead
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # `make test-cluster`: CI's second stage
 TINY = ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batch-size", "64", "--epochs", "1",
         "--knn-every", "-1", "--log-every", "5"]
 

@@ -21,7 +21,7 @@ from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import latest_checkpoint, list_complete_checkpoints
 from simclr_dist.core.optim import WarmupCosine, scale_lr
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # `make test-cluster`: CI's second stage
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "simclr-test-secret-must-never-be-written"
 STEPS = 1437 // 64  # digits train split at global batch 64

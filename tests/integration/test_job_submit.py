@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ray_procs import RayHead
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]  # `make test-cluster`: CI's second stage
 EXCLUDES = json.dumps({"excludes": [".venv", "runs", "build"]})   # as in docs/cluster.md
 TINY = ["--dataset", "digits", "--image-size", "16", "--width", "0.125", "--batch-size", "64",
         "--epochs", "1", "--knn-every", "-1", "--log-every", "5"]
