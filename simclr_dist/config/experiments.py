@@ -124,9 +124,11 @@ def value_for(name: str, text: str, fraction: float) -> int:
 
 @dataclass
 class ExperimentsConfig(JobConfig):
-    preset: str | None = flag(None, "a named study: fashion-mnist-cpu (all of it, pretraining included, in ~100 min "
-                                  "on 2 CPU cores), fashion-mnist-gpu (paper scale, for a GPU cluster); flags given "
-                                  "as well override the preset's", choices=tuple(PRESETS), what="preset")
+    preset: str | None = flag(None, "a named study: fashion-mnist-cpu (the whole protocol on 2 CPU cores: 0.1/1/10%% "
+                                  "and 100%%, 10/10/6/3 replicates, every run to convergence; at most ~8 h of "
+                                  "classifier steps if no run stopped early, see --dry-run), fashion-mnist-gpu (paper "
+                                  "scale, for a GPU cluster); flags given as well override the preset's",
+                              choices=tuple(PRESETS), what="preset")
     checkpoint: str | None = flag(None, "the SimCLR checkpoint directory (local path, s3:// or gs:// URI)")
     run: str | None = flag(None, "a pretraining run STORAGE/NAME: its latest complete checkpoint, pretrained (or "
                                "finished) first when it has none (default: ./runs/simclr-<dataset>-resnet18, the run "

@@ -12,8 +12,8 @@ every arm. SimCLR's RandomResizedCrop(0.2-1) (``--augment simclr``) is opt-in: t
 be invariant to it, so as the classifiers' default it slowed the from-scratch arm only (a confound).
 
 Budget: ``--steps`` (a fixed number of updates), ``--epochs`` (a fixed number of epochs), or, for a selection run
-(``--val-split``), early stopping: ``--patience K`` stops when validation top-1 has not improved for K epochs (``--epochs``
-is then the maximum) and restores the best epoch's weights.
+(``--val-split``), early stopping: ``--patience K`` stops when validation top-1 has not improved for K epochs
+(``--epochs`` is then the maximum) and restores the best epoch's weights.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def acc(row: dict[str, Any]) -> str:
 
 def budget_cell(row: dict[str, Any]) -> str:
     if row.get("steps"):
-        return f"{row['steps']} ({row['epochs']:.3g} ep)"
+        return f"{row['steps']} ({row['epochs']:.3g} ep)" if row.get("epochs") else f"{row['steps']}"
     return "L-BFGS" if "linear" in row["arm"] or row["arm"] == "pixels" else "-"
 
 

@@ -21,9 +21,9 @@ def report(summary: dict[str, Any]) -> str:
              f"{len(reps)} replicate(s): label-subset seeds {', '.join(str(r['subset_seed']) for r in reps)}, "
              f"init/data-order seeds {', '.join(str(r['seed']) for r in reps)}; network {arch['arch']} x"
              f"{arch['width']:g}, {summary['image_size']} px",
-             f"- every trained arm: {summary['steps']} optimiser steps at batch {summary['batch_size']} at every "
-             f"fraction; grid (lr per 256 x weight decay) "
-             + ", ".join(f"({lr:g}, {wd:g})" for lr, wd in summary["grid"]),
+             f"- every trained arm: {budget_line(summary)}; batch {summary['batch_size']}; grid (lr per 256 x "
+             "weight decay) " + ", ".join(f"({lr:g}, {wd:g})" for lr, wd in summary["grid"])
+             + " (each arm's own LR grid, extended past an edge it chooses: see each record's grid_extended)",
              f"- measured before the run: {summary['budget']['classify_step_s']:.3f} s per classifier step "
              f"({summary['budget']['threads']} thread(s)); whole command {secs(summary['elapsed_s'])}"
              + (f"; {preset_line(cfg)}" if cfg.get("preset") else ""), "",
@@ -100,6 +100,17 @@ def row_line(r: dict[str, Any], summary: dict[str, Any]) -> str:
             f"{r['macro_f1']:.3f} | {budget_cell(r)} | {chosen_cell(r)} |")
 
 
+def budget_line(summary: dict[str, Any]) -> str:
+    """How long every trained arm trained: a fixed number of steps, or until early stopping on validation."""
+    cfg = summary.get("config", {})
+    if summary.get("steps"):
+        return (f"{summary['steps']} optimiser steps at every fraction (epochs grow as the subset shrinks), cosine "
+                "decay")
+    return (f"until early stopping on its own validation split (max epochs {cfg.get('max_epochs')}, patience "
+            f"{cfg.get('patience')} per fraction; constant LR), then retrained on the whole subset for the chosen "
+            "number of epochs")
+
+
 def per_class_lines(summary: dict[str, Any]) -> list[str]:
     """Mean per-class recall of the trained arms and the linear probe at the small fraction (and the reference)."""
     small = summary["small_fraction"]
@@ -130,8 +141,8 @@ def protocol_lines(summary: dict[str, Any]) -> list[str]:
         "Every trained arm runs every grid point on the fit part and is scored on validation (mean over folds); the "
         "chosen point is retrained on the whole subset, and only that final model reads the test split. The "
         "probes choose their L2 on the same splits, then refit on the whole subset.",
-        f"- **Budget**: every trained arm gets {summary['steps']} steps at every fraction (epochs grow as the "
-        "subset shrinks), cosine decay, SGD with Nesterov momentum 0.9. The batch is capped at the label count; "
+        f"- **Budget**: every trained arm: {budget_line(summary)}; SGD with Nesterov momentum 0.9. The batch is "
+        "capped at the label count; "
         "the peak LR keeps the nominal batch: " + (f"`{some['lr_rule']}`." if some else "lr x batch / 256."),
         "- **Arms**: SimCLR fine-tuned (whole network from the checkpoint + a new linear head) and from scratch "
         "(the same network randomly initialised) share the loop, augmentation and grid; the linear probe is "

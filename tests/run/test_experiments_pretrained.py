@@ -152,7 +152,7 @@ def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     assert "| torchvision fine-tuned | 142 |" in report and "pretraining time unknown" in report
 
     # the fine-tuned arm started from the imported weights, the supervised arm did not
-    [ft_dir] = glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-2st-b32-pt*"))
+    [ft_dir] = glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-2st-b32-pt*"))
     ft = read(f"{ft_dir}/results.json")
     assert ft["init_pretrained"] == spec and ft["init_checkpoint"] is None and ft["params"]["weight_decay"] == 0
     scfg, mcfg = resolve(SupervisedConfig.from_dict(read(f"{ft_dir}/{RUN_CONFIG_FILE}")))
@@ -160,7 +160,7 @@ def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     got = initial_encoder(scfg, mcfg).state_dict()
     for k, v in src.items():
         assert torch.equal(got[k], v), k
-    scratch = read(out / "runs" / "supervised-0.1-s0-i0-lr0.4-wd0-2st-b32" / RUN_CONFIG_FILE)
+    scratch = read(out / "runs" / "supervised-0.1-s0-i0-lr0.4-wd0-padcrop-2st-b32" / RUN_CONFIG_FILE)
     assert scratch["init_pretrained"] is None and scratch["init_checkpoint"] is None
     s_cfg, s_mcfg = resolve(SupervisedConfig.from_dict(scratch))
     assert not torch.equal(initial_encoder(s_cfg, s_mcfg).state_dict()["conv1.weight"], src["conv1.weight"])
@@ -172,9 +172,9 @@ def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     capsys.readouterr()
     again = read(out / "results.json")
     assert again["encoder"]["source"] == f"torchvision:{other}"
-    reused = {(r["arm"], r["fraction"]): r["reused"] for r in again["records"] if "reused" in r}
+    reused = {(r["arm"], r["fraction"]): r["reused"] for r in again["records"] if r["arm"] in ("finetune", "supervised")}
     assert reused == {("finetune", 0.1): False, ("supervised", 0.1): True, ("supervised", 1.0): True}
-    assert len(glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-2st-b32-pt*"))) == 2
+    assert len(glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-2st-b32-pt*"))) == 2
 
 
 def test_plan_on_simclr_dist_run_dir_pins_its_checkpoint_and_takes_its_data(tmp_path):

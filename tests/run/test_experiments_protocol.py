@@ -166,17 +166,18 @@ def test_selection_splits_hold_out_or_k_fold_by_labels_per_class():
 # ---------------------------------------------------------------------------- presets
 def test_presets_resolve_and_name_their_pretraining_run():
     cpu = ExperimentsConfig(preset="fashion-mnist-cpu").resolved("fashion-mnist")
-    assert (cpu.dataset, cpu.seeds, cpu.steps, cpu.ray) == ("fashion-mnist", 3, PRESETS["fashion-mnist-cpu"]["steps"],
-                                                           False)
+    assert (cpu.dataset, cpu.steps, cpu.ray) == ("fashion-mnist", None, False)  # early stopping, not fixed steps
+    assert [cpu.seeds_for(f) for f in (0.001, 0.01, 0.1, 1.0)] == [10, 10, 6, 3]  # the seed is the unit
     pre = pretrain_config(cpu, cpu.run)  # the named run the coordinator starts early: stable, explicit flags
     assert (pre.name, pre.dataset, pre.width, pre.image_size, pre.batch_size) == ("simclr-fashion-mnist-cpu",
                                                                                  "fashion-mnist", 0.25, 28, 256)
     assert cpu.run == "./runs/simclr-fashion-mnist-cpu" and cpu.pretrain_args == PRESET_PRETRAIN["fashion-mnist-cpu"][1]
-    assert cpu.fraction_list() == (0.01, 0.1) and len(cpu.grid()) == 4
+    assert cpu.fraction_list() == (0.001, 0.01, 0.1) and len(cpu.grid("supervised")) == 6
     override = ExperimentsConfig(preset="fashion-mnist-cpu", seeds=1, steps=7).resolved("fashion-mnist")
     assert (override.seeds, override.steps) == (1, 7)  # a flag given wins over the preset
     gpu = ExperimentsConfig(preset="fashion-mnist-gpu").resolved("fashion-mnist")
-    assert "--width 1.0" in gpu.pretrain_args and gpu.ray and gpu.use_gpu and gpu.seeds == 5
+    assert "--width 1.0" in gpu.pretrain_args and gpu.ray and gpu.use_gpu
+    assert [gpu.seeds_for(f) for f in (0.001, 0.01, 0.1, 1.0)] == [10, 10, 6, 3]
     with pytest.raises(ConfigError, match="--dataset: the preset fashion-mnist-cpu is a fashion-mnist study"):
         ExperimentsConfig(preset="fashion-mnist-cpu", dataset="digits").validate()
 
@@ -238,7 +239,7 @@ def test_experiments_on_a_fashion_mnist_slice(tmp_path, capsys):
     """The Fashion-MNIST path end to end on IDX files written here (4 images per class): a tiny checkpoint
     'pretrained' on it, every arm and baseline under the protocol (k-fold selection: few labels per class), and a
     report with the clothing class names, per-class recall and the confusion matrices."""
-    from test_fashion_mnist import make_slice  # the IDX writer of the dataset's own tests
+    from fashion_slices import make_slice  # the IDX writer the dataset's own tests use
 
     make_slice(tmp_path / "fm")
     cfg = PretrainConfig(dataset="fashion-mnist", data_root=str(tmp_path / "fm"), image_size=16, width=0.125,

@@ -84,7 +84,7 @@ def test_early_stopping_keeps_the_best_epochs_weights_and_stops_after_patience(m
     assert same_weights(encoder, snaps[2])  # the best epoch's weights, restored
     assert not same_weights(encoder, snaps[5])  # not the last epoch's
     assert out["steps"] == 6 * out["steps_per_epoch"] and out["images_seen"] == 6 * 3 * 32
-    assert out["schedule"] == "constant" and {h["lr"] for h in out["history"]} == {pytest.approx(0.4 * 32 / 256)}
+    assert out["schedule"] == "constant" and [h["lr"] for h in out["history"]] == pytest.approx([0.4 * 32 / 256] * 6)
     assert [p["val_top1"] for p in out["curve"]] == [0.2, 0.4, 0.6, 0.5, 0.6, 0.3]  # one point per epoch
 
 
@@ -93,6 +93,21 @@ def test_max_epochs_caps_a_run_still_improving_and_flags_it(monkeypatch, data):
     assert (out["best_epoch"], out["stopped_epoch"], out["max_epochs"]) == (4, 4, 4)
     assert out["hit_max_epochs"] and not out["converged"]
     assert same_weights(encoder, snaps[3])
+
+
+def test_a_diverging_selection_run_stops_with_its_best_score_instead_of_failing_the_study(monkeypatch, data):
+    real, calls = classify_loop.classify_step, []
+
+    def step(*a, **k):  # the loss turns non-finite in epoch 3 (3 steps per epoch)
+        out = real(*a, **k)
+        calls.append(1)
+        return out if len(calls) < 7 else torch.tensor([float("nan"), 0.0, float(out[2])], dtype=out.dtype)
+
+    monkeypatch.setattr(classify_loop, "classify_step", step)
+    out, encoder, snaps = scripted_run(monkeypatch, data, [0.3, 0.5, 0.9], epochs=10, patience=3)
+    assert out["diverged"] and (out["stopped_epoch"], out["best_epoch"], out["val_top1"]) == (3, 2, 0.5)
+    assert len(snaps) == 2 and same_weights(encoder, snaps[1]) and out["history"][-1]["train_loss"] is None
+    assert not out["converged"] and not out["hit_max_epochs"]
 
 
 def test_early_stopping_needs_a_validation_split_and_no_fixed_steps():
@@ -157,8 +172,9 @@ def test_a_choice_on_the_grids_edge_extends_the_grid_and_is_flagged(tmp_path, mo
     assert (rec["grid_edge"], rec["grid_extended"], rec["edge_after_extension"]) == (edge, extended, after)
     assert rec["chosen"]["lr"] == chosen and rec["lr_grid"] == sorted([0.1, 0.2, 0.4, *extended])
     assert set(rec["selection"]) == {f"lr={lr:g},wd=0" for lr in [0.1, 0.2, 0.4, *extended]}
-    assert rec["selection_runs"] == 5 * (3 + len(extended)) and rec["selection_images_seen"] == 100 * 5 * (3 + len(extended))
-    assert rec["selection_time_s"] == 5 * (3 + len(extended)) and rec["images_seen"] == 50
+    runs = 5 * (3 + len(extended))  # 5 splits x every LR tried
+    assert rec["selection_runs"] == runs and rec["selection_images_seen"] == 100 * runs
+    assert rec["selection_time_s"] == runs and rec["images_seen"] == 50
 
 
 def test_the_final_run_trains_for_the_chosen_epochs_and_later_replicates_reuse_the_choice(tmp_path, monkeypatch):

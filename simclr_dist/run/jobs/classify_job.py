@@ -186,8 +186,8 @@ def preflight(scfg: SupervisedConfig, labels: np.ndarray | None = None, split: L
     if split is not None:
         check_batch(scfg, len(split.fit))
     elif labels is None:
-        for split in labelled_splits(scfg.dataset):
-            check_available(scfg.dataset, split, scfg.data_root)
+        for name in labelled_splits(scfg.dataset):  # not `split`: that is the run's label split (None here)
+            check_available(scfg.dataset, name, scfg.data_root)
         labels = np.asarray(load_dataset(scfg.dataset, labelled_splits(scfg.dataset)[0], root=scfg.data_root,
                                          image_size=scfg.image_size).targets)
     if split is None:

@@ -210,8 +210,7 @@ def make_plan(ecfg: ExperimentsConfig) -> Plan:
     plan = Plan(ecfg, out, run, pretrain_cfg, checkpoint, model_cfg, fractions, arms, ecfg.baseline_list(), reps,
                 splits, cells, len(labels), pretrained=pre, pretrained_spec=spec)
     for cell in plan.cells:  # a run directory in --out must have trained the same network and initialisation
-        check_reusable(plan, arm_config(plan, cell, *plan.grid(cell.arm)[0], split=0 if cell.folds else None,
-                                        epochs=1))
+        check_reusable(plan, arm_config(plan, cell, *plan.grid(cell.arm)[0], split=0 if cell.folds else None))
     storage.check_writable(out)
     return plan
 
@@ -239,7 +238,7 @@ def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | Non
 
     Budget: with ``--steps`` every run trains that many steps (cosine). Otherwise a selection run trains up to the
     fraction's maximum epochs with early stopping (its patience, constant LR), and the final run trains for
-    ``epochs`` (the number the selection runs chose; required) at the same constant LR."""
+    ``epochs`` (the number the selection runs chose; default: the fraction's maximum) at the same constant LR."""
     e, m = plan.ecfg, plan.model_cfg
     imported = plan.pretrained_spec if cell.arm == "finetune" else None
     checkpoint = (plan.checkpoint or "pending") if cell.arm == "finetune" and not imported else None
@@ -250,8 +249,7 @@ def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | Non
                           schedule="constant")
             tag = f"es{budget['epochs']}p{budget['patience']}"
         else:
-            if epochs is None:
-                raise ValueError("the final run of an early-stopping study needs the chosen number of epochs")
+            epochs = epochs or e.max_epochs_for(cell.fraction)  # the chosen number; unchosen yet: the maximum
             budget = dict(epochs=epochs, schedule="constant")
             tag = f"{epochs}ep-const"
     else:

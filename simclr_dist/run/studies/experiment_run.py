@@ -364,14 +364,14 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
                            data=data, split=plan.split_of(cell, None), log=log)
     how = (f"reusing replicate {choice['replicate']}'s choice: " if reused else "chose ")
     score = choice["selection"][f"lr={choice['lr']:g},wd={choice['wd']:g}"]
-    ext = (f"; grid extended past its {choice['grid_edge']} edge to {', '.join(f'{v:g}' for v in choice['grid_extended'])}"
-           if choice["grid_extended"] else "")
+    added = ", ".join(f"{v:g}" for v in choice["grid_extended"])
+    ext = f"; grid extended past its {choice['grid_edge']} edge to {added}" if added else ""
     log(f"[exp] {cell.arm} {100 * cell.fraction:g}% (replicate {cell.rep.index}): {how}lr {choice['lr']:g} wd "
         f"{choice['wd']:g}" + (f", {choice['epochs']} epochs" if choice["epochs"] else "")
         + f" (validation top-1 {score:.4f} over {cell.folds} split(s){ext}); test top-1 {final['top1']:.4f}")
     if not reused and choice["edge_after_extension"] is not None:
-        log(f"[exp] WARNING {cell.arm} {100 * cell.fraction:g}%: the choice is still at the {choice['edge_after_extension']} "
-            f"edge after {len(choice['grid_extended'])} extension(s): widen --lr-grid-{cell.arm}")
+        log(f"[exp] WARNING {cell.arm} {100 * cell.fraction:g}%: the choice is still at the "
+            f"{choice['edge_after_extension']} edge after {len(choice['grid_extended'])} extension(s): widen --lr-grid-{cell.arm}")
     if not reused and choice["hit_max_epochs"]:
         log(f"[exp] WARNING {cell.arm} {100 * cell.fraction:g}%: a selection run of the chosen point reached the "
             f"maximum of {e.max_epochs_for(cell.fraction)} epochs still improving: the budget was too small "

@@ -273,8 +273,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
     what = (f"fit {len(split.fit)} + validation {len(split.val)} (split {scfg.val_split} of {split.folds})"
             if split.val is not None else f"all {len(split.fit)}")
     budget = (f"up to {epochs} epochs, early stopping (patience {scfg.patience}) = {steps_per_epoch} steps/epoch"
-              if early else f"{total_steps} steps = {steps_per_epoch} steps/epoch x {total_steps / steps_per_epoch:.3g} "
-                            "epochs")
+              if early else
+              f"{total_steps} steps = {steps_per_epoch} steps/epoch x {total_steps / steps_per_epoch:.3g} epochs")
     log(f"[supervised] {mcfg.arch} x{mcfg.width} + linear head on {what} labels ({100 * scfg.fraction:g}% of "
         f"{len(data.train_labels)}, subset seed {scfg.subset_seed}) from {init}, seed {scfg.seed} | {world} "
         f"worker(s) x {per_worker} = batch {global_batch} | {budget} | {lr_rule}, {schedule_name} | wd "
@@ -366,6 +366,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
                 state["early_stop"] = {**stop, "best_model": best_state}
         session.report(metrics, state)
         session.after_report(epoch + 1)
+        if stop["stopped_epoch"] is not None:
+            break
     if complete:
         log(f"[supervised] run already complete ({start_epoch}/{epochs} epochs): nothing to train")
 
