@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"\n[eval] history of {ecfg.run} ({eval_store.index_uri(ecfg.run)}):\n"
              + eval_store.format_history(entries))
         if ecfg.curve is not None:
-            csv_uri = write_curve(curve_rows(entries), ecfg.curve, title=f"{ecfg.run}: accuracy vs pretraining")
+            name = ecfg.run.rstrip("/").rsplit("/", 1)[-1]
+            title = f"{name}: accuracy vs pretraining ({ecfg.queries} queries)"
+            csv_uri = write_curve(curve_rows(entries), ecfg.curve, title=title)
             emit(f"[eval] pretraining curve: {ecfg.curve} ({csv_uri})")
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ BASELINES = ("pixels", "random", "knn")  # logistic regression on raw pixels, ra
 # The pretraining run of each preset: explicit and stable, so a finished run of the same name is reused.
 PRESET_PRETRAIN = {
     "fashion-mnist-cpu": ("simclr-fashion-mnist-cpu",
-                          "--dataset fashion-mnist --image-size 28 --width 0.25 --batch-size 256 --epochs 6 "
+                          "--dataset fashion-mnist --image-size 28 --width 0.25 --batch-size 256 --epochs 12 "
                           "--num-workers 2 --cpus-per-worker 1 --knn-every -1"),
     "fashion-mnist-gpu": ("simclr-fashion-mnist-gpu",
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
@@ -48,6 +49,10 @@ PRESET_PRETRAIN = {
 # The LR grids (per 256 images, log-spaced, factor 2): fine-tuning wants smaller steps than training from scratch
 # (the old shared 0.1,0.4 grid had fine-tuning on its bottom edge and scratch on its top edge at 10%).
 FINETUNE_LRS, SCRATCH_LRS = "0.025,0.05,0.1", "0.1,0.2,0.4"
+# The encoder each preset studies when no --checkpoint/--run/--pretrained is given and --pretrain is not asked for:
+# published in the repository (python -m simclr_dist.export --format simclr-dist), its SHA-256 pinned in
+# weights/SHA256SUMS and checked on load; relative to the repository root (elsewhere the preset pretrains its run).
+PRESET_ENCODER = {"fashion-mnist-cpu": "weights/simclr-fmnist-cpu-e12"}
 PRESETS: dict[str, dict[str, Any]] = {
     # Experiment A at 0.1% (60 labels), 1% and 10%, Experiment B at 100%, each arm trained to convergence; tuned on
     # the first replicate, reused by the others (docs/performance.md: the dry run prints the planned budget)
@@ -231,7 +236,8 @@ class ExperimentsConfig(JobConfig):
         elif self.image_size is not None:
             bad("image_size", "only applies with --pretrained (a checkpoint is evaluated at its own resolution)")
         if self.preset is not None:
-            if given:
+            own = self.pretrained is not None and self.pretrained == f"simclr-dist:{PRESET_ENCODER.get(self.preset)}"
+            if given and not own:  # the preset's own published encoder is what it resolves to
                 bad("preset", f"names its own pretraining run; drop {given}")
             if self.dataset is not None and self.dataset != PRESETS[self.preset]["dataset"]:
                 bad("dataset", f"the preset {self.preset} is a {PRESETS[self.preset]['dataset']} study")
@@ -283,7 +289,11 @@ class ExperimentsConfig(JobConfig):
         if "seeds" in given and "seeds_by_fraction" not in given:  # --seeds alone: that many at every fraction
             cfg.seeds_by_fraction = None
         cfg.num_workers = cfg.num_workers or 2
-        if cfg.preset and cfg.run is None:
+        published = PRESET_ENCODER.get(cfg.preset or "")
+        if (published and cfg.run is None and cfg.checkpoint is None and cfg.pretrained is None and not cfg.pretrain
+                and os.path.isdir(published)):  # the published encoder (SHA-256 pinned), so no pretraining is needed
+            cfg.pretrained = f"simclr-dist:{published}"
+        elif cfg.preset and cfg.run is None and cfg.checkpoint is None and cfg.pretrained is None:
             cfg.run = f"./runs/{PRESET_PRETRAIN[cfg.preset][0]}"
             if cfg.pretrain_args is None:
                 cfg.pretrain_args = PRESET_PRETRAIN[cfg.preset][1]

@@ -5,6 +5,7 @@ selection splits that fit the labels available, and a preset whose pretraining r
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from simclr_dist import experiments as exp
 from simclr_dist.config import ConfigError, PretrainConfig
-from simclr_dist.config.experiments import PRESET_PRETRAIN, PRESETS, ExperimentsConfig
+from simclr_dist.config.experiments import PRESET_ENCODER, PRESET_PRETRAIN, PRESETS, ExperimentsConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.data import splits as splits_module
 from simclr_dist.data.splits import SelectionError, balanced_subset, label_split, selection_splits
@@ -25,6 +26,7 @@ from simclr_dist.run.studies.experiment_plan import arm_config, finished_checkpo
 from simclr_dist.run.store.weights import build_model
 
 TINY = dict(image_size=16, width=0.125)
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -164,7 +166,19 @@ def test_selection_splits_hold_out_or_k_fold_by_labels_per_class():
 
 
 # ---------------------------------------------------------------------------- presets
-def test_presets_resolve_and_name_their_pretraining_run():
+def test_presets_resolve_to_the_published_encoder_from_the_repository_root(monkeypatch):
+    """From the repository root the CPU preset studies the published encoder (no pretraining); elsewhere, or with
+    --pretrain, it pretrains its named run (next test)."""
+    monkeypatch.chdir(ROOT)
+    cpu = ExperimentsConfig(preset="fashion-mnist-cpu").resolved("fashion-mnist")
+    assert cpu.pretrained == f"simclr-dist:{PRESET_ENCODER['fashion-mnist-cpu']}" and cpu.run is None
+    assert (ROOT / PRESET_ENCODER["fashion-mnist-cpu"] / "MODEL_CARD.md").is_file()
+    again = ExperimentsConfig(preset="fashion-mnist-cpu", pretrain=True).resolved("fashion-mnist")
+    assert again.pretrained is None and again.run == "./runs/simclr-fashion-mnist-cpu"
+
+
+def test_presets_resolve_and_name_their_pretraining_run(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no published encoder here: the preset pretrains its run
     cpu = ExperimentsConfig(preset="fashion-mnist-cpu").resolved("fashion-mnist")
     assert (cpu.dataset, cpu.steps, cpu.ray) == ("fashion-mnist", None, False)  # early stopping, not fixed steps
     assert [cpu.seeds_for(f) for f in (0.001, 0.01, 0.1, 1.0)] == [10, 10, 6, 3]  # the seed is the unit

@@ -124,8 +124,9 @@ def model_card(out: str, facts: dict[str, Any], history: list[dict[str, Any]]) -
   {facts['image_size']} px inputs; projection head included; no optimizer state
 - Training: {facts['epochs_trained']} of {facts['epochs_scheduled']} scheduled epochs ({facts['steps']} steps,
   batch {facts['batch_size']}); last epoch's loss {last.get('loss', float('nan')):.4f}
-- Made by: `{facts['command'] or '(not given)'}` at commit `{facts['commit'] or 'unknown'}`;
-  published {facts['published_at']} from `{facts['source']}`
+- Made by: `{facts['command'] or '(not given)'}`
+- Published {facts['published_at']} by simclr-dist at commit `{facts['commit'] or 'unknown'}` from
+  `{facts['source']}`
 
 | evaluation | value |
 | --- | --- |
