@@ -19,6 +19,7 @@ Every import counts, also one inside a function (a lazy import is still an arrow
 from __future__ import annotations
 
 import ast
+import functools
 import gc
 import sys
 from pathlib import Path
@@ -39,11 +40,18 @@ GROUND = ("simclr_dist", "simclr_dist.console", "simclr_dist.storage")
 
 def parse(path: Path) -> ast.Module:
     """``ast.parse`` with the garbage collector held off: a finalizer that raises while the AST is being built (numba
-    freeing compiled FFCV kernels, after the FFCV tests in the same process) would surface as a SystemError here."""
+    freeing compiled FFCV kernels, after the FFCV tests in the same process) would surface as a SystemError here.
+    Cached on (path, modification time, size): the checks below read the same ~150 files several times."""
+    stat = path.stat()
+    return parse_text(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def parse_text(path: str, mtime_ns: int, size: int) -> ast.Module:
     gc.collect()
     gc.disable()
     try:
-        return ast.parse(path.read_text(), str(path))
+        return ast.parse(Path(path).read_text(), path)
     finally:
         gc.enable()
 

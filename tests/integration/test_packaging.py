@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 COMMANDS = {"simclr-pretrain": "simclr_dist.pretrain", "simclr-evaluate": "simclr_dist.evaluate",
             "simclr-supervised": "simclr_dist.supervised", "simclr-experiments": "simclr_dist.experiments",
-            "simclr-sweep": "simclr_dist.sweep", "simclr-convert": "simclr_dist.data.convert"}
+            "simclr-sweep": "simclr_dist.sweep", "simclr-convert": "simclr_dist.data.convert",
+            "simclr-export": "simclr_dist.export"}
 
 
 def test_every_command_is_a_console_script_with_a_main():
