@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="the new directory (simclr-dist) or file (torchvision)")
     p.add_argument("--command", default="", help="simclr-dist: the command that trained it, for the model card")
     p.add_argument("--evaluation", default=None,
-                   help="simclr-dist: a JSON object of evaluation results for the model card, e.g. '{\"knn_top1\": 0.8}'")
+                   help="simclr-dist: a JSON object of evaluation results for the model card, "
+                        "e.g. '{\"knn_top1\": 0.8}'")
     return p.parse_args(argv)
 
 

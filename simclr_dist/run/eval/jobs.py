@@ -54,9 +54,15 @@ RESULT_FORMAT = 1
 
 
 def result_name(protocol: str, fraction: float | None = None, queries: str = "test") -> str:
-    """``linear``, ``linear-0.01``, ``knn``, ``finetune-0.1``; ``-val`` when scored on the validation queries."""
+    """``linear``, ``linear-0.01``, ``knn``, ``finetune-0.1``; ``-val`` when linear/kNN are scored on the validation
+    queries (fine-tuning always reads the test split once, whatever ``--queries`` says)."""
     name = protocol if fraction is None else f"{protocol}-{fraction:g}"
-    return name + ("-val" if queries == "val" else "")
+    return name + ("-val" if queries == "val" and protocol != "finetune" else "")
+
+
+def result_names(pairs, ecfg: EvalConfig) -> str:
+    """The result names of (protocol, fraction) pairs, for log lines."""
+    return ", ".join(result_name(*p, ecfg.queries) for p in pairs)
 
 
 def result_uri(out_dir: str, name: str) -> str:
@@ -150,8 +156,9 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
     out_dir = eval_store.results_dir(checkpoint_uri)
     plan, results, todo = cached_results(out_dir, ecfg)
     if not todo:
-        log(f"[eval] {checkpoint_uri}: already evaluated ({', '.join(result_name(*p, ecfg.queries) for p in plan)}); skipping")
-        eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})  # after a crash in between
+        log(f"[eval] {checkpoint_uri}: already evaluated ({result_names(plan, ecfg)}); skipping")
+        # after a crash in between
+        eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})
         return [results[p] for p in plan]
     state = load_checkpoint(checkpoint_uri, map_location="cpu")
     cfg = PretrainConfig.from_dict(state["config"])
@@ -159,11 +166,11 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
     model.load_state_dict(state["model"])
     data = load_eval_data(cfg, ecfg.data_root)
     common = {"format_version": RESULT_FORMAT, "checkpoint": checkpoint_uri, "checkpoint_epoch": state["epoch"],
-              "checkpoint_step": state["step"],
-              "checkpoint_train_s": sum(h.get("epoch_time_s", 0.0) for h in state.get("history", [])), "dataset": cfg.dataset, "arch": cfg.arch_signature(),
-              "image_size": cfg.image_size, "device": device.type}
+              "checkpoint_step": state["step"],  # and the pretraining seconds that made it (curves against time)
+              "checkpoint_train_s": sum(h.get("epoch_time_s", 0.0) for h in state.get("history", [])),
+              "dataset": cfg.dataset, "arch": cfg.arch_signature(), "image_size": cfg.image_size, "device": device.type}
     log(f"[eval] {checkpoint_uri}: epoch {state['epoch']} of {cfg.arch} x{cfg.width} on {cfg.dataset}; "
-        f"running {', '.join(result_name(*p, ecfg.queries) for p in todo)} on {device.type}")
+        f"running {result_names(todo, ecfg)} on {device.type}")
     results.update(run_protocols(model.encoder.to(device), data, cfg, ecfg, todo, out_uri=out_dir,
                                  common=common, device=device, log=log))
     eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})
@@ -206,7 +213,7 @@ def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | s
     out_uri = pretrained_results_dir(pre, data, ecfg)
     plan, results, todo = cached_results(out_uri, ecfg)
     if not todo:
-        log(f"[eval] {pre.source} on {data.dataset}: already evaluated ({', '.join(result_name(*p, ecfg.queries) for p in plan)}) "
+        log(f"[eval] {pre.source} on {data.dataset}: already evaluated ({result_names(plan, ecfg)}) "
             f"in {out_uri}; skipping")
         return [results[p] for p in plan]
     own = (pre.checkpoint or {}).get("config")
@@ -217,7 +224,7 @@ def evaluate_pretrained(spec: str, ecfg: EvalConfig, *, device: torch.device | s
               "dataset": data.dataset, "arch": arch, "image_size": data.image_size, "device": device.type,
               "pretrained": pre.summary()}
     log(f"[eval] {pre.source} on {data.dataset} {data.image_size}px (input normalisation: "
-        f"{pre.normalization_text()}): running {', '.join(result_name(*p, ecfg.queries) for p in todo)} on {device.type}; "
+        f"{pre.normalization_text()}): running {result_names(todo, ecfg)} on {device.type}; "
         f"results in {out_uri}")
     results.update(run_protocols(pre.encoder.to(device), data, mcfg, ecfg, todo, out_uri=out_uri, common=common,
                                  device=device, log=log))
