@@ -402,6 +402,24 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
         normalization=final.get("normalization"), run=final["run"], extra=extra).to_dict()
 
 
+def study_order(plan: Plan) -> list[tuple[str, Replicate, Cell | None]]:
+    """The order the study runs in: fraction by fraction, smallest (cheapest) first, replicate by replicate within
+    a fraction, so a study that spans sessions completes Experiment A's fractions before Experiment B's 100% runs
+    (the bulk of the compute); the first replicate of each fraction comes first (``--tune-once`` reuses its
+    choices). A replicate's probes and baselines (every fraction at once) run just before its first cell."""
+    fractions = sorted({c.fraction for c in plan.cells})
+    cells = sorted(plan.cells, key=lambda c: (fractions.index(c.fraction), c.rep.index))
+    parts: list[tuple[str, Replicate, Cell | None]] = []
+    probed: set[int] = set()
+    for c in cells:
+        if c.rep.index not in probed:
+            probed.add(c.rep.index)
+            parts.append(("probes", c.rep, None))
+        parts.append(("cell", c.rep, c))
+    parts += [("probes", r, None) for r in plan.replicates if r.index not in probed]  # a study of probes only
+    return parts
+
+
 def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     """Run the whole study; ``on_update(plan, records, pretraining, budget, elapsed_s, complete)`` is called after
     every part (the command writes results.json there, and the report at the end)."""
@@ -417,8 +435,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     banks: dict[str, FeatureBank] = {}
     tuned: dict[tuple[str, float], dict[str, Any]] = {}  # --tune-once: the first replicate's choices
-    parts = [("probes", rep, None) for rep in plan.replicates] + [("cell", c.rep, c) for c in plan.cells]
-    parts.sort(key=lambda p: p[1].index)  # replicate by replicate: an interrupted study has whole replicates
+    parts = study_order(plan)
     for i, (kind, rep, cell) in enumerate(parts, 1):
         what = "probes and baselines" if cell is None else f"{cell.arm} at {100 * cell.fraction:g}%"
         log(f"[exp] ({i}/{len(parts)}, {(time.perf_counter() - t_start) / 60:.1f} min) replicate {rep.index} "
