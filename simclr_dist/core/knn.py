@@ -3,6 +3,8 @@
 Why kNN: it needs no training, so it is a cheap, honest signal of representation quality during pretraining
 (cosine similarity, k neighbours, votes weighted by exp(sim / T)). :func:`extract_features` is the project's one
 frozen-encoder feature extractor: the kNN monitor, the kNN and linear-probe protocols and the experiments use it.
+On a large split it is where an evaluation waits longest, so it shows progress (:class:`~simclr_dist.console.Progress`:
+a bar on a terminal, a plain line every few seconds in a log, nothing for work that ends within that).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from simclr_dist.console import Progress
 from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
 
 
@@ -33,26 +36,31 @@ class TransformedSubset(torch.utils.data.Dataset):
 @torch.no_grad()
 def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, batch_size: int = 256,
                      device: torch.device | str = "cpu", channels_last: bool = CHANNELS_LAST, num_workers: int = 0,
-                     precision: str = "fp32", normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     precision: str = "fp32", normalize: bool = True, progress: str | None = None,
+                     desc: str = "extracting features") -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 on CPU, labels) of ``dataset`` items ``(image, label)`` through an eval transform: the
     encoder in eval mode (BatchNorm uses, and does not update, its running statistics; the mode is restored after),
-    no gradient, ``precision`` autocast. ``normalize``: L2-normalised rows (what the kNN vote compares)."""
+    no gradient, ``precision`` autocast. ``normalize``: L2-normalised rows (what the kNN vote compares).
+    ``progress``: the mode of the progress display (``None``: the default of :func:`~simclr_dist.console.
+    progress_mode`; ``"off"``: silent), counted in images under ``desc``."""
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(TransformedSubset(dataset, transform, indices), batch_size=batch_size,
-                                         num_workers=num_workers)
+    subset = TransformedSubset(dataset, transform, indices)
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     to_memory_format(encoder, channels_last)  # weights and inputs in one layout (a no-op when they already are)
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
-        for x, y in loader:
-            x = x.to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with Precision.of(precision, device).autocast():
-                f = encoder(x).float()
-            feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
-            labels.append(torch.as_tensor(y))
+        with Progress(len(subset), desc, unit="img", mode=progress) as bar:
+            for x, y in loader:  # x: (B, 3, H, W) float, normalised by the transform; y: (B,)
+                x = x.to(device)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with Precision.of(precision, device).autocast():
+                    f = encoder(x).float()  # (B, D)
+                feats.append((F.normalize(f, dim=1) if normalize else f).cpu())
+                labels.append(torch.as_tensor(y))
+                bar.update(len(x))
     finally:
         encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
@@ -60,10 +68,13 @@ def extract_features(encoder: nn.Module, dataset, transform, *, indices=None, ba
 
 @torch.no_grad()
 def extract_features_distributed(encoder: nn.Module, dataset, transform, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each rank embeds a strided shard; the shards are gathered back into dataset order on every rank."""
+    """Each rank embeds a strided shard; the shards are gathered back into dataset order on every rank. Only rank 0
+    shows progress (its shard is 1/world of the work, and the ranks move together)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return extract_features(encoder, dataset, transform, **kw)
     world, rank, n = dist.get_world_size(), dist.get_rank(), len(dataset)
+    if rank != 0:
+        kw["progress"] = "off"
     per = -(-n // world)
     feats, labels = extract_features(encoder, dataset, transform, indices=range(rank, n, world), **kw)
     device = kw.get("device", "cpu")

@@ -3,7 +3,9 @@
 Why a closed-form-style solver: the problem is convex and small (N x D features), so full-batch L-BFGS gives the
 same answer every time, with no epochs or learning rate to tune (and to tune on the wrong split). Features are
 standardised first, which lets one L2 grid fit every encoder width and feature scale. :func:`select_l2` sees the
-fit and validation parts of the labelled split only, by signature: test data cannot enter the choice.
+fit and validation parts of the labelled split only, by signature: test data cannot enter the choice. The grid is
+where a probe waits (one full L-BFGS fit per L2 value), so it shows progress: a bar on a terminal, plain lines in a
+log (:class:`~simclr_dist.console.Progress`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from simclr_dist.console import progress as show_progress
 
 
 def topk_accuracy(logits: Tensor, y: Tensor) -> tuple[float, float]:
@@ -61,10 +65,13 @@ def fit_logistic(x: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter:
 
 def select_l2(fit_x: Tensor, fit_y: Tensor, val_x: Tensor, val_y: Tensor, *, num_classes: int,
               l2_grid: Sequence[float], max_iter: int = 300, device: torch.device | str = "cpu",
-              log: Callable[[str], None] = lambda m: None) -> tuple[float, dict[str, float]]:
-    """(best L2, validation top-1 of every L2). Ties go to the stronger regularisation."""
+              log: Callable[[str], None] = lambda m: None, progress: str | None = None
+              ) -> tuple[float, dict[str, float]]:
+    """(best L2, validation top-1 of every L2). Ties go to the stronger regularisation. ``progress``: the display
+    mode of the grid's progress, one step per fit (``None``: :func:`~simclr_dist.console.progress_mode`'s default,
+    ``"off"``: silent)."""
     val_acc: dict[str, float] = {}
-    for l2 in l2_grid:
+    for l2 in show_progress(l2_grid, len(l2_grid), "linear probe: L2 grid", unit="fit", mode=progress):
         clf = fit_logistic(fit_x, fit_y, num_classes=num_classes, l2=l2, max_iter=max_iter, device=device)
         val_acc[f"{l2:g}"] = topk_accuracy(clf.logits(val_x), val_y)[0]
         log(f"[eval] linear probe: L2 {l2:g} -> validation top-1 {val_acc[f'{l2:g}']:.4f}")

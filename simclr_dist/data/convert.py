@@ -13,33 +13,37 @@ import sys
 import uuid
 from functools import partial
 
-from simclr_dist.console import CommandParser
+from simclr_dist.console import CommandParser, Progress
 from simclr_dist.data.datasets import DATASETS, DatasetError, dataset_info
 from simclr_dist.data.ffcv.convert import SMART_THRESHOLD, WRITE_MODES, ConvertSpec, convert
 
 UPLOAD_CHUNK = 64 << 20
 
 
-def upload(out: str, local_files: list[str]) -> list[str]:
+def upload(out: str, local_files: list[str], progress: str | None = None) -> list[str]:
     """Stream finished files next to ``out``'s URI; on a filesystem write a temporary sibling and move it into place
-    (an object-store put is atomic already). Returns the URIs."""
+    (an object-store put is atomic already). Returns the URIs. A large dataset's upload is a wait of its own, so it
+    shows progress in bytes (``progress``: the display mode, ``"off"`` for ``--no-progress``)."""
     import pyarrow.fs as pafs
 
     from simclr_dist import storage
 
     uris = []
-    for local in local_files:
-        uri = storage.join(out.rsplit("/", 1)[0], os.path.basename(local))
-        fs, path = storage.resolve(uri)
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        local_fs = isinstance(fs, pafs.LocalFileSystem)
-        target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local_fs else path
-        with open(local, "rb") as src, fs.open_output_stream(target) as dst:
-            while chunk := src.read(UPLOAD_CHUNK):
-                dst.write(chunk)
-        if local_fs:
-            fs.move(target, path)
-        uris.append(uri)
+    size = sum(os.path.getsize(f) for f in local_files)
+    with Progress(size, f"upload -> {out.rsplit('/', 1)[0]}", unit="B", unit_scale=True, mode=progress) as bar:
+        for local in local_files:
+            uri = storage.join(out.rsplit("/", 1)[0], os.path.basename(local))
+            fs, path = storage.resolve(uri)
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            local_fs = isinstance(fs, pafs.LocalFileSystem)
+            target = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if local_fs else path
+            with open(local, "rb") as src, fs.open_output_stream(target) as dst:
+                while chunk := src.read(UPLOAD_CHUNK):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+            if local_fs:
+                fs.move(target, path)
+            uris.append(uri)
     return uris
 
 
@@ -64,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1, help="write N files in parallel: PATH-0000k-of-0000N.beton")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable images (and report how many) instead of failing")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display (by default: a bar on a terminal, a plain line every 10 s otherwise; "
+                        "$SIMCLR_DIST_PROGRESS=bar|lines|off|auto overrides)")
     return p
 
 
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                            jpeg_quality=ns.jpeg_quality,
                            write_mode=ns.write_mode, num_workers=ns.num_workers, shards=ns.shards,
                            skip_corrupt=ns.skip_corrupt, progress=ns.progress)
-        result = convert(spec, upload=partial(upload, spec.out))
+        result = convert(spec, upload=partial(upload, spec.out, progress=None if ns.progress else "off"))
     except DatasetError as e:  # ConvertError included
         print(f"error: {e}", file=sys.stderr)
         return 2

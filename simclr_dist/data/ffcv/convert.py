@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from simclr_dist.console import Progress
 from simclr_dist.data.datasets import DATASETS, DatasetError, dataset_info, load_dataset
 from simclr_dist.data.ffcv.beton import IMAGE_FIELD, LABEL_FIELD, inspect_beton
 
@@ -152,6 +153,12 @@ class _Source:
 
 
 # ---------------------------------------------------------------------------- writing one shard
+def progress_mode_of(spec: ConvertSpec) -> str | None:
+    """``off`` for ``--no-progress``; else ``None``, the console's default (bar on a terminal, lines elsewhere)."""
+    return None if spec.progress else "off"
+
+
+
 class _SharedBar:
     """Stands in for FFCV's per-writer tqdm inside a shard process: adds progress to a counter the parent shows."""
 
@@ -248,9 +255,9 @@ def _shard_process(spec: ConvertSpec, source: _Source, index: int, lo: int, hi: 
 def convert(spec: ConvertSpec, upload: Callable[[list[str]], list[str]] | None = None) -> ConvertResult:
     """Write ``spec.dataset``/``spec.split`` to ``spec.out`` (or its shards); returns what was written.
 
-    ``upload(local_files) -> uris`` publishes the files of a URI ``spec.out`` (written to a temporary directory)."""
-    from tqdm import tqdm
-
+    ``upload(local_files) -> uris`` publishes the files of a URI ``spec.out`` (written to a temporary directory).
+    Progress (``spec.progress``) goes through :class:`~simclr_dist.console.Progress`: a bar on a terminal, a plain
+    line every few seconds in a log or pipe, where FFCV's own tqdm would fill a log with carriage returns."""
     spec.validate()
     remote = "://" in spec.out
     if remote and upload is None:
@@ -272,7 +279,7 @@ def convert(spec: ConvertSpec, upload: Callable[[list[str]], list[str]] | None =
     desc = f"{spec.dataset}/{spec.split} -> {os.path.basename(spec.out)}"
     try:
         if spec.shards == 1:
-            bar = functools.partial(tqdm, desc=desc, unit="img", disable=not spec.progress)
+            bar = functools.partial(Progress, desc=desc, unit="img", mode=progress_mode_of(spec))
             outcomes = [_write_shard(spec, source, 0, total, finals[0], workers, bar)]
         else:
             outcomes = _write_parallel(spec, source, finals, bounds, max(1, workers // spec.shards), total, desc)
@@ -289,9 +296,7 @@ def convert(spec: ConvertSpec, upload: Callable[[list[str]], list[str]] | None =
 def _write_parallel(spec: ConvertSpec, source: _Source, finals: list[str], bounds: list[tuple[int, int]],
                     workers: int, total: int, desc: str) -> list[tuple[int, list]]:
     """One forked process per shard (each with its own FFCV writer pool; the loaded source comes along without
-    a copy); one progress bar for all."""
-    from tqdm import tqdm
-
+    a copy); one progress display for all."""
     ctx = mp.get_context("fork")  # like FFCV's own writer pool: the imported modules come along, no re-import
     counter, results = ctx.Value("Q", 0), ctx.Queue()
     procs = [ctx.Process(target=_shard_process, args=(spec, source, k, lo, hi, finals[k], workers, counter, results))
@@ -300,7 +305,7 @@ def _write_parallel(spec: ConvertSpec, source: _Source, finals: list[str], bound
         p.start()
     outcomes: dict[int, Any] = {}
     try:
-        with tqdm(total=total, desc=desc, unit="img", disable=not spec.progress) as bar:
+        with Progress(total, desc, unit="img", mode=progress_mode_of(spec)) as bar:
             while len(outcomes) < len(procs):
                 with contextlib.suppress(Exception):
                     k, out = results.get(timeout=0.2)
