@@ -26,7 +26,6 @@ from typing import Any
 from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_weights_spec
 from simclr_dist.config.supervised import classifier_components
 from simclr_dist.config.evaluate import (
-    DEFAULT_L2_GRID,
     check_fractions,
     check_l2,
     dataset_names,
@@ -87,6 +86,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 PRESET_FIELDS = ("dataset", "fractions", "small_fraction", "seeds", "seeds_by_fraction", "steps", "max_epochs",
                  "patience", "tune_once", "batch_size", "lr_grid_finetune", "lr_grid_supervised", "wd_grid", "ray",
                  "threads", "num_workers", "use_gpu")
+# The probes' grids, each chosen on validation: L2 over 10 decades (the old 1e-6..1e-2 grid had pixels on its top
+# edge at 10% in every seed) and k from 1 to 200 (the old fixed k=20 and k=200 were both reported, neither chosen).
+WIDE_L2_GRID = tuple(10.0 ** p for p in range(-6, 4))
+KNN_K_GRID = (1, 3, 5, 10, 20, 50, 100, 200)
 GRID_ARMS = ("finetune", "supervised")  # the trained arms, each with its own LR grid
 
 
@@ -204,8 +207,10 @@ class ExperimentsConfig(JobConfig):
                                    "or components")
     val_fraction: float = flag(0.2, "share of each labelled subset held out for model selection (k-fold when a "
                                     "class has fewer than 10 labels)", gt=0, le=0.5)
-    l2_grid: str = flag(",".join(f"{v:g}" for v in DEFAULT_L2_GRID), "L2 strengths of the linear probes' sweep")
-    knn_k: str = flag("20,200", "neighbours of the kNN baselines")
+    l2_grid: str = flag(",".join(f"{v:g}" for v in WIDE_L2_GRID), "L2 strengths of the linear probes' sweep "
+                                                                       "(each probe chooses one on validation)")
+    knn_k: str = flag(",".join(str(k) for k in KNN_K_GRID), "neighbours k of the kNN baselines: each chooses one "
+                                                             "on validation (capped at the labels it fits on)")
     # where the trained arms run
     ray: bool | None = flag(None, "train the arms under Ray Train (--ray) or in this process (--no-ray); default: "
                                 "in-process on digits and the CPU preset (a Ray worker group per arm costs more than "

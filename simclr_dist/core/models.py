@@ -170,3 +170,34 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
         for m, mode in modes.items():
             m.training = mode
     return int(counter.get_total_flops())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Replace every BatchNorm layer's running statistics by the exact mean and variance of ``batches`` (an
+    iterable of input tensors ``(B, C, H, W)``) as the layer sees them; returns the images seen. Weights and the
+    BN affine parameters are untouched; the model's mode is restored.
+
+    Why: a randomly initialised encoder evaluated in eval mode normalises with the statistics of initialisation
+    (mean 0, variance 1), which are wrong for real images and make its features worse than the architecture
+    allows; a random-init baseline recalibrated on the images it is probed on measures the architecture, not the
+    accident of its initial statistics. ``momentum=None`` makes the running statistics a cumulative average."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in norms]
+    was_training = model.training
+    seen = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for x in batches:  # x: (B, C, H, W)
+            model(x)
+            seen += len(x)
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+        model.train(was_training)
+    if norms and seen == 0:
+        raise ValueError("recalibrate_batchnorm: no images given")
+    return seen

@@ -23,7 +23,8 @@ RESULT_FORMAT = 2
 TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "supervised": "from scratch",
           "knn-20": "SimCLR kNN (k=20)", "knn-200": "SimCLR kNN (k=200)", "random-linear": "random init + linear probe",
           "random-knn-20": "random init kNN (k=20)", "random-knn-200": "random init kNN (k=200)",
-          "pixels": "logistic regression on pixels"}
+          "pixels": "logistic regression on pixels", "knn": "SimCLR kNN (k chosen on validation)",
+          "random-knn": "random init kNN (k chosen on validation)"}
 TRAINED = ("finetune", "supervised")
 # The comparisons declared before the run (one family: Holm over all of them). Experiment A, at each fraction
 # below 100%: SimCLR fine-tuned vs the same network from scratch, and the SimCLR linear probe vs logistic
@@ -124,7 +125,8 @@ def titles_for(plan) -> dict[str, str]:
     if pre is None or pre.format == "simclr-dist":
         return dict(TITLES)
     return {**TITLES, "linear": f"{pre.format} + linear probe", "finetune": f"{pre.format} fine-tuned",
-            "knn-20": f"{pre.format} kNN (k=20)", "knn-200": f"{pre.format} kNN (k=200)"}
+            "knn-20": f"{pre.format} kNN (k=20)", "knn-200": f"{pre.format} kNN (k=200)",
+            "knn": f"{pre.format} kNN (k chosen on validation)"}
 
 
 STATISTICS = (
@@ -161,7 +163,8 @@ def aggregate(records: list[dict[str, Any]], labels: np.ndarray | None = None,
                "steps": rs[0].get("steps"), "epochs": rs[0].get("epochs"),
                "chosen": [r.get("chosen") for r in rs],
                "train_time_s": float(np.mean([r.get("train_time_s", 0.0) for r in rs])),
-               "selection_time_s": float(np.mean([r.get("selection_time_s") or 0.0 for r in rs]))}
+               "selection_time_s": float(np.mean([r.get("selection_time_s") or 0.0 for r in rs])),
+               **compute_of(rs)}
         if labels is not None:
             boot = two_level_bootstrap(correctness(rs, labels), image_draws=IMAGE_DRAWS)
             row.update(boot_low=boot.ci_low, boot_high=boot.ci_high, boot_note=boot.note)
@@ -173,6 +176,23 @@ def aggregate(records: list[dict[str, Any]], labels: np.ndarray | None = None,
                        recall_by_class=[None if s is None else stat_dict(s) for s in per_class["recall"]])
         rows.append(row)
     return rows
+
+
+def compute_of(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What one (arm, fraction) cost over all its replicates, tuning included: seconds of the final runs and of the
+    grid (a reused choice costs its tuning once, on the replicate that made it), and the images they processed
+    (probes: the feature pass is counted in seconds, not images). ``edges``: replicates whose choice sat on a grid
+    edge (after any extension for a trained arm)."""
+    final_s = float(sum(r.get("train_time_s") or 0.0 for r in rs))
+    tuning_s = float(sum(r.get("selection_time_s") or 0.0 for r in rs))
+    final_img = sum(int(r.get("images_seen") or 0) for r in rs)
+    tuning_img = sum(int(r.get("selection_images_seen") or 0) for r in rs)
+    edges = [r.get("replicate") for r in rs
+             if (r.get("edge_after_extension") if r["arm"] in TRAINED else r.get("grid_edge"))]
+    return {"total_time_s": final_s + tuning_s, "final_time_s": final_s, "tuning_time_s": tuning_s,
+            "images_processed": final_img + tuning_img, "tuning_images": tuning_img,
+            "grid_extended": sorted({v for r in rs for v in (r.get("grid_extended") or [])}),
+            "edge_replicates": edges}
 
 
 def declared_pairs(records: list[dict[str, Any]], small: float) -> list[tuple[str, float, str, float]]:

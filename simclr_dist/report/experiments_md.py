@@ -72,7 +72,10 @@ def report(summary: dict[str, Any]) -> str:
         lines += [f"| {title('supervised', summary)} | {full['label_count']} (100%) | {acc(full)} | reference | "
                   f"{full['worst_class']:.3f} | {budget_cell(full)} |", ""]
     lines += per_class_lines(summary)
+    lines += compute_lines(summary)
+    lines += edge_lines(summary)
     lines += ["## Plots", "", "![accuracy vs label fraction](accuracy_vs_fraction.png)", "",
+              "![accuracy vs compute](accuracy_vs_compute.png)", "",
               "![validation curves](training_curves.png)", "",
               f"![confusion matrix of SimCLR fine-tuned at {pct(small)}](confusion_matrix.png)", "",
               "## Protocol", "", *protocol_lines(summary), ""]
@@ -148,7 +151,53 @@ def protocol_lines(summary: dict[str, Any]) -> list[str]:
         "(the same network randomly initialised) share the loop, augmentation and grid; the linear probe is "
         "multinomial logistic regression (L-BFGS, standardised features) on the frozen encoder. Baselines: "
         "logistic regression on raw pixels; a randomly initialised encoder (probe and kNN); kNN of the SimCLR "
-        f"encoder, k in {cfg['knn_k']} (cosine, temperature 0.1).",
+        f"encoder (cosine, temperature 0.1), k chosen on the same validation splits from {cfg['knn_k']}."
+        + (" The random-init encoder's BatchNorm statistics are recalibrated on each subset's images (no labels, "
+           "no weights changed) before its features are taken." if any("bn_recalibrated_on" in r
+                                                                        for r in summary["records"]) else ""),
         "- **Statistics**: " + summary.get("statistics", "mean ± sample sd and the 95% Student-t interval over "
                                            "replicates."),
     ]
+
+
+def compute_lines(summary: dict[str, Any]) -> list[str]:
+    """Every arm's cost over all its replicates, tuning included, and the pretraining once, amortised."""
+    rows = [r for r in summary.get("rows", []) if "total_time_s" in r]
+    if not rows:
+        return []
+    pre = summary["pretraining"]
+    ssl_runs = sum(r["n"] for r in rows if r["arm"] in ("finetune", "linear") or r["arm"].startswith("knn"))
+    lines = ["## Compute (this machine, tuning included)", "",
+             "Seconds and images over every replicate of an arm: the final runs plus its grid (with `--tune-once` "
+             "the grid runs on the first replicate only and its choice is reused). Probes: feature extraction and "
+             "fits. Pretraining is not in these rows: "
+             + (f"it took {secs(pre['train_time_s'])} of epoch time once, shared by the {ssl_runs} SimCLR results "
+                f"below ({secs(pre['train_time_s'] / max(ssl_runs, 1))} each, amortised)."
+                if pre.get("train_time_s") else "its cost is unknown (an imported encoder)."), "",
+             "| fraction | arm | replicates | total | final runs | tuning | images processed (tuning) |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        img = f"{r['images_processed']:,} ({r['tuning_images']:,})" if r["images_processed"] else "-"
+        lines.append(f"| {pct(r['fraction'])} | {title(r['arm'], summary)} | {r['n']} | {secs(r['total_time_s'])} | "
+                     f"{secs(r['final_time_s'])} | {secs(r['tuning_time_s'])} | {img} |")
+    total = sum(r["total_time_s"] for r in rows)
+    lines += ["", f"All arms: {secs(total)} of training and probing; the whole command {secs(summary['elapsed_s'])} "
+              "in its last invocation (runs finished in earlier invocations were read back, their time counted "
+              "above).", ""]
+    return lines
+
+
+def edge_lines(summary: dict[str, Any]) -> list[str]:
+    """Grid choices at an edge: a trained arm's after its extensions, a probe's L2 or k; none is the goal."""
+    rows = [r for r in summary.get("rows", []) if r.get("edge_replicates") or r.get("grid_extended")]
+    lines = ["## Grid edges", ""]
+    if not rows:
+        return lines + ["No choice sat on an edge of its grid (trained arms after their extensions, probes' L2 and "
+                        "k).", ""]
+    for r in rows:
+        ext = (f"grid extended to {', '.join(f'{v:g}' for v in r['grid_extended'])}; "
+               if r.get("grid_extended") else "")
+        still = (f"still on an edge in replicate(s) {', '.join(str(i) for i in r['edge_replicates'])}"
+                 if r.get("edge_replicates") else "inside the extended grid")
+        lines.append(f"- {title(r['arm'], summary)} at {pct(r['fraction'])}: {ext}{still}")
+    return [*lines, ""]

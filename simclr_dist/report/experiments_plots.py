@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from simclr_dist.report.classes import confusion_png
-from simclr_dist.report.experiments import find_row, title
+from simclr_dist.report.experiments import title
 
 COLORS = {"linear": "tab:blue", "finetune": "tab:green", "supervised": "tab:red", "knn-20": "tab:cyan",
           "knn-200": "tab:olive", "random-linear": "tab:gray", "random-knn-20": "silver", "random-knn-200": "tan",
-          "pixels": "tab:purple"}
+          "pixels": "tab:purple", "knn": "tab:cyan", "random-knn": "silver"}
+MAIN = ("finetune", "supervised", "linear")  # drawn strong; the baselines muted behind them
 
 
 def figure(width: float, height: float, ncols: int = 1):
@@ -40,39 +41,75 @@ def png(fig) -> bytes:
 def plots(summary: dict[str, Any]) -> dict[str, bytes]:
     """PNG bytes keyed by file name (only the figures the summary has data for)."""
     figs = {"accuracy_vs_fraction.png": png(accuracy_vs_fraction(summary))}
+    if any("total_time_s" in r for r in summary.get("rows", [])):
+        figs["accuracy_vs_compute.png"] = png(accuracy_vs_compute(summary))
     if any(r.get("curves") for r in summary["records"]):
         figs["training_curves.png"] = png(training_curves(summary))
     figs.update(confusion_matrices(summary))
     return figs
 
 
+def interval(r: dict[str, Any]) -> tuple[float, float]:
+    """(low, high) of a row: the two-level bootstrap interval where there is one, else the t-interval."""
+    lo = r.get("boot_low") if r.get("boot_low") is not None else r.get("ci_low")
+    hi = r.get("boot_high") if r.get("boot_high") is not None else r.get("ci_high")
+    return (r["mean"] if lo is None else lo), (r["mean"] if hi is None else hi)
+
+
 def accuracy_vs_fraction(summary: dict[str, Any]):
-    fig, (ax,) = figure(7.2, 4.6)
+    """Test top-1 against the labelled fraction on a log axis (0.1, 1, 10, 100%), every arm at every fraction it
+    ran (from scratch at 100% is Experiment B's reference), 95% intervals; the three main arms strong, the
+    baselines thin and pale."""
+    fig, (ax,) = figure(7.6, 4.8)
     rows = summary.get("rows", [])
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        mine = sorted((r for r in rows if r["arm"] == arm and r["fraction"] in summary["fractions"]),
-                      key=lambda r: r["fraction"])
+    arms = sorted(dict.fromkeys(r["arm"] for r in rows), key=lambda a: (a in MAIN, a))  # main arms drawn last
+    for arm in arms:
+        mine = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["fraction"])
         if not mine:
             continue
         x = [100 * r["fraction"] for r in mine]
         y = [r["mean"] for r in mine]
-        err = [[r["mean"] - (r["ci_low"] if r["ci_low"] is not None else r["mean"]) for r in mine],
-               [(r["ci_high"] if r["ci_high"] is not None else r["mean"]) - r["mean"] for r in mine]]
-        style = "o-" if arm in ("linear", "finetune", "supervised") else "s--"
-        ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, ms=4, lw=1.2, color=COLORS.get(arm), label=title(arm, summary))
-    full = find_row(summary, "supervised", 1.0)
-    if full is not None:
-        if full["ci_low"] is not None:
-            ax.axhspan(full["ci_low"], full["ci_high"], color=COLORS["supervised"], alpha=0.12)
-        ax.axhline(full["mean"], color=COLORS["supervised"], ls=":", lw=1,
-                   label=f"from scratch, all labels ({full['mean']:.3f})")
+        lo_hi = [interval(r) for r in mine]
+        err = [[m - lo for m, (lo, _) in zip(y, lo_hi)], [hi - m for m, (_, hi) in zip(y, lo_hi)]]
+        main = arm in MAIN
+        ax.errorbar(x, y, yerr=err, fmt="o-" if main else "s--", capsize=3 if main else 2, ms=5 if main else 3,
+                    lw=2.0 if main else 0.9, alpha=1.0 if main else 0.45, color=COLORS.get(arm),
+                    label=title(arm, summary), zorder=3 if main else 2)
     ax.set_xscale("log")
-    fr = summary["fractions"]
-    ax.set_xticks([100 * f for f in fr], [f"{100 * f:g}%" for f in fr])
+    xs = sorted({r["fraction"] for r in rows} | set(summary["fractions"]))
+    ax.set_xticks([100 * f for f in xs], [f"{100 * f:g}%" for f in xs])
     ax.minorticks_off()
     n = len(summary["replicates"])
-    ax.set(xlabel="labelled training images (fraction of the train split)", ylabel="test top-1 accuracy",
-           title=f"{summary['dataset']}: accuracy vs labels (mean of {n} replicate(s), 95% interval)")
+    ax.set(xlabel="labelled training images (fraction of the train split, log scale)", ylabel="test top-1 accuracy",
+           title=f"{summary['dataset']}: accuracy vs labels (mean over up to {n} seeds, 95% interval)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def accuracy_vs_compute(summary: dict[str, Any]):
+    """Test top-1 against each result's own compute per replicate (final run + its share of the tuning, seconds on
+    this machine, log axis), one marker per (arm, fraction) labelled with the fraction; the pretraining, shared by
+    every SimCLR result, is drawn as a vertical line (it is not in the points)."""
+    fig, (ax,) = figure(7.6, 4.8)
+    rows = [r for r in summary.get("rows", []) if r.get("total_time_s")]
+    for r in sorted(rows, key=lambda r: (r["arm"] in MAIN, r["arm"])):
+        main = r["arm"] in MAIN
+        x = r["total_time_s"] / max(r["n"], 1)
+        lo, hi = interval(r)
+        ax.errorbar([x], [r["mean"]], yerr=[[r["mean"] - lo], [hi - r["mean"]]], fmt="o" if main else "s",
+                    ms=6 if main else 4, capsize=2, alpha=1.0 if main else 0.45, color=COLORS.get(r["arm"]))
+        ax.annotate(f"{100 * r['fraction']:g}%", (x, r["mean"]), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                    alpha=1.0 if main else 0.6)
+    for arm in sorted({r["arm"] for r in rows}, key=lambda a: (a not in MAIN, a)):
+        ax.plot([], [], "o" if arm in MAIN else "s", color=COLORS.get(arm), alpha=1.0 if arm in MAIN else 0.45,
+                label=title(arm, summary))
+    pre = summary["pretraining"].get("train_time_s")
+    if pre:
+        ax.axvline(pre, color="tab:blue", ls=":", lw=1, label=f"SimCLR pretraining, once ({pre / 60:.0f} min)")
+    ax.set_xscale("log")
+    ax.set(xlabel="seconds per replicate on this machine (final run + tuning share)", ylabel="test top-1 accuracy",
+           title=f"{summary['dataset']}: accuracy vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return fig

@@ -153,7 +153,7 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     out = tmp_path / "exp"
     args = ["--checkpoint", ckpt, "--fractions", "0.1", "--seeds", "2", "--steps", "3", "--batch-size", "32",
             "--lr-grid", "0.1,0.4", "--wd-grid", "0", "--no-ray", "--threads", "1", "--l2-grid", "1e-4,1e-2",
-            "--knn-k", "5", "--out", str(out)]
+            "--knn-k", "3,5,400", "--out", str(out)]
     assert exp.main(args) == 0
     stdout = capsys.readouterr().out
     assert "[exp] budget: 2 replicate(s)" in stdout and "s/step here" in stdout and "report.md" in stdout
@@ -171,7 +171,19 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     assert summary["complete"] and summary["fractions"] == [0.1] and summary["steps"] == 3
     arms = {(r["arm"], r["fraction"]) for r in summary["records"]}
     assert arms == {("linear", 0.1), ("finetune", 0.1), ("supervised", 0.1), ("supervised", 1.0), ("pixels", 0.1),
-                    ("knn-5", 0.1), ("random-linear", 0.1), ("random-knn-5", 0.1)}
+                    ("knn", 0.1), ("random-linear", 0.1), ("random-knn", 0.1)}
+    for r in summary["records"]:
+        if r["arm"] in ("knn", "random-knn"):  # k chosen on validation, capped at the labels a split fits on
+            ks = sorted(int(k) for k in r["selection"])
+            assert ks[:2] == [3, 5] and len(ks) == 3 and ks[2] < r["label_count"] and r["chosen"]["k"] in ks
+        if r["arm"].startswith("random"):  # BatchNorm statistics recalibrated on the subset's images
+            assert r["bn_recalibrated_on"] == r["label_count"] == 142
+    for row in summary["rows"]:  # compute counted with the tuning
+        assert row["total_time_s"] == pytest.approx(row["final_time_s"] + row["tuning_time_s"])
+        if row["arm"] in ("finetune", "supervised"):
+            assert row["images_processed"] > row["tuning_images"] > 0
+    assert "## Compute (this machine, tuning included)" in report and "## Grid edges" in report
+    assert (out / "accuracy_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in summary["records"]:
         assert 0 <= r["top1"] <= r["top5"] <= 1 and len(r["predictions"]) == 360
         assert 0 <= r["worst_class_acc"] <= r["top1"] + 1e-9 and len(r["per_class_recall"]) == 10

@@ -25,15 +25,16 @@ from simclr_dist.console import Log, emit
 from simclr_dist.report.experiments import Record
 from simclr_dist.report.experiments_md import report
 from simclr_dist.report.experiments_plots import plots
-from simclr_dist.core.models import Classifier
-from simclr_dist.core.knn import extract_features
+from simclr_dist.core.models import Classifier, recalibrate_batchnorm
+from simclr_dist.core.knn import TransformedSubset, extract_features
 from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
 from simclr_dist.data.splits import subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
 from simclr_dist.run.jobs.classify_job import pretraining_config, run_classifier
 from simclr_dist.run.train.classify_loop import epoch_steps
-from simclr_dist.run.train.evaluation import EvalData, Features, knn_eval, linear_probe_features, load_eval_data, select_device
+from simclr_dist.run.train.evaluation import (EvalData, Features, grid_edge_of, knn_select_features,
+                                             linear_probe_features, load_eval_data, select_device)
 from simclr_dist.run.studies.experiment_plan import Cell, Plan, Replicate, arm_config
 from simclr_dist.run.jobs.launch import RunError
 from simclr_dist.run.jobs.pretrain_job import run as run_pretraining
@@ -212,7 +213,10 @@ class FeatureBank:
 def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log
                ) -> list[dict[str, Any]]:
     """The linear probe and kNN of the SimCLR encoder, of a randomly initialised one, and logistic regression on
-    raw pixels, on this replicate's subsets, with the same selection splits as the trained arms."""
+    raw pixels, on this replicate's subsets, with the same selection splits as the trained arms: every L2 and every
+    k is chosen on those validation splits, the test split read once per probe. The random-init encoder's
+    BatchNorm statistics are recalibrated on each fraction's labelled images before its features are taken
+    (:func:`recalibrate_batchnorm`: no labels used, no weights changed)."""
     e = plan.ecfg
     wanted = (["ssl"] if "linear" in plan.arms or "knn" in plan.baselines else []) + \
              (["random"] if "random" in plan.baselines else []) + (["pixels"] if "pixels" in plan.baselines else [])
@@ -222,45 +226,76 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
     needed = np.concatenate([plan.subsets[(f, rep.subset_seed)] for f in fractions])
     records = []
     for kind in wanted:
-        if kind == "ssl":
-            if "ssl" not in banks:  # one pass for every replicate: the union of all their subsets
-                union = np.concatenate([s for (f, _), s in plan.subsets.items() if f in plan.fractions])
-                banks["ssl"] = FeatureBank(ssl_encoder(plan), ssl_data(plan, data), union)
-            bank = banks["ssl"]
-        elif kind == "random":
-            torch.manual_seed(rep.seed)
-            bank = FeatureBank(build_model(plan.model_cfg).encoder, data, needed)
-        else:
-            bank = FeatureBank(nn.Flatten(), data, needed)
-        log(f"[exp] {kind} features of {len(bank.indices)} train + {len(bank.features.test_y)} test images "
-            f"({bank.features.train_x.shape[1]}-d) in {bank.seconds:.1f}s")
         for f in fractions:
             sub = plan.subsets[(f, rep.subset_seed)]
+            bank = probe_bank(kind, plan, rep, data, banks, needed, sub, log)
             feats = bank.of(sub)
             common = {"fraction": f, "replicate": rep.index, "subset_seed": rep.subset_seed, "seed": rep.seed,
                       "label_count": len(sub), "subset_sha256": subset_digest(sub)}
+            # the plan's selection splits, as positions into the subset (what the probe's features are in)
+            splits = [(np.searchsorted(sub, s.fit), np.searchsorted(sub, s.val))
+                      for s in plan.splits[(f, rep.subset_seed)][1]]
+            extra = {"bn_recalibrated_on": len(sub)} if kind == "random" else {}
             probe = {"ssl": "linear", "random": "random-linear", "pixels": "pixels"}[kind]
             if kind != "ssl" or "linear" in plan.arms:
-                # the plan's selection splits, as positions into the subset (what the probe's features are in)
-                splits = [(np.searchsorted(sub, s.fit), np.searchsorted(sub, s.val))
-                          for s in plan.splits[(f, rep.subset_seed)][1]]
                 t0 = time.perf_counter()
                 out = linear_probe_features(feats, num_classes=data.num_classes, l2_grid=e.l2_values(),
                                             splits=splits, log=lambda m: None)
+                edge = grid_edge_of(out["l2"], e.l2_values())
                 records.append(Record(**common, arm=probe, top1=out["top1"], top5=out["top5"],
                                       predictions=out["predictions"], chosen={"l2": out["l2"]},
                                       selection=out["val_top1_by_l2"], folds=len(splits),
-                                      train_time_s=time.perf_counter() - t0 + bank.seconds).to_dict())
-                log(f"[exp] {probe} {100 * f:g}% (replicate {rep.index}): L2 {out['l2']:g} chosen on validation, "
-                    f"test top-1 {out['top1']:.4f}")
+                                      train_time_s=time.perf_counter() - t0 + bank.seconds,
+                                      extra={**extra, "grid_edge": edge}).to_dict())
+                log(f"[exp] {probe} {100 * f:g}% (replicate {rep.index}): L2 {out['l2']:g} chosen on validation"
+                    + (f" (the {edge} edge of the L2 grid)" if edge else "") + f", test top-1 {out['top1']:.4f}")
             if kind != "pixels" and ("knn" in plan.baselines or kind == "random"):
-                for k in e.knn_ks():
-                    out = knn_eval(feats, num_classes=data.num_classes, k=k)
-                    name = ("knn" if kind == "ssl" else "random-knn") + f"-{k}"
-                    records.append(Record(**common, arm=name, top1=out["top1"], top5=out["top5"],
-                                          predictions=out["predictions"], chosen={"k": min(k, len(sub))},
-                                          train_time_s=out["wall_time_s"] + bank.seconds).to_dict())
+                out = knn_select_features(feats, num_classes=data.num_classes, ks=e.knn_ks(), splits=splits)
+                name = "knn" if kind == "ssl" else "random-knn"
+                records.append(Record(**common, arm=name, top1=out["top1"], top5=out["top5"],
+                                      predictions=out["predictions"], chosen={"k": out["k"]},
+                                      selection=out["val_top1_by_k"], folds=len(splits),
+                                      train_time_s=out["wall_time_s"] + bank.seconds,
+                                      extra={**extra, "grid_edge": out["grid_edge"]}).to_dict())
+                log(f"[exp] {name} {100 * f:g}% (replicate {rep.index}): k {out['k']} chosen on validation, test "
+                    f"top-1 {out['top1']:.4f}")
     return records
+
+
+def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank],
+               needed: np.ndarray, sub: np.ndarray, log: Log) -> FeatureBank:
+    """The features a probe of ``kind`` reads: the SimCLR encoder's (one pass for every replicate: the union of all
+    subsets), raw pixels (one pass per replicate), or a random-init encoder's with its BatchNorm statistics
+    recalibrated on this subset's images (one pass per replicate and fraction: the statistics depend on them)."""
+    if kind == "ssl":
+        if "ssl" not in banks:
+            union = np.concatenate([s for (f, _), s in plan.subsets.items() if f in plan.fractions])
+            banks["ssl"] = FeatureBank(ssl_encoder(plan), ssl_data(plan, data), union)
+            describe(kind, banks["ssl"], log)
+        return banks["ssl"]
+    if kind == "pixels":
+        key = f"pixels/{rep.index}"
+        if key not in banks:
+            banks.pop(next((k for k in banks if k.startswith("pixels/")), ""), None)  # one replicate's at a time
+            banks[key] = FeatureBank(nn.Flatten(), data, needed)
+            describe(kind, banks[key], log)
+        return banks[key]
+    torch.manual_seed(rep.seed)
+    encoder = build_model(plan.model_cfg).encoder
+    t0 = time.perf_counter()
+    loader = torch.utils.data.DataLoader(TransformedSubset(data.train, data.eval_transform(), sub.tolist()),
+                                         batch_size=256)
+    seen = recalibrate_batchnorm(encoder, (x for x, _ in loader))
+    bank = FeatureBank(encoder, data, sub)
+    bank.seconds = time.perf_counter() - t0  # recalibration included
+    log(f"[exp] random-init BatchNorm statistics recalibrated on the {seen} labelled images of the subset")
+    describe(kind, bank, log)
+    return bank
+
+
+def describe(kind: str, bank: FeatureBank, log: Log) -> None:
+    log(f"[exp] {kind} features of {len(bank.indices)} train + {len(bank.features.test_y)} test images "
+        f"({bank.features.train_x.shape[1]}-d) in {bank.seconds:.1f}s")
 
 
 def ssl_data(plan: Plan, data: EvalData) -> EvalData:

@@ -178,6 +178,39 @@ def knn_eval(features: Features, *, num_classes: int, k: int = 200, temperature:
             "params": {"k": k, "temperature": temperature}}
 
 
+def knn_select_features(features: Features, *, num_classes: int, ks: Sequence[int],
+                        splits: Sequence[tuple[np.ndarray, np.ndarray]], temperature: float = 0.1) -> dict[str, Any]:
+    """Cosine kNN whose k is chosen on validation, like the probes' L2: each candidate k (capped at the smallest
+    fit size) votes the validation images of every (fit, val) split from that split's fit images; the k with the
+    best mean validation top-1 (ties: the smaller k) then votes the test images from all the labelled images, once.
+    Without validation data (one label per class) the smallest k is taken and said so by ``val_top1_by_k`` empty."""
+    train = F.normalize(features.train_x, dim=1)
+    smallest = min((len(fit) for fit, val in splits if len(val)), default=len(train))
+    candidates = sorted({min(int(k), smallest) for k in ks})
+    val_acc: dict[str, float] = {}
+    usable = [(fit, val) for fit, val in splits if len(val)]
+    for fit, val in usable:
+        fit_i, val_i = torch.as_tensor(fit), torch.as_tensor(val)
+        for k in candidates:
+            scores = knn_predict(train[fit_i], features.train_y[fit_i], train[val_i], num_classes=num_classes, k=k,
+                                 temperature=temperature)
+            top1 = topk_accuracy(scores, features.train_y[val_i])[0]
+            val_acc[str(k)] = val_acc.get(str(k), 0.0) + top1 / len(usable)
+    best = max(candidates, key=lambda k: (val_acc.get(str(k), 0.0), -k))
+    out = knn_eval(features, num_classes=num_classes, k=min(best, len(train)), temperature=temperature)
+    return {**out, "k": best, "val_top1_by_k": val_acc, "val_top1": val_acc.get(str(best)),
+            "grid_edge": grid_edge_of(best, candidates) if val_acc else None}
+
+
+def grid_edge_of(value: float, grid: Sequence[float]) -> str | None:
+    """"low"/"high" when ``value`` is the grid's smallest/largest point (a choice at an edge: the grid may have been
+    too small), else None."""
+    lo = sorted(set(grid))
+    if len(lo) < 2:
+        return None
+    return "low" if value == lo[0] else "high" if value == lo[-1] else None
+
+
 # ---------------------------------------------------------------------------- a classifier's test pass
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, transform: Callable, indices: Sequence[int] | None = None, *,
