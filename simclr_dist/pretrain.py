@@ -1,7 +1,13 @@
 """``python -m simclr_dist.pretrain``: validate the config, then run SimCLR pretraining on Ray Train.
 
 Locally it starts Ray itself; under ``ray job submit`` or with ``RAY_ADDRESS`` / ``--ray-address`` it joins
-the cluster. Everything that can be checked without Ray (flags, data, storage, a resume's architecture) is
+the cluster; ``--no-ray`` runs the same loop in this process. From Python (a notebook)::
+
+    from simclr_dist.pretrain import PretrainConfig, run_local
+    summary = run_local(PretrainConfig(dataset="digits", epochs=5, name="nb"))   # rerun: resumes
+    summary["checkpoint"], summary["history"][-1]["loss"]
+
+Everything that can be checked without Ray (flags, data, storage, a resume's architecture) is
 checked first, so a bad input costs one line and no cluster time.
 """
 
@@ -9,13 +15,13 @@ from __future__ import annotations
 
 import sys
 
-from simclr_dist.config import ConfigError, parse_config
+from simclr_dist.config import ConfigError, PretrainConfig, parse_config
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist import storage
 from simclr_dist.run.jobs.launch import RunError
-from simclr_dist.run.jobs.pretrain_job import RUN_CONFIG_FILE, check_config, preflight, run
+from simclr_dist.run.jobs.pretrain_job import RUN_CONFIG_FILE, check_config, preflight, run, run_local
 
-__all__ = ["RUN_CONFIG_FILE", "RunError", "check_config", "main", "preflight", "run"]
+__all__ = ["PretrainConfig", "RUN_CONFIG_FILE", "RunError", "check_config", "main", "preflight", "run", "run_local"]
 
 
 def main(argv: list[str] | None = None) -> int:

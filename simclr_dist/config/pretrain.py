@@ -93,6 +93,9 @@ class PretrainConfig(JobConfig):
     compile: bool = flag(False, "torch.compile the model")
     seed: int = flag(0, "seed of model init, data order and augmentation")
     # cluster
+    ray: bool = flag(True, "train under Ray Train (DDP workers); --no-ray: the same loop in this process (one worker, "
+                           "--threads CPU threads), the same checkpoints in --storage-path/--name, resumed alike")
+    threads: int = flag(0, "with --no-ray: torch CPU threads (0: torch's default)", ge=0)
     num_workers: int = flag(2, "Ray Train workers (one process each, DDP)", ge=1)
     use_gpu: bool | None = flag(None, "one GPU per worker (default: when the cluster has GPUs)")
     cpus_per_worker: float = flag(1.0, "CPUs Ray reserves for each worker (also its torch thread count)", gt=0)
@@ -173,11 +176,15 @@ class PretrainConfig(JobConfig):
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
         """The rules that relate fields (each field's own rules are in its ``flag(...)``)."""
-        if self.batch_size % self.num_workers:
+        if self.batch_size % self.world():
             bad("batch_size", f"{self.batch_size} is not divisible by --num-workers {self.num_workers}")
-        if self.batch_size // self.num_workers < 2:
-            bad("batch_size", f"{self.batch_size} gives {self.batch_size // self.num_workers} image(s) per worker; "
+        if self.batch_size // self.world() < 2:
+            bad("batch_size", f"{self.batch_size} gives {self.batch_size // self.world()} image(s) per worker; "
                               "NT-Xent needs at least 2 per worker")
+        if not self.ray:
+            for name in ("ray_address", "chaos_kill_in_upload"):
+                if getattr(self, name) not in (None, -1):
+                    bad(name, "is for a Ray Train run; --no-ray trains in this process")
         if self.warmup_epochs is not None and self.epochs is not None and not 0 <= self.warmup_epochs <= self.epochs:
             bad("warmup_epochs", f"must be within [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset, self.data_root):
@@ -203,10 +210,14 @@ class PretrainConfig(JobConfig):
                                 f"({dataset_info(self.dataset).labelled[0]!r}); --split is {self.split!r}")
         if self.pretrained is not None:
             parse_weights_spec(self.pretrained)
-        if self.sync_bn and self.use_gpu is False and self.num_workers > 1:
+        if self.sync_bn and self.use_gpu is False and self.world() > 1:
             bad("sync_bn", "needs GPU workers (SyncBatchNorm synchronises over NCCL; --no-use-gpu trains on CPU "
                            "with gloo): drop --sync-bn or --no-use-gpu")
         check_plain_name(self.name)
+
+    def world(self) -> int:
+        """Processes that train: the Ray Train workers, or this one process with --no-ray."""
+        return self.num_workers if self.ray else 1
 
     def arch_signature(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ARCH_FIELDS}

@@ -1,4 +1,5 @@
-"""The pretraining job as a function: check a config, then run it on Ray Train and summarise the run.
+"""The pretraining job as a function: check a config, then run it on Ray Train (or, ``--no-ray``, in this process)
+and summarise the run.
 
 Why here and not in the command: the pretraining CLI, the sweep's Tune trainable and the experiments driver all
 run the same job, and a command module is never imported by another. Everything that can be checked without Ray
@@ -7,6 +8,7 @@ run the same job, and a command module is never imported by another. Everything 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ from simclr_dist.data.datasets import check_available
 from simclr_dist import storage
 from simclr_dist.run.jobs.capacity import CapacityError, Growth
 from simclr_dist.run.jobs.launch import Placement, RunError, fit, place
+from simclr_dist.run.store.checkpoint import latest_checkpoint
 from simclr_dist.run.train.resume import plan_resume
 
 RUN_CONFIG_FILE = "simclr_config.json"
@@ -73,10 +76,19 @@ def check_placement(cfg: PretrainConfig, where: Placement) -> None:
 
 
 def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or resume) pretraining; returns a summary with the checkpoint path, history and kNN accuracy."""
-    from simclr_dist.run.train.pretrain_loop import train_loop_per_worker
+    """Run (or resume) pretraining; returns a summary with the checkpoint path, history and kNN accuracy.
+    ``callbacks``: Ray Train callbacks (the sweep's Tune reporter); a ``--no-ray`` run has none."""
+    from simclr_dist.run.train.pretrain_loop import train_local, train_loop_per_worker
 
     cfg = preflight(cfg)
+    if not cfg.ray:
+        if callbacks:
+            raise ConfigError("--no-ray: Ray Train callbacks (a Tune sweep) need a Ray run")
+        download_data(cfg)
+        t0 = time.perf_counter()
+        ret = train_local(cfg)
+        return summarize(cfg, ret, latest_checkpoint(storage.join(cfg.storage_path, cfg.name)),
+                         time.perf_counter() - t0)
     try:
         growth = Growth.resolve(cfg.max_cluster_cpus, cfg.max_cluster_gpus, cfg.resource_timeout)
     except CapacityError as e:
@@ -86,12 +98,29 @@ def run(cfg: PretrainConfig, *, callbacks: list | None = None) -> dict[str, Any]
     check_placement(cfg, where)
     t0 = time.perf_counter()
     result = fit(train_loop_per_worker, cfg.to_dict(), cfg, where=where, callbacks=callbacks)
-    wall = time.perf_counter() - t0
-    ret = result.return_value or {}
+    return summarize(cfg, result.return_value or {}, result.checkpoint.path if result.checkpoint else None,
+                     time.perf_counter() - t0)
+
+
+def run_local(cfg: PretrainConfig) -> dict[str, Any]:
+    """Pretrain in this process, without Ray (``--no-ray``): the entry point for a notebook or a script.
+
+    ``cfg`` is a :class:`PretrainConfig` (its ``ray`` field is ignored). The run writes and resumes the same
+    checkpoints as ``python -m simclr_dist.pretrain`` under ``cfg.storage_path/cfg.name``, so calling it again
+    resumes (or, once complete, reports) the run. Returns the summary :func:`run` returns: ``run``,
+    ``checkpoint`` (the newest checkpoint directory, for ``simclr_dist.evaluate --checkpoint``), ``history`` (one
+    metrics dict per epoch), ``epochs_done``, ``wall_time_s``, ``knn_top1`` and friends, ``config``. A bad
+    input raises :class:`ConfigError` (or ``DatasetError``/``StorageError``) in one line; a non-finite loss,
+    :class:`RunError`."""
+    return run(dataclasses.replace(cfg, ray=False))
+
+
+def summarize(cfg: PretrainConfig, ret: dict[str, Any], checkpoint: str | None, wall: float) -> dict[str, Any]:
+    """The run's summary from what the rank-0 loop returned and the newest checkpoint; a non-finite loss raises."""
     history = ret.get("history", [])
     summary = {
         "run": storage.join(cfg.storage_path, cfg.name),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
         "status": ret.get("status", "ok"), "wall_time_s": wall, "history": history,
         "epochs_done": ret.get("epochs_done"), "resumed_from_epoch": ret.get("resumed_from_epoch"),
         "resumed_from_step": ret.get("resumed_from_step"), "attempt_started_at": ret.get("attempt_started_at"),

@@ -8,16 +8,23 @@ the negatives of all workers with exact gradients. Checkpoints are taken at epoc
 ``--checkpoint-every-steps/-minutes``, mid-epoch: a resume then goes on at the next batch of the same seeded
 epoch and reaches the weights of an uninterrupted run. Rank 0's state is copied in memory and uploaded in the
 background (:class:`simclr_dist.run.store.checkpoint.AsyncCheckpointer`); every rank reports metrics.
+
+The same loop runs without Ray (``--no-ray``, :func:`train_local`): one process is the only worker, its
+:class:`LocalCheckpointer` writes the same checkpoint directories into the same run directory (so evaluation,
+experiments and a later Ray rerun read them unchanged), and a rerun resumes from the newest complete one.
+What differs between the two is gathered in a :class:`Worker`.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -35,10 +42,17 @@ from simclr_dist.data.loader import LoaderSpec, PretrainLoader, build_pretrain_l
 from simclr_dist.data.splits import fixed_subset, labelled_splits, validation_split
 from simclr_dist.core.optim import WarmupCosine, build_optimizer, scale_lr
 from simclr_dist import storage
-from simclr_dist.run.store.chaos import chaos_kill
-from simclr_dist.run.store.checkpoint import AsyncCheckpointer, PretrainState, load_checkpoint
+from simclr_dist.run.store.chaos import chaos_kill, chaos_once
+from simclr_dist.run.store.checkpoint import (
+    AsyncCheckpointer,
+    PretrainState,
+    latest_checkpoint,
+    list_complete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from simclr_dist.run.train.metrics import WorkerMetrics
-from simclr_dist.run.train.resume import Position, restore, resumed_schedule
+from simclr_dist.run.train.resume import Position, load_resumable, restore, resumed_schedule
 from simclr_dist.run.store.weights import build_model
 from simclr_dist.run.train.step import pretrain_step
 
@@ -74,6 +88,86 @@ def online_knn(encoder: torch.nn.Module, cfg: PretrainConfig, device: torch.devi
     return {f"val_{k}": v for k, v in acc.items()} if cfg.knn_split == "val" else acc
 
 
+# ---------------------------------------------------------------------------- where the loop runs
+class Checkpointer(Protocol):
+    """What the loop needs of a checkpoint writer: Ray's asynchronous one or :class:`LocalCheckpointer`."""
+
+    blocked_s: list[float]
+
+    def busy(self) -> bool: ...
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> float: ...
+
+
+class LocalCheckpointer:
+    """``--no-ray``: checkpoints written by this process into the run directory, in the directories a Ray run
+    makes (``checkpoint_<date>``, ``checkpoint.pt`` then ``manifest.json`` last), keeping the newest
+    ``num_to_keep``. Synchronous: with one process there is no upload thread to hide behind, and a save that has
+    returned is on disk when a kill comes. Never busy, so no save is deferred."""
+
+    def __init__(self, run_uri: str, num_to_keep: int):
+        self.run_uri, self.num_to_keep = run_uri, num_to_keep
+        self.blocked_s: list[float] = []
+
+    def busy(self) -> bool:
+        return False
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> float:
+        """Write ``state`` (``None``: a metrics-only report, nothing to write); the seconds it took."""
+        if state is None:
+            return 0.0
+        t0 = time.perf_counter()
+        name = f"checkpoint_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S.%f')}"  # Ray Train's naming
+        save_checkpoint(storage.join(self.run_uri, name), state)
+        for old in list_complete_checkpoints(self.run_uri)[:-self.num_to_keep]:
+            fs, path = storage.resolve(old.uri)
+            fs.delete_dir(path)
+        self.blocked_s.append(time.perf_counter() - t0)
+        return self.blocked_s[-1]
+
+
+@dataclass
+class Worker:
+    """What differs between a Ray Train worker and the ``--no-ray`` process; the loop itself is the same."""
+
+    rank: int
+    world: int
+    device: torch.device
+    resume: dict[str, Any] | None  # the loaded checkpoint to go on from (None: a fresh run)
+    resume_from: str               # where it was read (for errors)
+    saver: Checkpointer
+    on_ray: bool                   # Prometheus series through Ray's metrics agent; the chaos drill through Ray
+
+
+def ray_worker(cfg: PretrainConfig) -> Worker:
+    """This Ray Train worker: Ray's checkpoint after a restart or a rerun, else the newest complete one in the run
+    directory (a run begun with ``--no-ray``, whose checkpoints Ray never registered)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, run_uri = ctx.get_world_rank(), storage.join(cfg.storage_path, cfg.name)
+    state, where = None, ""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # Ray's newest; an unreadable one falls back to the newest that loads, in one line
+        state, where = load_resumable(checkpoint, run_uri, log=emit if rank == 0 else (lambda msg: None))
+    elif (latest := latest_checkpoint(run_uri)) is not None:
+        state, where = load_checkpoint(latest), latest
+    saver = AsyncCheckpointer(run_uri, rank, kill_in_upload_epoch=cfg.chaos_kill_in_upload)
+    return Worker(rank, ctx.get_world_size(), ray.train.torch.get_device(), state, where, saver, on_ray=True)
+
+
+def local_worker(cfg: PretrainConfig) -> Worker:
+    """This process as the only worker (``--no-ray``): the GPU when there is one (unless ``--no-use-gpu``), else
+    the CPU; resumed from the newest complete checkpoint of the run directory."""
+    use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    run_uri = storage.join(cfg.storage_path, cfg.name)
+    latest = latest_checkpoint(run_uri)
+    return Worker(0, 1, device, load_checkpoint(latest) if latest else None, latest or "",
+                  LocalCheckpointer(run_uri, cfg.num_to_keep), on_ray=False)
+
+
 # ---------------------------------------------------------------------------- what the loop carries
 @dataclass
 class Trainer:
@@ -92,8 +186,8 @@ class Trainer:
     precision: Precision
     channels_last: bool
     loader: PretrainLoader
-    saver: AsyncCheckpointer
-    mon: WorkerMetrics
+    saver: Checkpointer
+    mon: WorkerMetrics | None             # Prometheus series (Ray runs; without Ray there is no metrics agent)
     log: Callable[[str], None]
     step: int = 0                         # global steps done (all epochs)
     history: list[dict[str, Any]] = field(default_factory=list)   # one metrics dict per finished epoch
@@ -120,7 +214,9 @@ class Trainer:
         """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
         sums = gather_all(loss_sum) if batch else None  # the epoch's running loss of every rank, to go on from
         state = self.state(epochs_done=epochs_done, batch=batch, sums=sums).to_dict() if self.rank == 0 else None
-        self.mon.checkpoint_saved(self.saver.report(metrics, state))
+        blocked = self.saver.report(metrics, state)
+        if self.mon is not None:
+            self.mon.checkpoint_saved(blocked)
         self.last_save, self.pending = time.monotonic(), False
 
     def time_due(self) -> bool:
@@ -134,7 +230,11 @@ class Trainer:
         if cfg.chaos_kill_step >= 0 and self.step >= cfg.chaos_kill_step and not (self.pending or self.drilled):
             self.drilled = True  # once per attempt; the marker in storage makes it once per run
             if self.rank == self.world - 1:
-                chaos_kill(storage.join(cfg.storage_path, cfg.name), self.step)
+                run_uri = storage.join(cfg.storage_path, cfg.name)
+                if self.mon is not None:  # a Ray worker: after every reported checkpoint is registered
+                    chaos_kill(run_uri, self.step)
+                else:  # --no-ray: every save has returned, so it is on disk
+                    chaos_once(run_uri, "kill", step=self.step)
 
 
 @dataclass
@@ -156,7 +256,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     data_wait = 0.0
     t_epoch = t_ready = time.perf_counter()
-    tr.mon.start_epoch(epoch, tr.step)
+    if tr.mon is not None:
+        tr.mon.start_epoch(epoch, tr.step)
     for i, (v1, v2, _) in enumerate(tr.loader, start=first):  # v1, v2: (B, 3, S, S) two views of B images
         data_wait += time.perf_counter() - t_ready
         cur_lr = tr.schedule.apply(tr.step)
@@ -179,7 +280,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
             if tr.step % cfg.log_every == 0 or end_of_epoch:
                 tr.log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{tr.steps_per_epoch} "
                        f"loss {loss.item():.4f} lr {cur_lr:.5f}")
-                tr.mon.observe(step=tr.step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
+                if tr.mon is not None:
+                    tr.mon.observe(step=tr.step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
             tr.pending = save_due or time_due or tr.pending
             if tr.pending and not busy and not end_of_epoch:
                 tr.save({"epoch": epoch, "step": tr.step, "batch": i + 1, "status": "ok"},
@@ -189,12 +291,12 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
 
 
 # ---------------------------------------------------------------------------- the loop
-def build_trainer(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
-                  log: Callable[[str], None], checkpoint: Any) -> tuple[Trainer, Position]:
-    """Model, optimizer, schedule and loader of this worker, restored from ``checkpoint`` (Ray's, or None)."""
+def build_trainer(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None]) -> tuple[Trainer, Position]:
+    """Model, optimizer, schedule and loader of this worker, restored from ``worker.resume`` (or fresh)."""
+    rank, world, device = worker.rank, worker.world, worker.device
     on_gpu = device.type == "cuda"
     model = build_model(cfg)
-    if cfg.pretrained and checkpoint is None:  # a fresh run's init; a resume restores its own
+    if cfg.pretrained and worker.resume is None:  # a fresh run's init; a resume restores its own
         from simclr_dist.run.store.pretrained import init_from_pretrained
         init_from_pretrained(model, cfg.pretrained, strict=cfg.pretrained_strict, log=log)
     if cfg.sync_bn and world > 1:
@@ -217,11 +319,10 @@ def build_trainer(cfg: PretrainConfig, rank: int, world: int, device: torch.devi
     schedule = WarmupCosine(optimizer, lr, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
                             total_steps=total_steps)
 
-    # resume: the checkpoint Ray hands back (after a restart, or a rerun of the same run name)
+    # resume: the checkpoint Ray hands back (after a restart, or a rerun of the same run name), or the run's newest
     pos = Position()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = PretrainState.from_dict(load_checkpoint(d), where=d)
+    if worker.resume is not None:
+        state = PretrainState.from_dict(worker.resume, where=worker.resume_from)
         pos = restore(state, cfg, model=model, optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch,
                       rank=rank, world=world)
         schedule = resumed_schedule(schedule, state.schedule, pos.step, total_steps, log=log)
@@ -235,13 +336,12 @@ def build_trainer(cfg: PretrainConfig, rank: int, world: int, device: torch.devi
     log(f"[simclr] {cfg.arch} x{cfg.width} on {cfg.dataset}/{cfg.split} {cfg.image_size}px | {world} worker(s) x "
         f"{per_worker} = batch {cfg.batch_size} | {steps_per_epoch} steps/epoch | lr {lr:.4f} | {precision.name} on "
         f"{device.type}" + (" | channels_last" if channels_last else ""))
-    mon = WorkerMetrics(cfg.name, rank, socket.gethostname(), samples_per_step=per_worker, device=device, model=raw,
-                        image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent (log points only)
-    saver = AsyncCheckpointer(storage.join(cfg.storage_path, cfg.name), rank,
-                              kill_in_upload_epoch=cfg.chaos_kill_in_upload)
+    mon = (WorkerMetrics(cfg.name, rank, socket.gethostname(), samples_per_step=per_worker, device=device,
+                         model=raw, image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent
+           if worker.on_ray else None)
     tr = Trainer(cfg=cfg, rank=rank, world=world, device=device, raw=raw, ddp=ddp, optimizer=optimizer,
                  schedule=schedule, scaler=scaler, precision=precision, channels_last=channels_last, loader=loader,
-                 saver=saver, mon=mon, log=log, step=pos.step, history=pos.history, init_knn=pos.init_knn,
+                 saver=worker.saver, mon=mon, log=log, step=pos.step, history=pos.history, init_knn=pos.init_knn,
                  drilled=pos.step >= cfg.chaos_kill_step)
     return tr, pos
 
@@ -265,20 +365,32 @@ def epoch_metrics(tr: Trainer, epoch: int, ep: EpochResult, node_ids: list[str])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
-
+    """What Ray Train runs in every worker."""
     cfg = PretrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    log = emit if rank == 0 else (lambda msg: None)
     if not cfg.verbose:
         quiet_report_log()
+    worker = ray_worker(cfg)
+    return train_worker(cfg, worker, emit if worker.rank == 0 else (lambda msg: None))
 
-    tr, pos = build_trainer(cfg, rank, world, device, log, ray.train.get_checkpoint())
+
+def train_local(cfg: PretrainConfig, log: Callable[[str], None] = emit) -> dict[str, Any]:
+    """``--no-ray``: the same loop in this process, with ``--threads`` torch threads (restored afterwards, so a
+    notebook keeps its own setting); returns what a Ray worker returns."""
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return train_worker(cfg, local_worker(cfg), log)
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_worker(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None]) -> dict[str, Any]:
+    """Build (or restore) this worker's trainer, then train epoch by epoch; the run's outcome and history."""
+    device = worker.device
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
+    tr, pos = build_trainer(cfg, worker, log)
     attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
     node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
 
@@ -367,7 +479,12 @@ def all_node_ids() -> list[str]:
 
 
 def ray_node_id() -> str:
+    """This process's Ray node, or "" outside Ray (``--no-ray``: importing Ray for it would only cost time)."""
+    if "ray" not in sys.modules:
+        return ""
     import ray
+    if not ray.is_initialized():
+        return ""
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:
