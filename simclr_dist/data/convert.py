@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1, help="write N files in parallel: PATH-0000k-of-0000N.beton")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="skip unreadable images (and report how many) instead of failing")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress display (by default: a bar on a terminal, a plain line every 10 s otherwise; "
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress display (by default: a bar on a terminal, a plain line every 10 s otherwise; "
                         "$SIMCLR_DIST_PROGRESS=bar|lines|off|auto overrides)")
     return p
 

@@ -1,5 +1,5 @@
-"""Encoders leaving the project: a published simclr-dist checkpoint (optimizer stripped, SHA-256 pinned and
-checked on load, never overwritten) and a torchvision state dict that torchvision's own ResNet loads strictly."""
+"""Encoders leaving the project as a published simclr-dist checkpoint: optimizer stripped, SHA-256 pinned and checked
+on load, never overwritten. The torchvision, ONNX and TorchScript exports: tests/run/test_export.py."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import json
 
 import pytest
 import torch
-import torchvision
 
 from simclr_dist import export
 from simclr_dist.config import PretrainConfig, PretrainedError
-from simclr_dist.data.datasets import load_dataset
 from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE, MANIFEST_FILE, load_checkpoint, save_checkpoint
 from simclr_dist.run.store.pretrained import load_pretrained
 from simclr_dist.run.store.weights import build_model
@@ -75,26 +73,3 @@ def test_a_published_file_changed_behind_its_pin_is_refused(tmp_path):
     load_checkpoint(str(out))  # the manifest check alone passes
     with pytest.raises(PretrainedError, match="differs from its pin"):
         load_pretrained(f"simclr-dist:{out}")
-
-
-def test_torchvision_export_loads_strictly_and_gives_the_same_features(tmp_path, capsys):
-    run, model = write_run(tmp_path, image_size=32, width=1.0, cifar_stem=False)
-    out = tmp_path / "r18.pt"
-    assert export.main([run, "--format", "torchvision", "--out", str(out)]) == 0
-    tv = torchvision.models.resnet18()
-    tv.fc = torch.nn.Identity()
-    tv.load_state_dict(torch.load(out, weights_only=True), strict=True)
-    images = load_dataset("digits", "test", image_size=32)
-    x = torch.stack([images[i][0].float() / 255 for i in range(8)])  # real digits, (8, 3, 32, 32) in [0, 1]
-    tv.eval(), model.eval()
-    torch.testing.assert_close(tv(x), model.encoder(x), rtol=1e-5, atol=1e-5)
-    assert export.main([run, "--format", "torchvision", "--out", str(out)]) == 2  # exists: not overwritten
-    assert "exists" in capsys.readouterr().err
-
-
-def test_torchvision_export_refuses_a_network_it_cannot_hold(tmp_path, capsys):
-    run, _ = write_run(tmp_path, image_size=16, width=0.25)
-    assert export.main([run, "--format", "torchvision", "--out", str(tmp_path / "x.pt")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "width 0.25" in err and "CIFAR stem" in err
-    assert not (tmp_path / "x.pt").exists()

@@ -1,4 +1,5 @@
-"""Encoders leave the project in two forms: a *published* simclr-dist checkpoint, and a torchvision state dict.
+"""Encoders leave the project as a *published* simclr-dist checkpoint, or as a torchvision state dict (this module);
+ONNX, TorchScript and the checked torchvision export with its input contract live in :mod:`.interchange`.
 
 Why publish rather than copy a checkpoint: a training checkpoint carries the optimizer (twice the weights) and
 can be overwritten by a rerun; a published one holds the network, its config and history only, is written once,
@@ -137,16 +138,23 @@ def model_card(out: str, facts: dict[str, Any], history: list[dict[str, Any]]) -
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
+def torchvision_arch(arch: str, width: float, cifar_stem: bool, where: str) -> str:
+    """The torchvision constructor that holds this encoder exactly; a :class:`PublishError` naming every reason
+    when none does (another width, the CIFAR stem, an architecture torchvision lacks)."""
+    why = ([f"width {width:g} (torchvision builds width 1)"] if width != 1 else []) + (
+        ["the CIFAR stem (3x3 conv, no max-pool; torchvision has the 7x7 ImageNet stem)"] if cifar_stem else []) + (
+        [f"arch {arch}"] if arch not in TORCHVISION_ARCHS else [])
+    if why:
+        raise PublishError(f"{where}: torchvision's {arch} cannot hold this encoder: {'; '.join(why)}; "
+                           "export --format onnx, torchscript or simclr-dist instead")
+    return arch
+
+
 def torchvision_state_dict(source: str) -> tuple[dict[str, torch.Tensor], str]:
     """(the encoder's state dict under torchvision's names, the torchvision constructor name); refuses a
     network torchvision does not build (another width, the CIFAR stem) in one line."""
     state = load_checkpoint(resolve_checkpoint(source))
     cfg = PretrainConfig.from_dict(state["config"])
-    why = ([f"width {cfg.width:g} (torchvision builds width 1)"] if cfg.width != 1 else []) + (
-        ["the CIFAR stem (3x3 conv, no max-pool; torchvision has the 7x7 ImageNet stem)"] if cfg.cifar_stem else []) + (
-        [f"arch {cfg.arch}"] if cfg.arch not in TORCHVISION_ARCHS else [])
-    if why:
-        raise PublishError(f"{source}: torchvision's {cfg.arch} cannot hold this encoder: {'; '.join(why)}; "
-                           "export --format simclr-dist instead")
+    arch = torchvision_arch(cfg.arch, cfg.width, cfg.cifar_stem, source)
     encoder = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
-    return encoder, cfg.arch
+    return encoder, arch
