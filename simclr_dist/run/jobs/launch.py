@@ -4,15 +4,20 @@ grow: run/jobs/capacity.py), run a TorchTrainer, fail in one line.
 Why shared: pretraining and classifier training (scratch, supervised, fine-tuning) scale the same way, so they are
 launched by the same code: the same ScalingConfig/RunConfig, resume by rerunning with the same storage path and
 name, and the same rule for errors: keep the cause, drop Ray's wall of text.
+
+Two rules every launch keeps: a Ray this code starts itself listens on loopback only (:func:`bind_to_loopback`),
+and a run directory has one writer at a time (a :class:`simclr_dist.storage.Lease` held for the whole fit).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from simclr_dist import storage
 from simclr_dist.console import Log, emit
 from simclr_dist.run.jobs.capacity import Capacity, CapacityError, Growth, capacity, wait_for
 
@@ -35,13 +40,39 @@ class ClusterFields(Protocol):
     verbose: bool
 
 
-def connect_ray(address: str | None) -> None:
-    """Join ``address`` (or RAY_ADDRESS, or the job's cluster under ``ray job submit``), else start a local Ray."""
-    import ray
+# Ray 2.60 picks a node's IP (and with it every listening socket of GCS, raylet, object manager, workers, the
+# dashboard and metrics agents) from this switch: when it is off, the node IP is 127.0.0.1 and each gRPC server
+# binds loopback (Ray's own rule: they listen on all interfaces unless the node IP is 127.0.0.1). The name says
+# Windows/OSX, but Ray reads it on every platform; `_node_ip_address="127.0.0.1"` is turned back into the
+# machine's outward IP by ray.init, so it cannot do this.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
-    if ray.is_initialized():
+
+def bind_to_loopback() -> None:
+    """Make a Ray started by this process (and every process it starts) listen on 127.0.0.1 only.
+
+    Why: a laptop or a shared box running ``pretrain`` locally must not expose Ray's unauthenticated ports to its
+    network. Sets :data:`LOOPBACK_ENV` (inherited by GCS, raylet and workers) and, when Ray was imported before
+    this call, the constant Ray read from it at import (the driver decides its own node IP from it). Only for a
+    Ray started here: a driver joining a cluster keeps its outward address.
+    """
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")  # already imported: its value was read at import
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect_ray(address: str | None) -> None:
+    """Join ``address`` (or RAY_ADDRESS, or the job's cluster under ``ray job submit``), else start a local Ray
+    listening on loopback only."""
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        bind_to_loopback()
+    import ray
+
     # A local Ray instance for a laptop; quiet its dashboard/metrics noise but keep worker logs streaming.
     ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level="WARNING")
 
@@ -112,7 +143,13 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
             callbacks=callbacks or None),
     )
+    lease = storage.Lease(storage.join(cfg.storage_path, cfg.name), log=emit) if cfg.name else None
+    if lease is not None:
+        lease.acquire()  # a second run of this storage path and name stops here, in one line (LeaseError)
     try:
         return trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: keep the cause, drop Ray's wall of text
         raise RunError(f"training failed: {one_line(e)}") from e
+    finally:
+        if lease is not None:
+            lease.release()

@@ -11,6 +11,10 @@ stalling training, and how they are read without trusting them.
 - **Training waits for a copy, not an upload.** :class:`AsyncCheckpointer` copies the state to CPU memory (the
   only part the step waits for) and hands it to Ray's asynchronous upload thread, which serialises and uploads it
   (manifest last) while training goes on; Ray registers checkpoints in report order.
+- **Storage faults.** Each file of an upload is retried with backoff (:func:`simclr_dist.storage.retry`) while the
+  store is away, so an outage shorter than the budget costs a late checkpoint, not the run; one that outlasts it,
+  or a full disk (not retried), ends the run in one line naming the checkpoint that was not saved and the last
+  complete one, which stays intact (the failed directory never gets a manifest; its partial files are removed).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,6 +37,7 @@ import torch
 
 from simclr_dist.config import ARCH_FIELDS
 from simclr_dist import storage
+from simclr_dist.console import emit
 from simclr_dist.run.store.chaos import chaos_once
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -137,6 +143,7 @@ class PretrainState:
     schedule: dict[str, Any] | None = None  # WarmupCosine.state_dict()
     epoch_loss_sums: list[torch.Tensor] | None = None
     init_knn: dict[str, float] = field(default_factory=dict)
+    tracking: dict[str, str] = field(default_factory=dict)  # {"mlflow_run_id": ...}: a resume continues that run
     format_version: int = FORMAT_VERSION
 
     REQUIRED = ("model", "optimizer", "scaler", "config", "epoch", "step")
@@ -207,6 +214,9 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{directory}: checkpoint format {manifest['format_version']} is newer than this "
                               f"simclr-dist reads ({FORMAT_VERSION}); upgrade simclr-dist")
     data = storage.read_bytes(ckpt_uri)
+    if len(data) != manifest.get("bytes", len(data)):
+        raise CheckpointError(f"{ckpt_uri}: truncated ({len(data):,} of {manifest['bytes']:,} bytes in "
+                              f"{MANIFEST_FILE}); the checkpoint is incomplete")
     if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise CheckpointError(f"{ckpt_uri}: checksum mismatch with {MANIFEST_FILE}; the checkpoint is corrupt")
     try:
@@ -226,15 +236,19 @@ def _refusal(e: Exception) -> str:
 
 # ---------------------------------------------------------------------------- writing: ordered, in the background
 def make_uploader(run_uri: str, *, state: dict[str, Any] | None = None, kill_in_upload_epoch: int = -1,
-                  done: threading.Event | None = None):
+                  done: threading.Event | None = None, previous: str | None = None,
+                  saved: Callable[[str], None] | None = None, log: Callable[[str], None] = emit):
     """Ray Train ``checkpoint_upload_fn``: (serialise ``state`` into the local directory, when given, then)
     upload ``checkpoint.pt`` first and ``manifest.json`` last.
 
     Ray's default upload (``pyarrow.fs.copy_files``) copies files in no particular order, so a crash mid-upload
     could leave a manifest beside half the weights. With this order, a directory in storage that has a manifest
     is complete (and the manifest's checksum proves it); Ray itself only registers the directory for resume
-    after this function returns. ``kill_in_upload_epoch`` is the ``--chaos-kill-in-upload`` drill (epoch-end
-    checkpoints only); ``done`` is set when the function ends, however it ends.
+    after this function returns. Each file is retried with backoff while storage is away; when it cannot be
+    written (budget spent, disk full) the partial directory is removed and one :class:`StorageError` line names
+    this checkpoint and ``previous`` (the last one saved, which is intact). ``kill_in_upload_epoch`` is the
+    ``--chaos-kill-in-upload`` drill (epoch-end checkpoints only); ``done`` is set when the function ends,
+    however it ends; ``saved(dir_name)`` is called once the manifest is in storage.
     """
     def upload(checkpoint, dir_name: str):
         import ray.train
@@ -243,14 +257,21 @@ def make_uploader(run_uri: str, *, state: dict[str, Any] | None = None, kill_in_
             if state is not None and not os.path.exists(os.path.join(checkpoint.path, MANIFEST_FILE)):
                 save_checkpoint(checkpoint.path, state)  # in Ray's upload thread: training goes on meanwhile
             dest = storage.join(run_uri, dir_name)
+            epoch, batch, step = _position_of(checkpoint.path)
             names = sorted(os.listdir(checkpoint.path), key=lambda n: n == MANIFEST_FILE)  # manifest last
-            for name in names:
-                with open(os.path.join(checkpoint.path, name), "rb") as f:
-                    data = f.read()
-                if name == CHECKPOINT_FILE and _position_of(checkpoint.path) == (kill_in_upload_epoch, 0):
-                    half = data[: len(data) // 2]
-                    chaos_once(run_uri, "upload", lambda: storage.write_bytes(storage.join(dest, name), half))
-                storage.write_bytes(storage.join(dest, name), data)
+            try:
+                for name in names:
+                    with open(os.path.join(checkpoint.path, name), "rb") as f:
+                        data = f.read()
+                    if name == CHECKPOINT_FILE and (epoch, batch) == (kill_in_upload_epoch, 0):
+                        half = data[: len(data) // 2]
+                        chaos_once(run_uri, "upload", lambda: storage.write_bytes(storage.join(dest, name), half))
+                    target = storage.join(dest, name)
+                    storage.retry(lambda: storage.write_bytes(target, data), f"checkpoint upload {target}", log=log)
+            except OSError as e:
+                raise _not_saved(e, dest, step, previous) from e
+            if saved is not None:
+                saved(dir_name)
             fs, path = storage.resolve(dest)
             return ray.train.Checkpoint(path=path, filesystem=fs)
         finally:
@@ -259,10 +280,31 @@ def make_uploader(run_uri: str, *, state: dict[str, Any] | None = None, kill_in_
     return upload
 
 
-def _position_of(local_dir: str) -> tuple[int, int]:
+def _not_saved(e: OSError, dest: str, step: int, previous: str | None) -> storage.StorageError:
+    """The one line a failed upload ends the run with; removes the partial directory (it has no manifest, so it
+    was never complete) where storage still answers, so a full disk gets back what the failed save took."""
+    try:
+        fs, path = storage.resolve(dest)
+        fs.delete_dir(path)
+    except Exception:  # storage away: the directory has no manifest, readers skip it
+        pass
+    if previous is None:  # the first save of this attempt: the run's newest complete one, if storage answers
+        try:
+            previous = latest_checkpoint(dest.rstrip("/").rsplit("/", 1)[0])
+            previous = previous.rstrip("/").rsplit("/", 1)[-1] if previous else None
+        except Exception:
+            previous = None
+    kept = (f"the previous checkpoint {previous} is intact and a rerun resumes from it" if previous else
+            "no complete checkpoint of this run is known; a rerun resumes from the newest complete one, if any")
+    cls = storage.StorageFullError if storage.is_permanent(e) else storage.StorageError
+    return cls(f"checkpoint at step {step} not saved ({storage.reason(e)}); {kept}")
+
+
+def _position_of(local_dir: str) -> tuple[int, int, int]:
+    """(epoch, batch, step) of a locally serialised checkpoint, from its manifest."""
     with open(os.path.join(local_dir, MANIFEST_FILE)) as f:
         manifest = json.load(f)
-    return manifest["epoch"], manifest.get("batch", 0)
+    return manifest["epoch"], manifest.get("batch", 0), manifest["step"]
 
 
 class AsyncCheckpointer:
@@ -280,6 +322,10 @@ class AsyncCheckpointer:
         self.run_uri, self.rank, self.kill_in_upload_epoch = run_uri, rank, kill_in_upload_epoch
         self._inflight: threading.Event | None = None
         self.blocked_s: list[float] = []  # per save (rank 0): how long the training thread was held
+        self.last_saved: str | None = None  # the newest checkpoint this attempt put in storage (named on failure)
+
+    def _saved(self, dir_name: str) -> None:
+        self.last_saved = dir_name
 
     def busy(self) -> bool:
         """Rank 0's previous checkpoint is still being serialised/uploaded (always False on other ranks)."""
@@ -300,7 +346,7 @@ class AsyncCheckpointer:
             self._inflight = threading.Event()
             ckpt = ray.train.Checkpoint.from_directory(local)
             upload = make_uploader(self.run_uri, state=snapshot, kill_in_upload_epoch=self.kill_in_upload_epoch,
-                                   done=self._inflight)
+                                   done=self._inflight, previous=self.last_saved, saved=self._saved)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_upload_fn=upload,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)

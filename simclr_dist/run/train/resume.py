@@ -5,10 +5,15 @@ piece of state the loop carries from step to step is listed here, next to the ru
 may change, ``--epochs``. That rule: the cosine schedule is *extended* from the current step (the steps done keep
 their LR, the decay is stretched or shortened to the new end, no jump), the old and new schedule are printed; a
 run that already finished its schedule is refused, since more epochs would train at the final LR.
+
+Which checkpoint: the one Ray hands back (the newest registered), unless it cannot be read (truncated, corrupt,
+deleted by hand): then :func:`load_resumable` falls back to the newest complete checkpoint that loads, says so in
+one line naming the bad one, and deletes nothing (the bad file is evidence, and Ray prunes it in its turn).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +21,9 @@ import torch
 
 from simclr_dist.config import ConfigError, PretrainConfig
 from simclr_dist.core.optim import WarmupCosine
-from simclr_dist.run.store.checkpoint import PretrainState, list_complete_checkpoints
+from simclr_dist import storage
+from simclr_dist.run.store.checkpoint import (CheckpointError, PretrainState, UnsafeCheckpointError,
+                                              list_complete_checkpoints, load_checkpoint)
 
 
 @dataclass
@@ -30,6 +37,48 @@ class Position:
     history: list[dict[str, Any]] = field(default_factory=list)
     loss_sum: torch.Tensor | None = None
     init_knn: dict[str, float] = field(default_factory=dict)
+
+
+def load_resumable(checkpoint: Any, run_uri: str,
+                   log: Callable[[str], None] = lambda msg: None) -> tuple[dict[str, Any], str]:
+    """(loaded ``checkpoint.pt``, where it came from) to resume from: Ray's ``checkpoint`` (a ``ray.train.Checkpoint``)
+    when it loads; else the newest other complete checkpoint of ``run_uri`` that loads, announced in one line naming
+    the bad one.
+
+    Why: Ray registers a checkpoint once its upload returned, so its newest can still be damaged afterwards (a
+    disk or a hand that truncated it, a bit flip); refusing to resume would turn one bad file into a lost run,
+    while silently taking an older one would hide the loss. Raises :class:`CheckpointError` when no checkpoint
+    loads, and at once for an unsafe one (a pickle that would run code is refused, never worked around).
+    """
+    with checkpoint.as_directory() as d:
+        try:
+            return load_checkpoint(d), d
+        except UnsafeCheckpointError:
+            raise
+        except (CheckpointError, OSError, KeyError, ValueError) as e:
+            bad, why = str(checkpoint.path).rstrip("/").rsplit("/", 1)[-1], storage.reason(e)
+    return fallback_checkpoint(run_uri, bad, why, log)
+
+
+def fallback_checkpoint(run_uri: str, bad: str, why: str,
+                        log: Callable[[str], None] = lambda msg: None) -> tuple[dict[str, Any], str]:
+    """The newest complete checkpoint of ``run_uri`` other than ``bad`` that loads (see :func:`load_resumable`)."""
+    tried = []
+    for ref in reversed(list_complete_checkpoints(run_uri)):
+        if ref.name == bad:
+            continue
+        try:
+            state = load_checkpoint(ref.uri)
+        except UnsafeCheckpointError:
+            raise
+        except (CheckpointError, OSError, KeyError, ValueError) as e:
+            tried.append(f"{ref.name} ({storage.reason(e)})")
+            continue
+        log(f"[simclr] newest checkpoint {bad} is unreadable ({why}); resuming from {ref.name} (step {ref.step}) "
+            "instead" + (f", after {', '.join(tried)}" if tried else "") + "; nothing was deleted")
+        return state, ref.uri
+    raise CheckpointError(f"{run_uri}: no checkpoint loads: {bad} ({why})" + "".join(f", {t}" for t in tried)
+                          + "; nothing was deleted")
 
 
 def restore(state: PretrainState, cfg: PretrainConfig, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

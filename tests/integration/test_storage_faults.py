@@ -1,0 +1,199 @@
+"""Storage fault drills against real components (issue 24): an S3-compatible server on loopback (moto) that stops
+in the middle of a checkpoint upload, a real tmpfs that fills up, damaged checkpoint files, two writers of one run,
+and an evaluation watcher beside training that prunes. The drills themselves live in ``bench.faults`` (the same
+code measures the table in docs/cluster.md); these tests assert what each must guarantee.
+
+The default suite drives the checkpoint/storage layer in-process (the uploader Ray Train calls, the resume's
+fallback, the lease); the ``slow`` tests run the same faults under real pretraining runs on the session's Ray.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import faults
+from simclr_dist import storage
+from simclr_dist.run.store.checkpoint import latest_checkpoint, list_complete_checkpoints, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------- retry with backoff (unit)
+def test_retry_backs_off_then_succeeds_and_says_so():
+    calls, waits, lines = [], [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise OSError("AWS Error NETWORK_CONNECTION: Could not connect to server")
+        return "ok"
+
+    assert storage.retry(flaky, "upload x", budget_s=60, log=lines.append, sleep=waits.append) == "ok"
+    assert waits == [1.0, 2.0, 4.0]                       # exponential backoff
+    assert len(lines) == 2 and "retrying" in lines[0] and "after 4 attempts" in lines[1]
+
+
+def test_retry_gives_up_in_one_line_and_never_retries_a_full_disk():
+    def down() -> None:
+        raise OSError("Could not connect to server")
+
+    with pytest.raises(storage.StorageError) as e:
+        storage.retry(down, "upload y", budget_s=0.5, sleep=lambda s: None, first_wait_s=0.2)
+    assert "\n" not in str(e.value) and "upload y: storage unreachable" in str(e.value)
+
+    calls = []
+
+    def full() -> None:
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        storage.retry(full, "upload z", budget_s=60, sleep=lambda s: None)
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------------------- S3 server stopped mid-upload
+def test_s3_stopped_mid_upload_for_30s_upload_retried_training_goes_on():
+    row = faults.s3_outage(outage_s=30)
+    assert row["survived"], row
+    assert row["training_steps_during_outage"] > 100          # the training thread never waited for storage
+    assert not row["registered_before_restart"]               # complete (manifest in) only after every byte landed
+    assert row["upload_s"] >= 30 and row["recovery_s"] < 20   # retried through the outage, then landed promptly
+    assert any("retrying with backoff" in line for line in row["lines"])
+
+
+def test_s3_that_stays_down_ends_in_one_line_after_a_bounded_wait():
+    row = faults.s3_down(budget_s=5)
+    assert row["survived"], row
+    err = row["error"]
+    assert "\n" not in err and "checkpoint at step 20 not saved" in err and "checkpoint_1 is intact" in err
+    assert "storage unreachable" in err
+    assert row["ended_after_s"] < 5 + 45                      # budget + one pyarrow attempt + removing the partial
+
+
+# ---------------------------------------------------------------------------- a real small filesystem
+def test_full_tmpfs_keeps_the_previous_checkpoint_and_says_so():
+    row = faults.disk_full()
+    if "skipped" in row:
+        pytest.skip(row["skipped"])
+    assert row["survived"], row
+    assert row["leftovers"] == ["checkpoint_1"]               # the failed save's partial files are gone
+    err = row["error"]
+    assert "\n" not in err and "No space left on device" in err and "checkpoint_1 is intact" in err
+
+
+# ---------------------------------------------------------------------------- damaged newest checkpoint
+def test_corrupt_newest_checkpoint_resume_falls_back_and_deletes_nothing():
+    rows = faults.corrupt()["rows"]
+    assert [r["drill"] for r in rows] == ["corrupt-truncated", "corrupt-bit-flipped"]
+    for r in rows:
+        assert r["survived"] and r["nothing_deleted"], r
+    assert "truncated" in rows[0]["lines"][0] and "checksum mismatch" in rows[1]["lines"][0]
+
+
+def test_no_loadable_checkpoint_is_one_line(tmp_path):
+    import ray.train
+
+    from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE, CheckpointError
+    from simclr_dist.run.train.resume import load_resumable
+
+    run = str(tmp_path / "run")
+    faults.upload_state(run, "checkpoint_1", faults.drill_state(10))
+    path = tmp_path / "run" / "checkpoint_1" / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as e:
+        load_resumable(ray.train.Checkpoint.from_directory(str(path.parent)), run)
+    assert "\n" not in str(e.value) and "no checkpoint loads: checkpoint_1" in str(e.value)
+    assert path.exists()
+
+
+# ---------------------------------------------------------------------------- one writer per run
+def test_second_writer_refused_crashed_writer_taken_over_after_expiry():
+    rows = faults.lease(ttl_s=4)["rows"]
+    assert [r["drill"] for r in rows] == ["lease-s3", "lease-local"]
+    for r in rows:
+        assert r["survived"], r
+        assert "\n" not in r["refusal"] and "one writer per run" in r["refusal"]
+        assert 2 <= r["recovery_s"] <= 4 + 5                  # not before the lease expired, soon after it
+
+
+def test_lease_is_renewed_while_held_and_released_at_the_end(tmp_path):
+    lease = storage.Lease(str(tmp_path), ttl_s=1.5, settle_s=0).acquire()
+    first = lease.holder()["expires_at"]
+    import time
+    time.sleep(1.2)
+    assert lease.holder()["expires_at"] > first              # renewed every ttl/3
+    with pytest.raises(storage.LeaseError):
+        storage.Lease(str(tmp_path), ttl_s=1.5, settle_s=0).acquire()
+    lease.release()
+    assert not (tmp_path / storage.LEASE_FILE).exists()
+    storage.Lease(str(tmp_path), ttl_s=1.5, settle_s=0).acquire().release()
+
+
+# ---------------------------------------------------------------------------- under real pretraining runs
+def _pretrain(tiny_args, name: str, *extra: str):
+    from simclr_dist import pretrain
+    from simclr_dist.config import parse_config
+
+    return pretrain.run(parse_config(tiny_args(name, *extra)))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_full_disk_under_a_real_run_then_rerun_resumes_and_survives_a_truncated_newest(ray_cluster, tiny_args,
+                                                                                           tmp_path):
+    from simclr_dist import pretrain
+    from simclr_dist.config import parse_config
+    from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE
+
+    disk = tmp_path / "runs"
+    why = faults._mount_tmpfs(disk, "4m")                     # 2 digits checkpoints (~1.5 MB each) fit, 3 do not
+    if why:
+        pytest.skip(why)
+    try:
+        args = ("--epochs", "3", "--max-failures", "0", "--num-to-keep", "5")
+        with pytest.raises(pretrain.RunError) as e:
+            pretrain.run(parse_config(tiny_args("full", *args)))
+        assert "\n" not in str(e.value) and "No space left on device" in str(e.value) and "is intact" in str(e.value)
+        kept = list_complete_checkpoints(str(disk / "full"))
+        assert kept and all(load_checkpoint(r.uri) for r in kept)
+        before = kept[-1]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)   # space freed
+        summary = pretrain.run(parse_config(tiny_args("full", *args)))
+        assert summary["resumed_from_step"] == before.step
+        assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+
+        newest = list_complete_checkpoints(str(disk / "full"))[-1]
+        target = Path(newest.uri) / CHECKPOINT_FILE
+        target.write_bytes(target.read_bytes()[:1000])          # the newest truncated after it was registered
+        summary = pretrain.run(parse_config(tiny_args("full", "--epochs", "4", "--num-to-keep", "10")))
+        assert summary["resumed_from_step"] < newest.step       # fell back to the newest that loads
+        assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
+        assert target.exists() and target.stat().st_size == 1000  # nothing deleted
+    finally:
+        faults._umount(disk)
+
+
+@pytest.mark.slow
+def test_watcher_training_pruning_short():
+    """The 20-minute drill of ``python -m bench.faults watcher``, for 1.5 minutes."""
+    row = faults.watcher_load(minutes=1.5)
+    assert row["survived"], json.dumps(row)
+    assert row["checkpoints_seen"] >= 5 and row["evaluated_twice"] == 0 and row["partial_reads"] == 0
+    assert row["unaccounted"] == []
+
+
+def test_command_line_drill_writes_a_report(tmp_path):
+    out = tmp_path / "faults-corrupt.json"
+    res = subprocess.run([sys.executable, "-m", "bench.faults", "corrupt", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["storage"]
+    assert [r["survived"] for r in rows] == [True, True]
