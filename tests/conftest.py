@@ -20,9 +20,12 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    import ray
+    from simclr_dist.run.jobs.launch import bind_to_loopback
 
     os.environ.pop("RAY_ADDRESS", None)  # never join a cluster that happens to be running on the test machine
+    bind_to_loopback()  # as a local run of the project does: every Ray socket on 127.0.0.1 (test_loopback checks)
+    import ray
+
     # The dashboard is what writes Prometheus' service-discovery file (test_monitoring scrapes through it), and a
     # 1 s metrics export (Ray's default: 10 s) gives a short run enough recorded points.
     ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True, logging_level="WARNING",
