@@ -9,7 +9,8 @@ extras - and every draw comes from one ``torch.Generator`` the loader reseeds fr
 The measurements behind the choice are in docs/ffcv.md and ``bench/loader.py --what aug``.
 
 Input: uint8 ``(B, H, W, 3)`` (FFCV's layout) or ``(B, 3, H, W)`` square crops already resized to the view
-size. Output: float32 normalised ``(B, 3, S, S)``, contiguous.
+size. Output: float32 normalised ``(B, 3, S, S)``, contiguous. Two loaders use it: the FFCV loader (crops from
+its compiled decode) and :mod:`simclr_dist.data.resident` (crops gathered from images held as one tensor).
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ class BatchedViewAugment:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({','.join(self.cfg.components)}, device={self.device})"
 
-    def _rand(self, g: torch.Generator, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=g, device=self.device)
+    def _rand(self, g: torch.Generator, part: tuple[int, int], n: int, *shape: int) -> Tensor:
+        """``n`` samples' uniform draws: this part's rows ``rank::world`` of a draw for ``n * world`` samples."""
+        rank, world = part
+        return torch.rand((n * world, *shape), generator=g, device=self.device)[rank::world]
 
     def _masked(self, x: Tensor, mask: Tensor, fn: Callable[..., Tensor], *params: Tensor) -> Tensor:
         """``fn(x, *params)`` on the samples where ``mask`` holds (``params``: per-sample values, sliced alike).
@@ -135,18 +138,28 @@ class BatchedViewAugment:
             x[idx] = fn(x[idx], *(p[idx] for p in params))
         return x
 
-    def __call__(self, images: Tensor, g: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, g: torch.Generator, part: tuple[int, int] = (0, 1)) -> Tensor:
+        """Views of ``images`` (uint8, ``(B, 3, S, S)`` or ``(B, S, S, 3)``) drawn from ``g``.
+
+        ``part=(rank, world)``: the batch is rows ``rank::world`` of a batch of ``B * world`` samples, and every
+        draw is made for that whole batch and sliced, so sample k of the big batch gets the same parameters
+        whichever part holds it (the resident loader's promise: W ranks x B views equal one rank x W*B views).
+        The default ``(0, 1)`` draws for this batch alone."""
         cfg, on = self.cfg, self.on
         if images.shape[-1] == 3 and images.shape[1] != 3:  # FFCV's (B, H, W, 3)
             images = images.permute(0, 3, 1, 2)
         x = images.to(self.device, non_blocking=True).to(torch.float32).div_(255).contiguous()
         n, s = x.shape[0], x.shape[-1]
+
+        def rand(*shape: int) -> Tensor:  # (n, *shape) uniform draws of this part
+            return self._rand(g, part, n, *shape)
+
         if "flip" in on:
-            x = self._masked(x, self._rand(g, n) < 0.5, lambda t: t.flip(-1))
+            x = self._masked(x, rand() < 0.5, lambda t: t.flip(-1))
         if "color" in on:
-            apply = self._rand(g, n) < cfg.color_p
-            factors = torch.stack([lo + (hi - lo) * self._rand(g, n) for lo, hi in self.jitter], 1)
-            order = self._rand(g, n, 4).argsort(1)  # torchvision: a fresh randperm(4) per image
+            apply = rand() < cfg.color_p
+            factors = torch.stack([lo + (hi - lo) * rand() for lo, hi in self.jitter], 1)
+            order = rand(4).argsort(1)  # torchvision: a fresh randperm(4) per image
             for pos in range(4):
                 for op in range(4):
                     if self.jitter_on[op]:
@@ -154,29 +167,31 @@ class BatchedViewAugment:
                                          lambda t, f, op=op: _JITTER[op](t, f if op == 3 else f.view(-1, 1, 1, 1)),
                                          factors[:, op])
         if "gray" in on:
-            x = self._masked(x, self._rand(g, n) < cfg.gray_p, lambda t: _gray(t).expand(-1, 3, -1, -1))
+            x = self._masked(x, rand() < cfg.gray_p, lambda t: _gray(t).expand(-1, 3, -1, -1))
         if "blur" in on:
-            apply, sigma = self._rand(g, n) < cfg.blur_p, 0.1 + 1.9 * self._rand(g, n)
+            apply, sigma = rand() < cfg.blur_p, 0.1 + 1.9 * rand()
             x = self._masked(x, apply, lambda t, sd: gaussian_blur(t, sd, blur_kernel(s)), sigma)
         if "rotate" in on:
-            k = (self._rand(g, n) * 4).long().clamp_(max=3)
+            k = (rand() * 4).long().clamp_(max=3)
             for r in (1, 2, 3):
                 x = self._masked(x, k == r, lambda t, r=r: torch.rot90(t, r, dims=(-2, -1)))
         if self.sobel is not None:
             x = self.sobel(x)
-        if "noise" in on:
-            x = (x + 0.1 * torch.randn(x.shape, generator=g, device=self.device)).clamp_(0, 1)
+        if "noise" in on:  # drawn for the whole batch of n * world samples like every other draw
+            rank, world = part
+            noise = torch.randn((n * world, *x.shape[1:]), generator=g, device=self.device)[rank::world]
+            x = (x + 0.1 * noise).clamp_(0, 1)
         x = (x - self.mean) / self.std  # out of place: sobel's output is an expanded view
         if "cutout" in on:  # after normalisation: the erased square holds the dataset mean (0)
-            x = x.masked_fill_(self._cutout_mask(g, n, x.shape[-2], x.shape[-1]), 0.0)
+            x = x.masked_fill_(self._cutout_mask(rand, n, x.shape[-2], x.shape[-1]), 0.0)
         return x
 
-    def _cutout_mask(self, g: torch.Generator, n: int, h: int, w: int) -> Tensor:
+    def _cutout_mask(self, rand: Callable[..., Tensor], n: int, h: int, w: int) -> Tensor:
         """Square of area U(0.02, 0.25) of the image at a uniform position (RandomErasing, ratio 1, p=1)."""
-        side = (self._rand(g, n) * 0.23 + 0.02).mul_(h * w).sqrt_().round_().long()
+        side = (rand() * 0.23 + 0.02).mul_(h * w).sqrt_().round_().long()
         side = torch.minimum(side, torch.tensor(min(h, w) - 1, device=self.device)).clamp_(min=0)
-        top = (self._rand(g, n) * (h - side + 1)).long()
-        left = (self._rand(g, n) * (w - side + 1)).long()
+        top = (rand() * (h - side + 1)).long()
+        left = (rand() * (w - side + 1)).long()
         rows = torch.arange(h, device=self.device).view(1, h, 1)
         cols = torch.arange(w, device=self.device).view(1, 1, w)
         t, l_, sd = top.view(-1, 1, 1), left.view(-1, 1, 1), side.view(-1, 1, 1)
