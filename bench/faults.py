@@ -4,7 +4,7 @@ faults against real components (an S3-compatible server on loopback, a small tmp
     python -m bench.faults [cluster] [--out results/faults.json] [--epochs 3] [--every-steps 5]
     python -m bench.faults storage [--outage-s 30]     every storage drill below, in this process
     python -m bench.faults s3-outage | s3-down | disk-full | corrupt | lease     one of them
-    python -m bench.faults disk-full-ray                the full disk under a real pretraining run, then the rerun
+    python -m bench.faults s3-outage-ray [--outage-s 30] the S3 outage under a real pretraining run
     python -m bench.faults watcher [--minutes 20]       evaluation watcher + training + pruning under load
 
 Cluster drills, each on a fresh 2-worker digits run; "epoch" rows checkpoint at epoch ends only (the old default),
@@ -607,6 +607,56 @@ def _complete_quietly(run: str) -> list:
         return []
 
 
+def s3_outage_ray(outage_s: float = 30.0, epochs: int = 4, every_steps: int = 10) -> dict:
+    """The S3 outage under a real pretraining run (its own local Ray, 2 workers, checkpoints on moto's S3 every
+    ``every_steps`` steps): the server stops as soon as the first checkpoint is complete and starts again
+    ``outage_s`` later; the run must finish with every epoch once and no worker restart (``resumed_from_step`` 0:
+    no step lost), and a new checkpoint must land after the outage (recovery = its time - the restart)."""
+    runs = Path(tempfile.mkdtemp(prefix="simclr-s3ray-"))
+    with S3Server() as s3:
+        run = f"s3://{DRILL_BUCKET}/runs/outage-ray"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+        env.pop("RAY_ADDRESS", None)
+        log = open(runs / "train.log", "w")
+        cmd = _cmd(runs, "outage-ray", runs / "summary.json", epochs, every_steps)
+        cmd[cmd.index("--storage-path") + 1] = f"s3://{DRILL_BUCKET}/runs"
+        train = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 600
+            while not _complete_quietly(run) and time.time() < deadline and train.poll() is None:
+                time.sleep(0.2)
+            before = {r.name for r in _complete_quietly(run)}
+            s3.stop()
+            stopped = time.time()
+            time.sleep(outage_s)
+            s3.start()
+            restarted = time.time()
+            landed = None
+            while train.poll() is None or landed is None:
+                names = {r.name for r in _complete_quietly(run)}
+                if names - before and landed is None:
+                    landed = time.time()
+                if train.poll() is not None and landed is None:
+                    break
+                time.sleep(0.2)
+            code = train.wait(timeout=900)
+        finally:
+            if train.poll() is None:
+                train.kill()
+            log.close()
+    summary = json.loads((runs / "summary.json").read_text()) if (runs / "summary.json").exists() else {}
+    seen = [h["epoch"] for h in summary.get("history", [])]
+    row = {"drill": "s3-outage-ray", "fault": f"S3 server stopped {outage_s:g} s under a real 2-worker run",
+           "survived": code == 0 and seen == list(range(1, epochs + 1)) and landed is not None,
+           "steps_lost": summary.get("resumed_from_step"), "stopped_s": round(restarted - stopped, 1),
+           "recovery_s": None if landed is None else round(landed - restarted, 1), "exit_code": code}
+    if row["survived"]:
+        shutil.rmtree(runs, ignore_errors=True)
+    else:
+        row["logs"] = str(runs)
+    return row
+
+
 def storage_rows(outage_s: float) -> list[dict]:
     """Every in-process storage drill, one row each (skipped ones say why)."""
     rows = [s3_outage(outage_s), s3_down()]
@@ -616,7 +666,7 @@ def storage_rows(outage_s: float) -> list[dict]:
     return rows
 
 
-DRILLS = ("cluster", "storage", "s3-outage", "s3-down", "disk-full", "corrupt", "lease", "watcher")
+DRILLS = ("cluster", "storage", "s3-outage", "s3-outage-ray", "s3-down", "disk-full", "corrupt", "lease", "watcher")
 STORAGE_COLUMNS = [("drill", "drill", ""), ("fault", "fault", ""), ("survived", "survived", ""),
                    ("steps_lost", "data lost (steps)", ""), ("recovery_s", "recovery s", ""),
                    ("skipped", "skipped", "")]
@@ -628,6 +678,8 @@ def storage_drill(drill: str, args) -> list[dict]:
         return storage_rows(args.outage_s)
     if drill == "s3-outage":
         return [s3_outage(args.outage_s)]
+    if drill == "s3-outage-ray":
+        return [s3_outage_ray(args.outage_s)]
     if drill == "s3-down":
         return [s3_down()]
     if drill == "disk-full":
