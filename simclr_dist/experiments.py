@@ -5,11 +5,13 @@ scratch on the same few labels, and (B) the same network trained supervised on *
 SimCLR encoder + a linear probe, SimCLR fine-tuned, the network from scratch; baselines on the same subsets:
 logistic regression on raw pixels, a randomly initialised encoder (probe and kNN), kNN of the SimCLR encoder.
 
-The protocol (:mod:`simclr_dist.run.studies.experiment_plan`): every trained arm gets the same number of steps at every label
-fraction and the same (LR x weight decay) grid, chosen on validation splits carved from its labelled subset;
-the test split is read once, by the chosen model; several replicates, each with its own label-subset seed and
-init seed; the report gives mean +- sd, a 95% interval and a paired test of SimCLR against scratch, per-class
-recall, worst-class accuracy and macro-F1. ``--preset fashion-mnist-cpu`` runs the whole study, pretraining
+The protocol (:mod:`simclr_dist.run.studies.experiment_plan`): every trained arm trains at every label fraction
+until early stopping on its own validation split (carved from its labelled subset) says it has converged, its LR
+chosen on that split from its own grid (extended past an edge it chooses), then retrains on the whole subset for
+the chosen epochs; the test split is read once, by the chosen model; the seed (its own label subset and
+initialisation) is the unit: paired t-tests and exact sign-flip tests over seeds, Holm over the declared family,
+two-level bootstrap intervals, per-class recall, worst-class accuracy and macro-F1. ``--steps N`` is the old
+fixed-budget override. ``--preset fashion-mnist-cpu`` runs the whole study, pretraining
 included, on a 2-core machine; ``--preset fashion-mnist-gpu`` is its paper-scale version for a GPU cluster.
 
 This module is the command: flags, the plan and the report; the work is :mod:`simclr_dist.run.studies.experiment_run`,
@@ -53,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"[exp] dry run: {plan.trainings()} classifier runs planned; nothing trained")
         return 0
 
-    def progress(plan, records, pretraining, budget, elapsed, complete):
-        storage.write_json(storage.join(plan.out, "results.json"),
-                           summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete))
+    def progress(plan, records, pretraining, budget, elapsed, complete, data):
+        # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
+        write_outputs(plan.out, summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete,
+                                          data=data))
 
     try:
         done = execute(plan, on_update=progress)

@@ -12,7 +12,7 @@ commands import anything but other commands):
     6 train     simclr_dist.run.train.*       steps, the two per-worker loops, resume, metrics
     7 jobs      simclr_dist.run.jobs.*        launch, capacity, failure, the pretraining and classifier jobs
     8 eval | studies  simclr_dist.run.eval.*, simclr_dist.run.studies.*   two rooms side by side
-    9 commands  pretrain, evaluate, supervised, experiments, sweep, export: nothing imports them
+    9 commands  pretrain, evaluate, supervised, experiments, sweep, export, results: nothing imports them
 Every import counts, also one inside a function (a lazy import is still an arrow).
 """
 
@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "simclr_dist"
-COMMANDS = {f"simclr_dist.{c}" for c in ("pretrain", "evaluate", "supervised", "experiments", "sweep", "export")}
+COMMANDS = {f"simclr_dist.{c}" for c in ("pretrain", "evaluate", "supervised", "experiments", "sweep", "export", "results")}
 LAYER_NAMES = ("ground", "core", "data", "config", "report", "store", "train", "jobs", "eval|studies", "commands")
 # (prefix, layer, room): the longest matching prefix wins; two rooms of one layer may not import each other
 ROOMS = (("simclr_dist.core", 1, "core"), ("simclr_dist.data", 2, "data"), ("simclr_dist.config", 3, "config"),

@@ -19,7 +19,7 @@ from simclr_dist.report.classes import class_report
 from simclr_dist.report.stats import (Summary, class_metrics_over_seeds, declared_family, mcnemar, paired_t_test,
                                       sign_flip_test, summarize, two_level_bootstrap, two_level_bootstrap_diff)
 
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3  # 3: predictions and subsets packed (report.results_file)
 TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "supervised": "from scratch",
           "knn-20": "SimCLR kNN (k=20)", "knn-200": "SimCLR kNN (k=200)", "random-linear": "random init + linear probe",
           "random-knn-20": "random init kNN (k=20)", "random-knn-200": "random init kNN (k=200)",

@@ -16,7 +16,8 @@ def report(summary: dict[str, Any]) -> str:
     pre, arch = summary["pretraining"], summary["arch"]
     reps = summary["replicates"]
     name = "SimCLR" if pre.get("format") in (None, "simclr-dist") else f"The imported {pre['format']} encoder"
-    lines = [f"# {name} vs supervised on {ds}: Experiments A and B", "", *source_lines(summary), "",
+    lines = [f"# {name} vs supervised on {ds}: Experiments A and B", "", *status_lines(summary),
+             *source_lines(summary), "",
              f"- {summary['train_size']} labelled train images, {summary.get('test_size', '?')} test images; "
              f"{len(reps)} replicate(s): label-subset seeds {', '.join(str(r['subset_seed']) for r in reps)}, "
              f"init/data-order seeds {', '.join(str(r['seed']) for r in reps)}; network {arch['arch']} x"
@@ -201,3 +202,18 @@ def edge_lines(summary: dict[str, Any]) -> list[str]:
                  if r.get("edge_replicates") else "inside the extended grid")
         lines.append(f"- {title(r['arm'], summary)} at {pct(r['fraction'])}: {ext}{still}")
     return [*lines, ""]
+
+
+def status_lines(summary: dict[str, Any]) -> list[str]:
+    """An unfinished study says so first: what is done, what is not, how it continues."""
+    if summary.get("complete"):
+        return []
+    done = sorted({(r["fraction"], r["arm"]) for r in summary["records"] if r["arm"] in ("finetune", "supervised")})
+    planned = sum(p.get("cells", 0) for p in summary.get("budget", {}).get("parts", {}).values())
+    trained = sum(r["arm"] in ("finetune", "supervised") for r in summary["records"])
+    cfg = summary.get("config", {})
+    rerun = f"--preset {cfg['preset']}" if cfg.get("preset") else "the same flags"
+    return [f"**In progress**: {trained} of {planned} trained cells finished "
+            f"({', '.join(f'{a} {pct(f)}' for f, a in done) or 'none yet'}); a fraction's rows and tests cover the "
+            f"replicates finished so far. Rerunning `python -m simclr_dist.experiments {rerun}` with the same "
+            "`--out` reads every finished run back and trains only the rest.", ""]

@@ -13,6 +13,10 @@ import os
 
 import numpy as np
 import pytest
+
+import simclr_dist.results as results_cmd
+from simclr_dist.report import readme_table
+from simclr_dist.report.results_file import read_results
 import torch
 
 from simclr_dist import experiments as exp
@@ -167,7 +171,7 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
-    summary = read(out / "results.json")
+    summary = read_results(str(out / "results.json"))
     assert summary["complete"] and summary["fractions"] == [0.1] and summary["steps"] == 3
     arms = {(r["arm"], r["fraction"]) for r in summary["records"]}
     assert arms == {("linear", 0.1), ("finetune", 0.1), ("supervised", 0.1), ("supervised", 1.0), ("pixels", 0.1),
@@ -183,6 +187,18 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
         if row["arm"] in ("finetune", "supervised"):
             assert row["images_processed"] > row["tuning_images"] > 0
     assert "## Compute (this machine, tuning included)" in report and "## Grid edges" in report
+    # the file alone redraws the report (no training, no data), and fills a README's results block
+    raw = read(out / "results.json")
+    assert raw["format_version"] == 3 and raw["records"][0]["predictions"]["packed"] == "int32-zlib-base64"
+    assert results_cmd.main([str(out / "results.json"), "--render", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == report
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{readme_table.BEGIN}\nold\n{readme_table.END}\ntail\n")
+    assert results_cmd.main([str(out / "results.json"), "--readme", str(readme), "--check"]) == 1
+    assert results_cmd.main([str(out / "results.json"), "--readme", str(readme)]) == 0
+    assert results_cmd.main([str(out / "results.json"), "--readme", str(readme), "--check"]) == 0
+    block = readme.read_text()
+    assert "| SimCLR fine-tuned | " in block and "(n=2)" in block and block.endswith(f"{readme_table.END}\ntail\n")
     assert (out / "accuracy_vs_compute.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for r in summary["records"]:
         assert 0 <= r["top1"] <= r["top5"] <= 1 and len(r["predictions"]) == 360

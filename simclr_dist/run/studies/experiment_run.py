@@ -25,6 +25,7 @@ from simclr_dist.console import Log, emit
 from simclr_dist.report.experiments import Record
 from simclr_dist.report.experiments_md import report
 from simclr_dist.report.experiments_plots import plots
+from simclr_dist.report.results_file import write_results
 from simclr_dist.core.models import Classifier, recalibrate_batchnorm
 from simclr_dist.core.knn import TransformedSubset, extract_features
 from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_format
@@ -456,8 +457,8 @@ def study_order(plan: Plan) -> list[tuple[str, Replicate, Cell | None]]:
 
 
 def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
-    """Run the whole study; ``on_update(plan, records, pretraining, budget, elapsed_s, complete)`` is called after
-    every part (the command writes results.json there, and the report at the end)."""
+    """Run the whole study; ``on_update(plan, records, pretraining, budget, elapsed_s, complete, data)`` is called
+    after every part (the command writes results.json and the report of what is done so far there)."""
     t_start = time.perf_counter()
     if plan.ecfg.threads:
         torch.set_num_threads(plan.ecfg.threads)
@@ -480,7 +481,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
         else:
             records.append(run_cell(plan, cell, data, log, tuned))
         if on_update is not None:
-            on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False)
+            on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False, data)
     for r in records:  # the fairness invariant: every arm of a replicate trained on the one drawn subset
         if r["subset_sha256"] != subset_digest(plan.subsets[(r["fraction"], r["subset_seed"])]):
             raise RuntimeError(f"{r['arm']} at {r['fraction']:g} trained on another label subset than the other arms")
@@ -490,7 +491,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
 
 def write_outputs(out: str, summary: dict[str, Any]) -> None:
     """results.json, results.csv (one row per arm and fraction), report.md and the plots, into ``--out``."""
-    storage.write_json(storage.join(out, "results.json"), summary)
+    write_results(storage.join(out, "results.json"), summary)
     buf = io.StringIO()
     fields = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci_high", "worst_class", "macro_f1",
               "steps", "epochs", "train_time_s"]
