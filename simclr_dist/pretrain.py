@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if h:
         print(f"  last epoch: loss {h['loss']:.4f}, {h['samples_per_s']:.1f} samples/s")
     print(f"  checkpoint: {summary['checkpoint']}")
+    tracked = summary.get("tracking")
+    if tracked and tracked["kind"] == "tensorboard":
+        print(f"  curves: tensorboard --logdir {tracked['location']}")
+    elif tracked:
+        print(f"  curves: MLflow run {tracked['run_id']} in {tracked['location']} "
+              f"(mlflow ui --backend-store-uri {tracked['location']})")
     if summary["knn_top1"] is not None:
         print(f"  kNN (k={cfg.knn_k}) accuracy of the frozen encoder on the {cfg.dataset} test split: "
               f"top-1 {summary['knn_top1']:.3f}, top-5 {summary['knn_top5']:.3f}"

@@ -23,6 +23,7 @@ OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
 LOADERS = ("auto", "torch", "ffcv")
 KNN_SPLITS = ("test", "val")
+TRACKERS = ("tensorboard", "mlflow", "none")
 
 # Fields that change the network's shapes: a run may not be resumed with different values.
 ARCH_FIELDS = ("arch", "width", "cifar_stem", "proj_hidden_dim", "proj_out_dim")
@@ -121,6 +122,12 @@ class PretrainConfig(JobConfig):
     summary_json: str | None = flag(None, "also write the run summary (history, checkpoint, kNN) as JSON here (path or URI)")
     # monitoring and evaluation
     log_every: int = flag(10, "print progress (and check the loss is finite) every N steps", ge=1)
+    tracking: str | None = flag(None, "where rank 0 records the curves (per --log-every step: loss, lr, samples/s, data "
+                                    "wait; per epoch: the epoch line, kNN, probe; the config as hyper-parameters): "
+                                    "tensorboard (event files in RUN/tensorboard), mlflow (MLFLOW_TRACKING_URI, else "
+                                    "sqlite STORAGE/mlflow.db; a resume continues the same MLflow run) or none "
+                                    "(default: tensorboard, none on s3:// or gs:// storage)", choices=TRACKERS,
+                                what="tracking")
     knn_every: int = flag(0, "online kNN accuracy every N epochs (0: only after the last epoch; -1: never)")
     knn_k: int = flag(200, "neighbours of the kNN monitor", ge=1)
     knn_temperature: float = flag(0.1, "temperature of the kNN monitor's weighted vote")
@@ -171,6 +178,7 @@ class PretrainConfig(JobConfig):
             cfg.loader = "ffcv" if cfg.beton or _embedded(cfg.dataset, cfg.data_root) else "torch"
         if not is_uri(cfg.storage_path):
             cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+        cfg.tracking = cfg.tracking or ("none" if is_uri(cfg.storage_path) else "tensorboard")
         return cfg
 
     # ------------------------------------------------------------------ validation

@@ -19,6 +19,7 @@ from simclr_dist.run.jobs.capacity import CapacityError, Growth
 from simclr_dist.run.jobs.launch import Placement, RunError, fit, place
 from simclr_dist.run.store.checkpoint import latest_checkpoint
 from simclr_dist.run.train.resume import plan_resume
+from simclr_dist.run.train.tracking import check_tracking
 
 RUN_CONFIG_FILE = "simclr_config.json"
 
@@ -28,6 +29,7 @@ def check_config(cfg: PretrainConfig) -> PretrainConfig:
     """The checks that need neither Ray nor writes to storage (flags, data, .beton files): the resolved config or a
     one-line error. The sweep driver runs it on every trial's config before any trial starts."""
     cfg = cfg.validate().resolved().validate()
+    check_tracking(cfg)
     if not (cfg.beton and cfg.knn_every < 0):  # training from a .beton without kNN reads no raw dataset
         check_available(cfg.dataset, cfg.split, cfg.data_root, cfg.download)
     if cfg.loader == "ffcv" and cfg.beton:  # files exist, complete, image+label fields, >= one global batch
@@ -125,7 +127,7 @@ def summarize(cfg: PretrainConfig, ret: dict[str, Any], checkpoint: str | None, 
         "epochs_done": ret.get("epochs_done"), "resumed_from_epoch": ret.get("resumed_from_epoch"),
         "resumed_from_step": ret.get("resumed_from_step"), "attempt_started_at": ret.get("attempt_started_at"),
         "resumed_from_batch": ret.get("resumed_from_batch"), "checkpoint_blocked_s": ret.get("checkpoint_blocked_s"),
-        "config": cfg.to_dict(),
+        "tracking": ret.get("tracking"), "config": cfg.to_dict(),
     }
     if summary["status"] == "nonfinite":
         raise RunError(f"non-finite loss at step {ret['step']} (epoch {ret['epoch'] + 1}); stopped. "

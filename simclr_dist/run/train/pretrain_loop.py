@@ -53,6 +53,7 @@ from simclr_dist.run.store.checkpoint import (
 )
 from simclr_dist.run.train.metrics import WorkerMetrics
 from simclr_dist.run.train.resume import Position, load_resumable, restore, resumed_schedule
+from simclr_dist.run.train.tracking import StepWindow, Tracker, numeric, open_tracker, tracking_summary
 from simclr_dist.run.store.weights import build_model
 from simclr_dist.run.train.step import pretrain_step
 
@@ -195,6 +196,8 @@ class Trainer:
     last_save: float = field(default_factory=time.monotonic)
     pending: bool = False                 # a step/time checkpoint deferred while rank 0's last upload still runs
     drilled: bool = False                 # the chaos kill fired in this attempt (the marker in storage: in the run)
+    tracker: Tracker | None = None        # rank 0's curves (--tracking); None elsewhere and with --tracking none
+    window: StepWindow = field(default_factory=StepWindow)  # the tracker's per-step window
 
     @property
     def steps_per_epoch(self) -> int:
@@ -208,7 +211,24 @@ class Trainer:
         return PretrainState(model=self.raw.state_dict(), optimizer=self.optimizer.state_dict(),
                              scaler=self.scaler.state_dict(), config=self.cfg.to_dict(), epoch=epochs_done,
                              step=self.step, history=self.history, batch=batch, steps_per_epoch=self.steps_per_epoch,
-                             schedule=self.schedule.state_dict(), epoch_loss_sums=sums, init_knn=self.init_knn)
+                             schedule=self.schedule.state_dict(), epoch_loss_sums=sums, init_knn=self.init_knn,
+                             tracking={"mlflow_run_id": self.tracker.run_id} if self.tracker and self.tracker.run_id
+                             else {})
+
+    def start_epoch(self, epoch: int) -> None:
+        """Open the metrics windows (Prometheus, tracking) at the start of ``epoch``."""
+        if self.mon is not None:
+            self.mon.start_epoch(epoch, self.step)
+        self.window.start(self.step)
+
+    def observe(self, *, lr: float, data_wait_s: float, loss_sum: torch.Tensor) -> None:
+        """A log point: close the windows; ``data_wait_s``, ``loss_sum``: this attempt's running sums of the epoch."""
+        if self.mon is not None:
+            self.mon.observe(step=self.step, lr=lr, data_wait_s=data_wait_s, loss_sum=loss_sum)
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.window.close(step=self.step, lr=lr, data_wait_s=data_wait_s,
+                                                       loss_sum=float(loss_sum), samples_per_step=self.cfg.batch_size),
+                                     self.step)
 
     def save(self, metrics: dict[str, Any], *, epochs_done: int, batch: int, loss_sum: torch.Tensor | None) -> None:
         """Every rank calls this at the same step; rank 0's state goes to storage in the background."""
@@ -256,8 +276,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     data_wait = 0.0
     t_epoch = t_ready = time.perf_counter()
-    if tr.mon is not None:
-        tr.mon.start_epoch(epoch, tr.step)
+    tr.start_epoch(epoch)
     for i, (v1, v2, _) in enumerate(tr.loader, start=first):  # v1, v2: (B, 3, S, S) two views of B images
         data_wait += time.perf_counter() - t_ready
         cur_lr = tr.schedule.apply(tr.step)
@@ -280,8 +299,7 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
             if tr.step % cfg.log_every == 0 or end_of_epoch:
                 tr.log(f"[simclr] epoch {epoch + 1}/{cfg.epochs} step {i + 1}/{tr.steps_per_epoch} "
                        f"loss {loss.item():.4f} lr {cur_lr:.5f}")
-                if tr.mon is not None:
-                    tr.mon.observe(step=tr.step, lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
+                tr.observe(lr=cur_lr, data_wait_s=data_wait, loss_sum=loss_sum - loss_before)
             tr.pending = save_due or time_due or tr.pending
             if tr.pending and not busy and not end_of_epoch:
                 tr.save({"epoch": epoch, "step": tr.step, "batch": i + 1, "status": "ok"},
@@ -388,11 +406,32 @@ def train_local(cfg: PretrainConfig, log: Callable[[str], None] = emit) -> dict[
 
 def train_worker(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None]) -> dict[str, Any]:
     """Build (or restore) this worker's trainer, then train epoch by epoch; the run's outcome and history."""
-    device = worker.device
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
     tr, pos = build_trainer(cfg, worker, log)
     attempt_started_at = time.time()  # after restore: fault-recovery time = this - the fault's time
     node_ids = all_node_ids()  # where every rank runs: proves multi-node placement in tests and logs
+    if worker.rank == 0 and cfg.tracking != "none":  # rank 0 records the curves; a resume continues its run
+        resumed = worker.resume is not None
+        tr.tracker = open_tracker(cfg, (worker.resume or {}).get("tracking") or {}, pos.step if resumed else None)
+        if not resumed:
+            tr.tracker.log_params(cfg.to_dict())
+    try:
+        result = train_epochs(tr, pos, node_ids, log)
+    except BaseException:
+        if tr.tracker is not None:
+            tr.tracker.close("FAILED")
+        raise
+    if tr.tracker is not None:
+        tr.tracker.close("FAILED" if result["status"] != "ok" else "FINISHED")
+    return {**result, "history": tr.history, "resumed_from_epoch": pos.epoch, "resumed_from_batch": pos.batch,
+            "resumed_from_step": pos.step, "attempt_started_at": attempt_started_at,
+            "checkpoint_blocked_s": tr.saver.blocked_s, "tracking": tracking_summary(tr.tracker),
+            "epochs_done": tr.history[-1]["epoch"] if tr.history else pos.epoch}
+
+
+def train_epochs(tr: Trainer, pos: Position, node_ids: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """The epochs from ``pos`` to the end: train, report (and track) the epoch, checkpoint; the run's status."""
+    cfg, device = tr.cfg, tr.device
 
     result: dict[str, Any] = {"status": "ok"}
     if tr.step == 0 and cfg.knn_every >= 0:  # the baseline the trained encoder must beat
@@ -417,6 +456,9 @@ def train_worker(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None]
             + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
             + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else "")
             + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else ""))
+        if tr.tracker is not None:  # everything the epoch line prints, and the monitors
+            skip = ("rank", "world_size", "step")
+            tr.tracker.log_metrics(numeric({k: v for k, v in metrics.items() if k not in skip}, "epoch"), tr.step)
 
         # the epoch-end checkpoint: every --checkpoint-every epochs, the last, or a step/time one that fell due
         step_due = bool(cfg.checkpoint_every_steps) and tr.step % cfg.checkpoint_every_steps == 0
@@ -430,10 +472,7 @@ def train_worker(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None]
 
     if pos.epoch >= cfg.epochs:
         log(f"[simclr] run already complete ({pos.epoch}/{cfg.epochs} epochs): nothing to train")
-    return {**result, "history": tr.history, "resumed_from_epoch": pos.epoch, "resumed_from_batch": pos.batch,
-            "resumed_from_step": pos.step, "attempt_started_at": attempt_started_at,
-            "checkpoint_blocked_s": tr.saver.blocked_s,
-            "epochs_done": tr.history[-1]["epoch"] if tr.history else pos.epoch}
+    return result
 
 
 def max_over_ranks(first_bad: torch.Tensor, *flags: bool) -> tuple[int, ...]:
