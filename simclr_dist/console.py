@@ -4,7 +4,9 @@ progress bars where a person waits (:class:`Progress`, :func:`progress`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import io
 import os
 import sys
 import time
@@ -75,6 +77,15 @@ def progress_mode(stream: TextIO | None = None, mode: str | None = None) -> str:
     return chosen
 
 
+def terminal_size(stream: TextIO) -> tuple[int, int]:
+    """(columns, rows) of the terminal behind ``stream``; zeros when it reports none or is not a terminal."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return 0, 0
+    return size.columns, size.lines
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0.0, seconds)
     if seconds < 60:
@@ -107,8 +118,12 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm  # imported here: only a terminal needs it
 
+            # a terminal that reports no size (a bare pty, `script` run without a terminal) would make tqdm draw a
+            # bar of no width or, with 0 rows, nothing at all: give it tqdm's usual size instead
+            sized = all(terminal_size(self.stream))
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=self.stream,
-                            dynamic_ncols=True, mininterval=0.1)
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 20,
+                            mininterval=0.1)
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -119,6 +134,18 @@ class Progress:
             if now - self.last_line >= self.interval:
                 self.last_line = now
                 self._line(self._status(now))
+
+    @contextlib.contextmanager
+    def interrupt(self) -> Iterator[None]:
+        """Write a line of your own while the bar is shown: the bar is cleared first and redrawn after, so the line
+        does not land in the middle of it (a terminal shows stdout and stderr on one screen)."""
+        if self.bar is not None:
+            self.bar.clear()
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.refresh()
 
     def close(self) -> None:
         """Finish the bar, or write the closing line when plain lines were written; idempotent."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from simclr_dist.console import progress as show_progress
+from simclr_dist.console import Progress
 
 
 def topk_accuracy(logits: Tensor, y: Tensor) -> tuple[float, float]:
@@ -71,10 +71,13 @@ def select_l2(fit_x: Tensor, fit_y: Tensor, val_x: Tensor, val_y: Tensor, *, num
     mode of the grid's progress, one step per fit (``None``: :func:`~simclr_dist.console.progress_mode`'s default,
     ``"off"``: silent)."""
     val_acc: dict[str, float] = {}
-    for l2 in show_progress(l2_grid, len(l2_grid), "linear probe: L2 grid", unit="fit", mode=progress):
-        clf = fit_logistic(fit_x, fit_y, num_classes=num_classes, l2=l2, max_iter=max_iter, device=device)
-        val_acc[f"{l2:g}"] = topk_accuracy(clf.logits(val_x), val_y)[0]
-        log(f"[eval] linear probe: L2 {l2:g} -> validation top-1 {val_acc[f'{l2:g}']:.4f}")
+    with Progress(len(l2_grid), "linear probe: L2 grid", unit="fit", mode=progress) as bar:
+        for l2 in l2_grid:
+            clf = fit_logistic(fit_x, fit_y, num_classes=num_classes, l2=l2, max_iter=max_iter, device=device)
+            val_acc[f"{l2:g}"] = topk_accuracy(clf.logits(val_x), val_y)[0]
+            with bar.interrupt():  # the log line above the bar, not through it
+                log(f"[eval] linear probe: L2 {l2:g} -> validation top-1 {val_acc[f'{l2:g}']:.4f}")
+            bar.update(1)
     best = max(l2_grid, key=lambda l2: (val_acc[f"{l2:g}"], l2))
     return best, val_acc
 

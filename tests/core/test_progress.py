@@ -57,9 +57,11 @@ def read_all(fd: int, proc: subprocess.Popen, timeout: float = 60.0) -> bytes:
     return out
 
 
-def test_a_terminal_gets_a_redrawn_bar():
+@pytest.mark.parametrize("rows, columns", [(24, 100), (0, 0)])
+def test_a_terminal_gets_a_redrawn_bar(rows, columns):
+    """On a 24 x 100 terminal, and on a pty that reports no size (``script`` without a terminal of its own)."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=slave, stderr=slave, env=child_env())
     os.close(slave)
     try:
@@ -69,6 +71,24 @@ def test_a_terminal_gets_a_redrawn_bar():
     assert proc.returncode == 0, out
     assert "\r" in out and "work:" in out and "40/40" in out and "100%|" in out  # tqdm's bar, redrawn in place
     assert "done," not in out  # not the plain-line format
+
+
+def test_a_line_written_during_a_bar_lands_on_a_cleared_line():
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    with os.fdopen(slave, "w") as tty:
+        bar = Progress(10, "grid", mode="bar", stream=tty)
+        bar.update(3)
+        with bar.interrupt():
+            tty.write("[eval] a log line\n")
+            tty.flush()
+        bar.update(7)
+        bar.close()
+        out = os.read(master, 65536).decode()
+    os.close(master)
+    before, after = out.split("[eval] a log line", 1)
+    assert before.endswith(" " * 20 + "\r")  # the bar was blanked out and the cursor returned to column 0
+    assert "30%|" in after and "10/10" in after  # and redrawn below the line
 
 
 def test_a_pipe_gets_plain_lines_at_a_bounded_rate():
@@ -167,7 +187,7 @@ def test_the_probe_grid_reports_one_step_per_fit(monkeypatch, capsys):
 
 def test_dataset_conversion_reports_progress_through_ffcvs_writer(tmp_path, monkeypatch, capsys):
     pytest.importorskip("ffcv")
-    from simclr_dist.data.ffcv.convert import ConvertSpec, convert
+    from simclr_dist.data.ffcv.convert import ConvertSpec, convert, progress_mode_of
 
     monkeypatch.setattr(console, "LINE_INTERVAL_S", 0.0)
     monkeypatch.setenv(PROGRESS_ENV, "lines")
@@ -177,6 +197,5 @@ def test_dataset_conversion_reports_progress_through_ffcvs_writer(tmp_path, monk
     err = capsys.readouterr().err
     assert "digits/test -> d.beton: done, 360 img" in err and "\r" not in err
 
-    convert(ConvertSpec(dataset="digits", split="test", out=str(tmp_path / "e.beton"), image_size=16,
-                        write_mode="raw", num_workers=1, progress=False))  # --no-progress wins over the variable
-    assert capsys.readouterr().err == ""
+    quiet = ConvertSpec(dataset="digits", split="test", out="e.beton", progress=False)  # --no-progress
+    assert progress_mode_of(quiet) == "off" and Progress(1, mode=progress_mode_of(quiet)).mode == "off"
