@@ -36,8 +36,7 @@ FORMATS = ("simclr-dist", "torchvision", "onnx", "torchscript")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = CommandParser(prog="simclr-export", description=__doc__.split("\n\n")[0].replace("``", ""),
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = CommandParser(prog="simclr-export", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("source", help="a pretraining run directory or checkpoint directory (path, s3://, gs://)")
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="simclr-dist (published, pinned), torchvision (state dict), onnx or torchscript")
@@ -45,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="simclr-dist: a new directory; torchvision: FILE.safetensors or FILE.pt; onnx: FILE.onnx; "
                         "torchscript: FILE.pt or FILE.ts")
     p.add_argument("--parity-images", type=int, default=PARITY_IMAGES,
-                   help="real test images the export must reproduce the encoder's features on")
+                   help=f"real test images the export must reproduce the encoder's features on (default: "
+                        f"{PARITY_IMAGES})")
     p.add_argument("--data-root", default=None,
                    help="where the encoder's dataset lives, for the parity images (default: the run's; the "
                         "embedded digits when it cannot be read)")

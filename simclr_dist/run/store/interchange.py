@@ -69,6 +69,7 @@ class EncoderFacts:
     dataset: str
     checkpoint: str
     epoch: int | None
+    data_root: str | None = None  # where the run read its dataset (for the parity images; not exported)
 
     def input_contract(self) -> dict[str, Any]:
         return {"shape": ["N", 3, self.image_size, self.image_size], "dtype": "float32", "layout": "NCHW",
@@ -127,22 +128,23 @@ def load_encoder(source: str) -> tuple[nn.Module, EncoderFacts]:
     mean, std = pre.mean_std()
     facts = EncoderFacts(arch=pre.arch, width=pre.width, cifar_stem=pre.cifar_stem, image_size=int(cfg.image_size),
                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),  # type: ignore[arg-type]
-                         feat_dim=pre.feat_dim, dataset=cfg.dataset, checkpoint=pre.uri, epoch=pre.epoch)
+                         feat_dim=pre.feat_dim, dataset=cfg.dataset, checkpoint=pre.uri, epoch=pre.epoch,
+                         data_root=cfg.data_root)
     return pre.encoder.float().eval(), facts
 
 
 def parity_images(facts: EncoderFacts, n: int = PARITY_IMAGES, data_root: str | None = None) -> tuple[Tensor, str]:
     """(``n`` real test images through the evaluation transform, ``(n, 3, S, S)`` float32, and where they come from).
 
-    The encoder's own dataset's held-out split when it can be read here (embedded, or under ``data_root``); else the
-    embedded digits at the encoder's size (real images, another domain: parity is about the arithmetic, not the
-    accuracy). Spread evenly over the split, so several classes are seen."""
+    The encoder's own dataset's held-out split when it can be read here (embedded, or under ``data_root``, by
+    default the run's own); else the embedded digits at the encoder's size (real images, another domain: parity is
+    about the arithmetic, not the accuracy). Spread evenly over the split, so several classes are seen."""
     if n < 1:
         raise PublishError(f"--parity-images: must be >= 1, got {n}")
     name, note = facts.dataset, "the encoder's dataset"
     try:
         split = labelled_splits(name)[1]
-        data = load_dataset(name, split, root=data_root, image_size=facts.image_size)
+        data = load_dataset(name, split, root=data_root or facts.data_root, image_size=facts.image_size)
     except (DatasetError, OSError, RuntimeError):
         name, split, note = "digits", "test", f"embedded; {facts.dataset} is not readable here, see --data-root"
         data = load_dataset(name, split, image_size=facts.image_size)
@@ -289,7 +291,8 @@ def export_encoder(source: str, fmt: str, out: str, *, parity_n: int = PARITY_IM
             f"{where} images")
     sidecar: dict[str, Any] = {
         "format": fmt, "file": os.path.basename(out), "model": {k: v for k, v in asdict(facts).items()
-                                                                 if k not in ("mean", "std", "image_size")},
+                                                                 if k not in ("mean", "std", "image_size",
+                                                                              "data_root")},
         "input": facts.input_contract(), "output": {"name": "features", "shape": ["N", facts.feat_dim]},
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
     if fmt == "torchvision":
