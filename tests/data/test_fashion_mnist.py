@@ -151,13 +151,15 @@ def test_config_resolves_the_recipe_and_the_loader(fm_root, monkeypatch):
     cfg = parse_config(["--dataset", "fashion-mnist", "--data-root", str(root)]).validate().resolved().validate()
     assert (cfg.image_size, cfg.cifar_stem, cfg.split) == (28, True, "train")
     assert (cfg.augment, cfg.jitter_strength) == ("crop,flip,color", 0.5)
-    assert cfg.loader == "torch"  # a user's --data-root is not the embedded copy: no node cache keyed by name
+    assert cfg.loader == "resident"  # fits in memory (data.resident.resident_fits), whatever the root
+    big = ["--dataset", "fashion-mnist", "--image-size", "256"]  # 60,000 x 256 x 256 > 3 GiB: not held
+    assert parse_config([*big, "--data-root", str(root)]).resolved().loader == "torch"  # a user's root: no node cache
     with pytest.raises(ConfigError, match="--loader: ffcv needs --beton"):
         parse_config(["--dataset", "fashion-mnist", "--data-root", str(root), "--loader", "ffcv"]).validate()
     monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(DATASETS["fashion-mnist"], embedded=True))
-    assert parse_config(["--dataset", "fashion-mnist"]).resolved().loader == "ffcv"
+    assert parse_config(big).resolved().loader == "ffcv"
     monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(DATASETS["fashion-mnist"], embedded=False))
-    assert parse_config(["--dataset", "fashion-mnist"]).resolved().loader == "torch"
+    assert parse_config(big).resolved().loader == "torch"
 
 
 # ---------------------------------------------------------------------------- both loaders and the converter

@@ -276,8 +276,9 @@ def test_preflight_rejects_bad_betons_before_training(shards, tmp_path, capsys):
         parse_config(["--loader", "torch", "--beton", shards.files[0]]).validate()
     resolved = lambda *a: parse_config(list(a)).resolved().loader  # noqa: E731
     assert resolved("--dataset", "cifar10", "--beton", shards.files[0]) == "ffcv"
-    assert resolved("--dataset", "cifar10") == "torch"
-    assert resolved() == "ffcv"  # embedded digits: auto converts it per node (measured faster end to end)
+    assert resolved("--dataset", "cifar10") == "resident"  # fits in memory (data.resident.resident_fits)
+    assert resolved("--dataset", "imagenet") == "torch"
+    assert resolved("--image-size", "2048") == "ffcv"  # embedded digits too big to hold: auto converts it per node
     assert resolved("--loader", "torch") == "torch"
     assert check_beton(shards.files, world_size=2, batch_size=BATCH).num_samples == N_IMAGES
 

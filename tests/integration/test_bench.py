@@ -211,3 +211,27 @@ def test_gpu_check_cpu_smoke_runs_every_check(tmp_path: Path, keep_threads: None
     assert rows["torch-loader"]["status"] == "ok" and 0 <= rows["torch-loader"]["data_wait_share"] <= 1
     assert rows["compile"]["status"] == "skipped: --skip"
     assert all(rows[c]["status"].startswith("skipped: no CUDA") for c in ("syncbn", "augment", "metrics"))
+
+
+def test_h200_smoke_runs_every_leg_on_cpu(tmp_path: Path, keep_threads: None) -> None:
+    """The prepared one-GPU check runs end to end on the CPU (compile left out): both loaders on both data sets feed
+    the production step, each row has its throughput, data wait and epoch time, and the report says which data."""
+    from bench import h200
+
+    out = tmp_path / "h200.json"
+    assert h200.main(["--smoke", "--out", str(out)]) == 0
+    report = _report(out)
+    assert report["smoke"] and report["data_source"] == {"cifar10": "synthetic colour 32 px",
+                                                         "fashion-mnist": "synthetic grey 28 px"}
+    legs = {(r["data"], r["mode"], r.get("loader")): r for r in report["rows"]}
+    for data in ("cifar10", "fashion-mnist"):
+        assert legs[(data, "compile", None)]["status"] == "skipped"
+        for loader in ("resident", "torch"):
+            r = legs[(data, "eager", loader)]
+            assert r["status"] == "ok" and r["steps"] == 2, r
+            for key in ("pairs_per_s", "step_ms", "s_per_epoch", "warmup_s"):
+                assert _positive(r[key]), (key, r)
+            assert 0 < r["data_wait_share"] < 1 and math.isfinite(r["loss"])
+            assert r["s_per_epoch"] == pytest.approx(h200.TRAIN_IMAGES[data] / r["pairs_per_s"])
+    epoch = legs[("cifar10", "epoch", "resident")]
+    assert epoch["steps"] == 64 // 16 and _positive(epoch["s_per_epoch"]) and epoch["vs_anchor"] is None
