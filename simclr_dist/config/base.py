@@ -55,6 +55,11 @@ def flag(default: Any, help: str, *, choices: Choices | None = None, what: str =
     return field(default=default, metadata={"help": help, **{k: v for k, v in rules.items() if v is not None}, **kw})
 
 
+def internal(default: Any, help: str) -> Any:
+    """A config field the job sets itself (recorded in the run's config, no command-line flag)."""
+    return field(default=default, metadata={"help": help, "cli": False})
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -136,6 +141,8 @@ def build_parser(cls: type, prog: str, description: str, *, one_line: bool = Fal
                            on_error=raise_config_error if one_line else None)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
         tp, _ = base_type(hints[f.name])
         helptext = f.metadata.get("help", "")
         if tp is bool:

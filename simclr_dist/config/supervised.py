@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_dist.config.base import FORMATS, JobConfig, PretrainedError, bad, check_plain_name, flag, parse_weights_spec
+from simclr_dist.config.base import (FORMATS, JobConfig, PretrainedError, bad, check_plain_name, flag, internal,
+                                     parse_weights_spec)
 from simclr_dist.config.evaluate import dataset_names
 from simclr_dist.core.models import ARCHS
 from simclr_dist.data.augment import parse_components
@@ -63,6 +64,9 @@ class SupervisedConfig(JobConfig):
                                            f"{', '.join(FORMATS)} (see simclr_dist.run.store.pretrained): its network, and "
                                            "its input normalisation instead of the dataset's; needs --dataset except "
                                            "for simclr-dist")
+    init_digest: str | None = internal(None, "SHA-256 of the imported encoder's weights (16 hex), set by the job: "
+                                             "the import's identity in the results cache and on resume, so a "
+                                             "repository checked out elsewhere reuses its finished runs")
     init_strict: bool = flag(True, "with --init-pretrained: refuse a partial load (any missing/unexpected key or "
                                  "shape mismatch); --no-init-strict loads the matching tensors and warns")
     fraction: float = flag(1.0, "fraction of the train labels, class-balanced (1: all labels)", gt=0, le=1)
@@ -171,7 +175,15 @@ class SupervisedConfig(JobConfig):
 
     def experiment_key(self) -> dict[str, Any]:
         """What defines the result (cluster layout and bookkeeping excluded)."""
-        return {k: v for k, v in self.to_dict().items() if k not in CLUSTER_FIELDS}
+        # an import is known by its weights (init_digest) where they were hashed, not by the path they were read at
+        path_free = {"init_pretrained"} if self.init_digest else set()
+        return {k: v for k, v in self.to_dict().items() if k not in CLUSTER_FIELDS and k not in path_free}
+
+    def resume_fields(self, saved: "SupervisedConfig") -> tuple[str, ...]:
+        """The fields a resumed run must keep: the import's digest instead of its path when both runs hashed it."""
+        if self.init_digest and saved.init_digest:
+            return tuple("init_digest" if k == "init_pretrained" else k for k in RESUME_FIELDS)
+        return RESUME_FIELDS
 
 
 def default_name(scfg: SupervisedConfig) -> str:

@@ -176,6 +176,17 @@ def test_experiments_on_imported_torchvision_encoder(tv_file, tmp_path, capsys):
     assert reused == {("finetune", 0.1): False, ("supervised", 0.1): True, ("supervised", 1.0): True}
     assert len(glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-2st-b32-pt*"))) == 2
 
+    # the first import's very weights read from another path (a clone elsewhere): known by their digest, so every
+    # finished run is read back, none retrained
+    moved = tmp_path / "elsewhere" / "same.pth"
+    moved.parent.mkdir()
+    moved.write_bytes(open(path, "rb").read())
+    assert exp.main(["--pretrained", f"torchvision:{moved}", *common]) == 0
+    capsys.readouterr()
+    third = read(out / "results.json")
+    assert all(r["reused"] for r in third["records"] if r["arm"] in ("finetune", "supervised"))
+    assert len(glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-2st-b32-pt*"))) == 2
+
 
 def test_plan_on_simclr_dist_run_dir_pins_its_checkpoint_and_takes_its_data(tmp_path):
     ckpt = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000001")

@@ -108,6 +108,7 @@ def resolve_pretrained(scfg: SupervisedConfig) -> PretrainConfig:
     # pinned to what was read (a run directory's latest checkpoint, a torch-hub name's file): every worker, a resume
     # and the results cache then see the same weights
     scfg.init_pretrained = f"{pre.format}:{pre.uri}"
+    scfg.init_digest = pre.weights_digest()
     for key, got in (("arch", pre.arch), ("width", float(pre.width)), ("cifar_stem", bool(pre.cifar_stem))):
         want = getattr(scfg, key)
         if want is not None and want != got:
@@ -196,7 +197,7 @@ def preflight(scfg: SupervisedConfig, labels: np.ndarray | None = None, split: L
     cfg_uri = storage.join(run_uri(scfg), RUN_CONFIG_FILE)
     if storage.exists(cfg_uri):
         saved = SupervisedConfig.from_dict(storage.read_json(cfg_uri))
-        diff = [f"{k}={getattr(saved, k)!r} (now {getattr(scfg, k)!r})" for k in RESUME_FIELDS
+        diff = [f"{k}={getattr(saved, k)!r} (now {getattr(scfg, k)!r})" for k in scfg.resume_fields(saved)
                 if getattr(saved, k) != getattr(scfg, k)]
         if diff:
             raise ConfigError(f"run {run_uri(scfg)} was started with {', '.join(diff)}: resume with the same "

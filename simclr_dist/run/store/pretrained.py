@@ -34,6 +34,8 @@ External files are read with ``torch.load(weights_only=True)``: a weight file is
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import re
 from collections.abc import Mapping
@@ -83,6 +85,22 @@ class PretrainedEncoder:
     @property
     def num_params(self) -> int:
         return count_parameters(self.encoder)
+
+    def weights_digest(self) -> str:
+        """16 hex digits of SHA-256 over the encoder's (and head's) tensors, names, dtypes and shapes: what the import
+        *is*, wherever it was read from (a published encoder checked out at another path has the same digest)."""
+        if "_digest" in self.__dict__:  # computed once (every cell of a study names its runs with it)
+            return self.__dict__["_digest"]
+        h = hashlib.sha256()
+        for prefix, module in (("encoder.", self.encoder), ("head.", self.head)):
+            if module is None:
+                continue
+            for name, t in sorted(module.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{prefix}{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        self.__dict__["_digest"] = h.hexdigest()[:16]
+        return self.__dict__["_digest"]
 
     @property
     def epoch(self) -> int | None:

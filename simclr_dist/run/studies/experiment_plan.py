@@ -14,7 +14,6 @@ arm; its final run trains on the whole subset with the point and the number of e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import shlex
 from dataclasses import dataclass
 
@@ -127,9 +126,10 @@ def finished_checkpoint(run: str, cfg: PretrainConfig | None) -> str | None:
     return refs[-1].uri
 
 
-def spec_digest(spec: str) -> str:
-    """8 hex digits naming an import in the fine-tuned runs' names: another --pretrained trains other runs."""
-    return hashlib.sha256(spec.encode()).hexdigest()[:8]
+def spec_digest(pre: PretrainedEncoder) -> str:
+    """8 hex digits naming an import in the fine-tuned runs' names: its weights' digest, so another --pretrained
+    trains other runs while the same weights read from another path (a clone elsewhere) reuse the finished ones."""
+    return pre.weights_digest()[:8]
 
 
 def pretrained_tag(pre: PretrainedEncoder) -> str:
@@ -220,7 +220,9 @@ def check_reusable(plan: Plan, scfg: SupervisedConfig) -> None:
     if (plan.checkpoint is None and plan.pretrained is None) or not storage.exists(saved_uri):
         return
     saved = SupervisedConfig.from_dict(storage.read_json(saved_uri))
-    if saved.init_source() != scfg.init_source():
+    same_weights = (saved.init_digest is not None and scfg.init_pretrained is not None
+                    and plan.pretrained is not None and saved.init_digest == plan.pretrained.weights_digest())
+    if saved.init_source() != scfg.init_source() and not same_weights:
         raise ConfigError(f"--out {plan.out}: {scfg.storage_path}/{scfg.name} was fine-tuned from "
                           f"{saved.init_source()}, not {scfg.init_source()}: choose a new --out")
     diff = [f"{k}={getattr(saved, k)!r}" for k in ("dataset", "image_size", "arch", "width", "cifar_stem")
@@ -257,7 +259,7 @@ def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | Non
     # the recipe is in the name: a rerun with other flags trains new runs instead of extending finished ones
     name = (f"{cell.arm}-{cell.fraction:g}-s{cell.rep.subset_seed}-i{cell.rep.seed}-lr{lr:g}-wd{wd:g}-"
             f"{augment_tag(augment)}-{tag}-b{e.batch_size}" + ("" if split is None else f"-v{split}")
-            + (f"-pt{spec_digest(imported)}" if imported else ""))
+            + (f"-pt{spec_digest(plan.pretrained)}" if imported else ""))
     return SupervisedConfig(
         dataset=m.dataset, data_root=m.data_root, image_size=m.image_size, arch=m.arch, width=m.width,
         cifar_stem=m.cifar_stem, init_checkpoint=checkpoint, init_pretrained=imported, init_strict=e.strict,
