@@ -1,7 +1,8 @@
 """The resident loader (``--loader resident``): its crops against torchvision's RandomResizedCrop, its views against
 the torch loader's in distribution (statistics of the views, two-sample KS at alpha = 0.001, with a negative control
 that the same test must reject), bit-identical resume at (epoch, start_batch), the same views for any rank split,
-determinism per seed, the memory rule of ``--loader auto``, and one real pretraining epoch on Ray."""
+determinism per seed, the memory rule of ``--loader auto``, and a real pretraining epoch in this process (``--no-ray``)
+and on Ray (slow)."""
 
 from __future__ import annotations
 
@@ -260,8 +261,28 @@ def test_memory_rule():
         assert resident_fits(name, "train", 32)
 
 
-# ---------------------------------------------------------------------------- end to end on Ray
+# ---------------------------------------------------------------------------- end to end
+def test_pretraining_epoch_in_process_through_the_resident_loader(tmp_path):
+    """``--no-ray --loader resident``: one digits epoch trains (finite loss, every step), and the same command run
+    again gives the same loss to the last bit (order, crops and ops are all seeded)."""
+    from simclr_dist import pretrain
+    from simclr_dist.config import parse_config
+
+    def run(name: str) -> dict:
+        return pretrain.run(parse_config([
+            "--no-ray", "--threads", "1", "--loader", "resident", "--dataset", "digits", "--image-size", "16",
+            "--width", "0.125", "--batch-size", "64", "--storage-path", str(tmp_path / "runs"), "--name", name,
+            "--knn-every", "-1", "--log-every", "5", "--epochs", "1"]))
+
+    a, b = run("a"), run("b")
+    [h] = a["history"]
+    assert a["config"]["loader"] == "resident" and (h["epoch"], h["step"]) == (1, 1437 // 64)
+    assert 0 < h["loss"] < 10 and h["data_wait_s"] >= 0
+    assert [x["loss"] for x in b["history"]] == [h["loss"]]
+
+
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray worker group: 25-60 s here
 def test_pretraining_epoch_on_ray_through_the_resident_loader(ray_cluster, tiny_args, tmp_path):
     from simclr_dist import pretrain
     from simclr_dist.config import parse_config
