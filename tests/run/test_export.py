@@ -156,6 +156,11 @@ def test_bad_combinations_fail_in_one_line_and_write_nothing(demo_like, tmp_path
         assert all(n in err for n in needles), err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+    with pytest.raises(SystemExit) as exit_:  # a mistyped flag: one line with the close match
+        export.main([run, "--format", "onnx", "--out", str(tmp_path / "z.onnx"), "--parity-imgs", "3"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and "(did you mean --parity-images?)" in err, err
+
     (tmp_path / "taken.onnx.json").write_text("{}")  # a sidecar in the way counts as the file existing
     assert export.main([run, "--format", "onnx", "--out", str(tmp_path / "taken.onnx")]) == 2
     assert "taken.onnx.json: exists" in capsys.readouterr().err and not (tmp_path / "taken.onnx").exists()
