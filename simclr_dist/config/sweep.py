@@ -35,9 +35,11 @@ RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu")
 # Set by the sweep for every trial (each trial is its own Train run; the monitor always uses the validation split).
 CONTROLLED_FIELDS = {"storage_path": "--storage-path", "name": "the trial id", "ray_address": "--ray-address",
                      "summary_json": "the results table", "knn_split": "the sweep (always 'val')",
-                     "verbose": "the sweep"}
-# held-out accuracies the trainable reports on the validation split: kNN, and the linear probe (--linear-probe)
-OBJECTIVES = ("val_linear_top1", "val_linear_top5", "val_knn_top1", "val_knn_top5")
+                     "verbose": "the sweep", "ray": "the sweep (a trial is a Ray Train run)"}
+# held-out accuracies the trainable reports on the validation split: kNN, the linear probe (--linear-probe) and the
+# online probe (--online-probe: every epoch, whatever knn_every says)
+OBJECTIVES = ("val_linear_top1", "val_linear_top5", "val_knn_top1", "val_knn_top5", "online_probe_top1")
+ONLINE_OBJECTIVES = ("online_probe_top1",)
 SCHEDULERS = ("none", "asha")
 ASHA_KEYS = ("type", "time_attr", "max_t", "grace_period", "reduction_factor")
 DIMENSION_KINDS = ("grid", "choice", "uniform", "loguniform", "pairs")
@@ -124,9 +126,10 @@ class SweepSpec:
 
     def trial_base(self) -> dict[str, Any]:
         """The PretrainConfig fields every trial shares, with those the sweep controls: the validation split, the
-        linear probe when the objective is its accuracy, and the trials' shared storage."""
+        linear probe or the online probe when the objective is its accuracy, and the trials' shared storage."""
         probe = self.metric.startswith("val_linear") or bool(self.base.get("linear_probe"))
-        return {**self.base, **self.resources, "knn_split": "val", "linear_probe": probe,
+        online = self.metric in ONLINE_OBJECTIVES or bool(self.base.get("online_probe"))
+        return {**self.base, **self.resources, "knn_split": "val", "linear_probe": probe, "online_probe": online,
                 "storage_path": self.train_storage}
 
     def trial_dict(self, point: dict[str, Any]) -> dict[str, Any]:

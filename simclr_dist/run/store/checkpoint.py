@@ -144,6 +144,7 @@ class PretrainState:
     epoch_loss_sums: list[torch.Tensor] | None = None
     init_knn: dict[str, float] = field(default_factory=dict)
     tracking: dict[str, str] = field(default_factory=dict)  # {"mlflow_run_id": ...}: a resume continues that run
+    online_probe: dict[str, Any] = field(default_factory=dict)  # --online-probe: its head and optimizer state
     format_version: int = FORMAT_VERSION
 
     REQUIRED = ("model", "optimizer", "scaler", "config", "epoch", "step")
@@ -273,11 +274,22 @@ def make_uploader(run_uri: str, *, state: dict[str, Any] | None = None, kill_in_
             if saved is not None:
                 saved(dir_name)
             fs, path = storage.resolve(dest)
-            return ray.train.Checkpoint(path=path, filesystem=fs)
+            return ray.train.Checkpoint(path=path, filesystem=_ray_storage_fs() or fs)
         finally:
             if done is not None:
                 done.set()
     return upload
+
+
+def _ray_storage_fs() -> pafs.FileSystem | None:
+    """The filesystem Ray Train was given for this run (a retrying one for object stores: launch.fit), so the
+    checkpoint this uploader returns is on it, as Ray requires; None outside a Ray Train worker."""
+    try:
+        import ray.train
+
+        return ray.train.get_context().get_storage().storage_filesystem
+    except Exception:  # not in a Ray Train worker (the drills, a --no-ray run)
+        return None
 
 
 def _not_saved(e: OSError, dest: str, step: int, previous: str | None) -> storage.StorageError:

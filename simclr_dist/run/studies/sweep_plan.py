@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from simclr_dist.config import ConfigError, PretrainConfig
-from simclr_dist.config.sweep import OBJECTIVES, Dimension, SweepError, SweepSpec, fail, suggest
+from simclr_dist.config.sweep import ONLINE_OBJECTIVES, OBJECTIVES, Dimension, SweepError, SweepSpec, fail, suggest
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist.run.jobs.capacity import Capacity, CapacityError, Growth, capacity
 from simclr_dist.run.jobs.pretrain_job import check_config
@@ -27,6 +27,8 @@ def reported_metrics(cfg: PretrainConfig) -> set[str]:
         out |= {f"{prefix}knn_top1", f"{prefix}knn_top5"}
         if cfg.linear_probe:
             out |= {f"{prefix}linear_top1", f"{prefix}linear_top5"}
+    if cfg.online_probe:  # every epoch, on the validation split
+        out |= {"online_probe_top1", "online_probe_loss", "rankme"}
     return out
 
 
@@ -52,7 +54,8 @@ def check_spec(spec: SweepSpec) -> list[PretrainConfig]:
         cfgs.append(cfg)
     cfg = cfgs[0]
     reported = reported_metrics(cfg)
-    if cfg.knn_every < 0:
+    online = spec.metric in ONLINE_OBJECTIVES  # measured every epoch by the online probe, not by the kNN monitor
+    if cfg.knn_every < 0 and not online:
         fail(f"{spec.source}: knn_every", "-1 turns off the kNN monitor the objective is measured with")
     if spec.metric not in reported:
         fail(f"{spec.source}: objective.metric", f"the trainable does not report {spec.metric!r}"
@@ -69,7 +72,7 @@ def check_spec(spec: SweepSpec) -> list[PretrainConfig]:
         max_epochs = max(c.epochs for c in cfgs)
         if sch["max_t"] is not None and sch["max_t"] > max_epochs and sch["time_attr"] == "epoch":
             fail(f"{where}.max_t", f"{sch['max_t']} exceeds the trials' {max_epochs} epochs")
-        if min(c.knn_every for c in cfgs) == 0:
+        if min(c.knn_every for c in cfgs) == 0 and not online:
             fail(where, "ASHA compares trials at its rungs, but knn_every 0 measures the objective only after the "
                         "last epoch: set knn_every (e.g. to the grace period)")
     return cfgs

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from simclr_dist.config import PretrainConfig
-from simclr_dist.config.sweep import EXPERIMENT_SPEC, OBJECTIVES, SweepError, SweepSpec
+from simclr_dist.config.sweep import EXPERIMENT_SPEC, OBJECTIVES, ONLINE_OBJECTIVES, SweepError, SweepSpec
 from simclr_dist.report.sweep import write_results
 from simclr_dist import storage
 from simclr_dist.run.jobs.pretrain_job import run as run_pretraining
 from simclr_dist.run.studies.sweep_plan import asha_max_t, check_spec, cluster_capacity, describe, plan_concurrency
 
+OFFLINE = tuple(o for o in OBJECTIVES if o not in ONLINE_OBJECTIVES) + ("loss",)  # a column in every table
 DRIVER_BUNDLE = {"memory": 256 * 2**20}  # the trial's driver only launches a Train run: no CPU, a little memory
 
 
@@ -74,8 +75,8 @@ def collect_rows(spec: SweepSpec, result_grid) -> list[dict[str, Any]]:
         except Exception:  # noqa: BLE001 - only decides the "stopped early" note
             epochs_planned = None
         row.update({spec.metric: last(spec.metric)})
-        for extra in OBJECTIVES + ("loss",):
-            if extra not in row:
+        for extra in OBJECTIVES + ("rankme", "loss"):
+            if extra not in row and (last(extra) is not None or extra in OFFLINE):  # online: only where it ran
                 row[extra] = last(extra)
         row["epochs_done"] = int(last("epoch")) if last("epoch") is not None else None
         row["time_s"] = m.get("time_total_s")

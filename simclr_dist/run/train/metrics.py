@@ -58,6 +58,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("simclr_samples_total", "counter", "Samples this worker process trained on."),
     MetricSpec("simclr_data_wait_seconds_total", "counter",
                "Seconds this worker process spent blocked on its data loader."),
+    MetricSpec("simclr_online_probe_top1", "gauge",
+               "Top-1 (0..1) of the online linear probe on the validation split, at the last epoch end "
+               "(--online-probe)."),
+    MetricSpec("simclr_rankme", "gauge",
+               "RankMe (effective rank) of the encoder's validation features at the last epoch end; a collapse "
+               "drives it towards 1 (--online-probe)."),
     MetricSpec("simclr_gpu_utilization_ratio", "gauge",
                "GPU utilisation (0..1) reported by NVML at the log point.", gpu=True),
     MetricSpec("simclr_gpu_memory_used_bytes", "gauge",
@@ -150,6 +156,12 @@ class WorkerMetrics:
         if wait > 0:  # Ray counters refuse increments <= 0
             self._m["simclr_data_wait_seconds_total"].inc(wait)
         self._t0, self._step0, self._wait0, self._loss0 = now, step, data_wait_s, loss_total
+
+    def epoch_end(self, metrics: dict[str, float]) -> None:
+        """The per-epoch series: the online probe's validation top-1 and RankMe, when the epoch measured them."""
+        for key in ("online_probe_top1", "rankme"):
+            if key in metrics:
+                self._m[f"simclr_{key}"].set(float(metrics[key]))
 
     def checkpoint_saved(self, seconds: float) -> None:
         """Only rank 0 serialises the checkpoint; the other ranks' timings would be of an empty directory."""

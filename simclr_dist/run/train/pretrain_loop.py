@@ -52,6 +52,7 @@ from simclr_dist.run.store.checkpoint import (
     save_checkpoint,
 )
 from simclr_dist.run.train.metrics import WorkerMetrics
+from simclr_dist.run.train.online_probe import ProbeStream
 from simclr_dist.run.train.resume import Position, load_resumable, restore, resumed_schedule
 from simclr_dist.run.train.tracking import StepWindow, Tracker, numeric, open_tracker, tracking_summary
 from simclr_dist.run.store.weights import build_model
@@ -198,6 +199,7 @@ class Trainer:
     drilled: bool = False                 # the chaos kill fired in this attempt (the marker in storage: in the run)
     tracker: Tracker | None = None        # rank 0's curves (--tracking); None elsewhere and with --tracking none
     window: StepWindow = field(default_factory=StepWindow)  # the tracker's per-step window
+    probe: ProbeStream | None = None      # --online-probe: the linear head on detached features, and its data
 
     @property
     def steps_per_epoch(self) -> int:
@@ -213,7 +215,7 @@ class Trainer:
                              step=self.step, history=self.history, batch=batch, steps_per_epoch=self.steps_per_epoch,
                              schedule=self.schedule.state_dict(), epoch_loss_sums=sums, init_knn=self.init_knn,
                              tracking={"mlflow_run_id": self.tracker.run_id} if self.tracker and self.tracker.run_id
-                             else {})
+                             else {}, online_probe=self.probe.state_dict() if self.probe is not None else {})
 
     def start_epoch(self, epoch: int) -> None:
         """Open the metrics windows (Prometheus, tracking) at the start of ``epoch``."""
@@ -283,6 +285,8 @@ def train_one_epoch(tr: Trainer, epoch: int, first: int, loss_sum: torch.Tensor)
         loss = pretrain_step(tr.ddp, tr.optimizer, tr.scaler, v1, v2, temperature=cfg.temperature,
                              precision=tr.precision, device=device, channels_last=tr.channels_last,
                              poison=tr.step == cfg.chaos_nan_step, normalize=cfg.proj_normalize)
+        if tr.probe is not None:  # the online probe's own step: detached features, its own labelled images
+            tr.probe.update(tr.raw.encoder, tr.step)
         # no host sync per step: remember the first non-finite step on the device
         bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, tr.step), bad_step)
         loss_sum += loss
@@ -357,10 +361,15 @@ def build_trainer(cfg: PretrainConfig, worker: Worker, log: Callable[[str], None
     mon = (WorkerMetrics(cfg.name, rank, socket.gethostname(), samples_per_step=per_worker, device=device,
                          model=raw, image_size=cfg.image_size)  # Prometheus series via Ray's metrics agent
            if worker.on_ray else None)
+    probe = None
+    if cfg.online_probe:
+        probe = ProbeStream(cfg, raw.feat_dim, device=device, channels_last=channels_last, rank=rank, world=world)
+        if worker.resume is not None and state.online_probe:
+            probe.load_state_dict(state.online_probe)
     tr = Trainer(cfg=cfg, rank=rank, world=world, device=device, raw=raw, ddp=ddp, optimizer=optimizer,
                  schedule=schedule, scaler=scaler, precision=precision, channels_last=channels_last, loader=loader,
                  saver=worker.saver, mon=mon, log=log, step=pos.step, history=pos.history, init_knn=pos.init_knn,
-                 drilled=pos.step >= cfg.chaos_kill_step)
+                 drilled=pos.step >= cfg.chaos_kill_step, probe=probe)
     return tr, pos
 
 
@@ -379,6 +388,8 @@ def epoch_metrics(tr: Trainer, epoch: int, ep: EpochResult, node_ids: list[str])
     last = epoch + 1 == cfg.epochs
     if (cfg.knn_every > 0 and (epoch + 1) % cfg.knn_every == 0) or (last and cfg.knn_every >= 0):
         metrics.update(online_knn(tr.raw.encoder, cfg, tr.device, tr.channels_last))
+    if tr.probe is not None:
+        metrics.update(tr.probe.evaluate(tr.raw.encoder, ep.steps_run))
     return metrics
 
 
@@ -455,7 +466,11 @@ def train_epochs(tr: Trainer, pos: Position, node_ids: list[str], log: Callable[
             f"{metrics['samples_per_s']:.1f} samples/s | {ep.seconds:.1f}s (data wait {ep.data_wait_s:.1f}s)"
             + (f" | kNN top-1 {metrics['knn_top1']:.3f}" if "knn_top1" in metrics else "")
             + (f" | val kNN top-1 {metrics['val_knn_top1']:.3f}" if "val_knn_top1" in metrics else "")
-            + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else ""))
+            + (f" | val linear top-1 {metrics['val_linear_top1']:.3f}" if "val_linear_top1" in metrics else "")
+            + (f" | online probe val top-1 {metrics['online_probe_top1']:.3f}, RankMe {metrics['rankme']:.1f}"
+               if "online_probe_top1" in metrics else ""))
+        if tr.mon is not None:
+            tr.mon.epoch_end(metrics)
         if tr.tracker is not None:  # everything the epoch line prints, and the monitors
             skip = ("rank", "world_size", "step")
             tr.tracker.log_metrics(numeric({k: v for k, v in metrics.items() if k not in skip}, "epoch"), tr.step)
