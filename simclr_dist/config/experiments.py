@@ -41,10 +41,20 @@ PRESET_PRETRAIN = {
     "fashion-mnist-cpu": ("simclr-fashion-mnist-cpu",
                           "--dataset fashion-mnist --image-size 28 --width 0.25 --batch-size 256 --epochs 12 "
                           "--num-workers 2 --cpus-per-worker 1 --knn-every -1"),
+    # one worker per GPU present ({gpus}: counted when the study starts, so one GPU runs it as well as eight); the
+    # kNN monitor queries a validation part of the train split: the test split is read by the final models only
     "fashion-mnist-gpu": ("simclr-fashion-mnist-gpu",
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
-                          "--num-workers 4 --use-gpu --knn-every 50"),
+                          "--num-workers {gpus} --use-gpu --knn-every 50 --knn-split val"),
 }
+
+
+def gpus_present() -> int:
+    """GPUs this process sees (at least 1: a GPU preset on a machine without one fails later, in the capacity
+    check, with its own one-line error)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 # The LR grids (per 256 images, log-spaced, factor 2): fine-tuning wants smaller steps than training from scratch
 # (the old shared 0.1,0.4 grid had fine-tuning on its bottom edge and scratch on its top edge at 10%).
 FINETUNE_LRS, SCRATCH_LRS = "0.025,0.05,0.1", "0.1,0.2,0.4"
@@ -301,7 +311,7 @@ class ExperimentsConfig(JobConfig):
         elif cfg.preset and cfg.run is None and cfg.checkpoint is None and cfg.pretrained is None:
             cfg.run = f"./runs/{PRESET_PRETRAIN[cfg.preset][0]}"
             if cfg.pretrain_args is None:
-                cfg.pretrain_args = PRESET_PRETRAIN[cfg.preset][1]
+                cfg.pretrain_args = PRESET_PRETRAIN[cfg.preset][1].replace("{gpus}", str(gpus_present()))
         cfg.pretrain_args = cfg.pretrain_args or ""
         return cfg.validate()
 

@@ -191,6 +191,12 @@ def test_presets_resolve_and_name_their_pretraining_run(monkeypatch, tmp_path):
     assert (override.seeds, override.steps) == (1, 7)  # a flag given wins over the preset
     gpu = ExperimentsConfig(preset="fashion-mnist-gpu").resolved("fashion-mnist")
     assert "--width 1.0" in gpu.pretrain_args and gpu.ray and gpu.use_gpu
+    # one pretraining worker per GPU present (this box: none, so 1; 8 GPUs: 8), the monitor on validation queries
+    assert "--num-workers 1 " in gpu.pretrain_args and "--knn-split val" in gpu.pretrain_args
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    gpu8 = ExperimentsConfig(preset="fashion-mnist-gpu").resolved("fashion-mnist")
+    assert "--num-workers 8 " in gpu8.pretrain_args and "{gpus}" not in gpu8.pretrain_args
+    assert pretrain_config(gpu8, gpu8.run).knn_split == "val"
     assert [gpu.seeds_for(f) for f in (0.001, 0.01, 0.1, 1.0)] == [10, 10, 6, 3]
     with pytest.raises(ConfigError, match="--dataset: the preset fashion-mnist-cpu is a fashion-mnist study"):
         ExperimentsConfig(preset="fashion-mnist-cpu", dataset="digits").validate()
