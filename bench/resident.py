@@ -1,6 +1,7 @@
 """The resident loader against the torch loader (and FFCV where it can read the set) on the CPU at 28 and 32 px.
 
     python -m bench.resident [--quick] [--threads 1] [--repeats 5] [--batch 256] [--out PATH.json]
+                             [--pretrain RUNS [--pretrain-epochs 3] [--only-pretrain]]
 
 One protocol: for each set, every loader is built through ``build_pretrain_loader`` with the same spec (one rank,
 batch ``--batch``, the dataset's default recipe, device cpu), its construction and first batch timed apart
@@ -14,6 +15,9 @@ Sets: ``fashion-mnist 28 px`` (the Debian package; grey, crop + flip + brightnes
 ``synthetic colour 32 px`` (CIFAR-size colour images made here, served to the torch and resident loaders as
 ``cifar10`` so they run the CIFAR recipe: crop, flip, colour jitter, grey; CIFAR-10 itself is not on this box,
 and FFCV would need a ``.beton`` of it). The torch loader runs in the process (``loader_workers`` 0, the default).
+
+``--pretrain RUNS`` adds the end-to-end table: the default digits pretraining (``--no-ray``, one thread) through
+the resident and the FFCV loader, RUNS runs each, alternating, with epoch 1 (FFCV's compilation) apart.
 """
 
 from __future__ import annotations
@@ -111,25 +115,71 @@ def bench_set(name: str, dataset: str, px: int, loaders: list[str], batch: int, 
     return rows
 
 
+PRETRAIN_COLUMNS: list[Column] = [
+    ("loader", "loader", ""), ("run", "run", "d"), ("epochs", "epochs", "d"), ("wall_s", "wall s", ".1f"),
+    ("first_epoch_s", "epoch 1 s", ".1f"), ("later_epoch_s", "later epochs s (median)", ".1f"),
+    ("later_samples_per_s", "later samples/s", ".0f"), ("data_wait_s", "later data wait s (median)", ".2f"),
+]
+
+
+def ffcv_or_not(args: Any) -> list[str]:
+    return [] if args.no_ffcv else ["ffcv"]
+
+
+def bench_pretrain(loaders: list[str], epochs: int, runs: int, tmp: str) -> list[Row]:
+    """The default digits pretraining (24 px, ResNet-18 x1/4, batch 128) in this process (``--no-ray``, one thread)
+    per loader, the loaders alternating run by run: wall time, epoch 1 (FFCV's compilation) and later epochs."""
+    from simclr_dist import pretrain
+    from simclr_dist.config import parse_config
+
+    rows: list[Row] = []
+    for run in range(runs):
+        for loader in loaders if run % 2 == 0 else loaders[::-1]:
+            summary = pretrain.run(parse_config([
+                "--no-ray", "--threads", "1", "--loader", loader, "--epochs", str(epochs), "--knn-every", "-1",
+                "--storage-path", tmp, "--name", f"{loader}-{run}", "--tracking", "none"]))
+            h = summary["history"]
+            rows.append({"loader": loader, "run": run, "epochs": epochs, "wall_s": summary["wall_time_s"],
+                         "first_epoch_s": h[0]["epoch_time_s"],
+                         "later_epoch_s": median([x["epoch_time_s"] for x in h[1:]]),
+                         "later_samples_per_s": median([x["samples_per_s"] for x in h[1:]]),
+                         "data_wait_s": median([x["data_wait_s"] for x in h[1:]])})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser("bench.resident", __doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--batch", type=int, default=256, help="images per batch (two views each)")
     parser.add_argument("--batches", type=int, default=2, help="batches per timed call")
     parser.add_argument("--no-ffcv", action="store_true", help="leave FFCV out (e.g. where it is not installed)")
+    parser.add_argument("--pretrain", type=int, default=0, metavar="RUNS",
+                        help="also RUNS in-process digits pretraining runs per loader (resident, ffcv), alternating")
+    parser.add_argument("--pretrain-epochs", type=int, default=3, help="epochs of each pretraining run")
+    parser.add_argument("--only-pretrain", action="store_true", help="skip the loader table")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     machine = machine_info()
     batch, batches, repeats = (32, 1, 2) if args.quick else (args.batch, args.batches, args.repeats)
     ffcv = [] if args.no_ffcv or args.quick else ["ffcv"]
     rows: list[Row] = []
+    tables: dict[str, tuple[list[Row], list[Column]]] = {}
+    if args.pretrain:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="bench-resident-") as tmp:
+            tables["pretrain"] = (bench_pretrain(["resident", *ffcv_or_not(args)], args.pretrain_epochs,
+                                                 args.pretrain, tmp), PRETRAIN_COLUMNS)
+    if args.only_pretrain:
+        write_report("resident", args.out, tables, machine=machine, threads=torch.get_num_threads())
+        return 0
     if DATASETS["fashion-mnist"].embedded:
         rows += bench_set("fashion-mnist", "fashion-mnist", 28, ["torch", "resident", *ffcv], batch, batches, repeats)
     rows += bench_set("digits", "digits", 32, ["torch", "resident", *ffcv], batch, batches, repeats)
     with serving(synthetic_colour(1024 if args.quick else 10_000, 32)):
         rows += bench_set("synthetic colour (cifar10 recipe)", "cifar10", 32, ["torch", "resident"], batch, batches,
                           repeats)
-    write_report("resident", args.out, {"rows": (rows, COLUMNS)}, machine=machine, quick=args.quick,
+    write_report("resident", args.out, {"rows": (rows, COLUMNS), **tables}, machine=machine, quick=args.quick,
                  threads=torch.get_num_threads(), batch=batch, batches_per_call=batches, repeats=repeats)
     return 0
 
