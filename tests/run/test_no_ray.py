@@ -31,7 +31,6 @@ def args(tmp_path, name: str, *extra: str) -> list[str]:
             "--log-every", "5", "--epochs", "2", "--checkpoint-every-steps", "4", *extra]
 
 
-@pytest.mark.slow  # a child process that SIGKILLs itself, then the resume: ~30 s alone, 1.5-2 min on a busy box
 def test_killed_mid_epoch_and_rerun_equals_uninterrupted_bit_for_bit(tmp_path):
     ref = pretrain.run(parse_config(args(tmp_path, "ref", "--epochs", "1")))
     assert [h["epoch"] for h in ref["history"]] == [1] and ref["resumed_from_step"] == 0

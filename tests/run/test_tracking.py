@@ -71,7 +71,6 @@ def test_tensorboard_resume_hides_what_a_killed_attempt_wrote_after_its_checkpoi
     assert [v for _, v in points] == [*map(float, range(1, 7)), *(100.0 + s for s in range(7, 13))]
 
 
-@pytest.mark.slow  # a child process that SIGKILLs itself, then the resume: ~30 s alone, 1.5-2 min on a busy box
 def test_mlflow_kill_and_resume_continue_one_run_without_duplicated_steps(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
