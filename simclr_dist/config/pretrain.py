@@ -141,7 +141,7 @@ class PretrainConfig(JobConfig):
                                    "its own stream of the labelled train split's fit part (80%%), and report its "
                                    "top-1 on the fixed validation part (20%%; never the test split) and the RankMe "
                                    "of its features every epoch (metrics online_probe_top1, rankme); measured cost "
-                                   "on CPU: ~1.4x the step (python -m bench.online_probe)")
+                                   "on CPU: ~1.15-1.2x the step (python -m bench.online_probe)")
     linear_probe: bool = flag(False, "with each kNN evaluation also fit a logistic-regression probe on the frozen "
                                    "features of the kNN bank and score it on the queries (metrics linear_top1/5, or "
                                    "val_linear_top1/5 with --knn-split val)")

@@ -14,9 +14,9 @@ head (:mod:`simclr_dist.core.online_probe`). Per epoch: the head's top-1 on the 
 validation features. A training part that fits in ``CACHE_BYTES`` as float tensors after the (deterministic) eval
 transform is transformed once and indexed from then on (digits: 8 MB), so a step pays for the encoder's forward, not
 for per-image Python transforms. Its cost per step is measured by ``python -m bench.online_probe`` (the step with
-and without the probe, interleaved): 1.35x the step on the digits tiny config and 1.40x on the digits default, on
-a loaded 2-core CPU box, 1 thread (an eval-mode forward of one batch next to the step's two-view forward and
-backward); plus one pass over the validation part per epoch.
+and without the probe, interleaved; CPU, 1 thread): 1.18x the step on the digits tiny config and 1.15x on the digits
+default (2-core box at load ~3; 1.35x and 1.40x at load ~10), what one eval-mode forward of a batch next to the
+step's two-view forward and backward should cost; plus one pass over the validation part per epoch (0.1-0.3 s).
 """
 
 from __future__ import annotations
