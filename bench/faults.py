@@ -510,6 +510,8 @@ def lease(ttl_s: float = 6.0) -> dict:
             except storage.LeaseError as e:
                 third = str(e)
             successor.release()
+            if not where.startswith("s3://"):
+                shutil.rmtree(where, ignore_errors=True)
             rows.append({"drill": f"lease-{'s3' if where.startswith('s3://') else 'local'}",
                          "fault": "second run of one storage path and name; first writer SIGKILLed",
                          "survived": refused is not None and third is not None, "steps_lost": 0,

@@ -18,6 +18,7 @@ results and the run lease share them:
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -281,3 +283,115 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ---------------------------------------------------------------------------- Ray's own storage I/O, retried
+class RetryingHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that passes every call to ``base`` through :func:`retry`.
+
+    Why: Ray Train's controller writes its checkpoint index (``checkpoint_manager_snapshot.json``) to storage after
+    registering each checkpoint, without retries, so an object store that restarts for half a minute would end the
+    run although our own uploads wait for it. Handing Ray this filesystem (``RunConfig(storage_filesystem=...)``, see
+    :func:`ray_filesystem`) gives Ray's writes the same backoff and budget. A write is buffered in memory and put
+    whole on close, so a failed attempt is retried from its first byte.
+    """
+
+    def __init__(self, base: pafs.FileSystem, budget_s: float | None = None) -> None:
+        self.base, self.budget_s = base, budget_s
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingHandler) and self.base.equals(other.base)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __reduce__(self):
+        return RetryingHandler, (self.base, self.budget_s)
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return retry(fn, f"{self.base.type_name} {what}", budget_s=self.budget_s)
+
+    def get_type_name(self) -> str:
+        return f"retrying-{self.base.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.base.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._retry("stat", lambda: self.base.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retry(f"list {selector.base_dir}", lambda: self.base.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._retry(f"mkdir {path}", lambda: self.base.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._retry(f"delete {path}", lambda: self.base.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._retry(f"delete {path}/*", lambda: self.base.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError("refusing to delete the root of a storage filesystem")
+
+    def delete_file(self, path: str) -> None:
+        self._retry(f"delete {path}", lambda: self.base.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._retry(f"move {src}", lambda: self.base.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._retry(f"copy {src}", lambda: self.base.copy_file(src, dest))
+
+    def open_input_stream(self, path: str):
+        data = self._retry(f"read {path}", lambda: _read_all(self.base, path))
+        return pa.BufferReader(data)
+
+    def open_input_file(self, path: str):
+        data = self._retry(f"read {path}", lambda: _read_all(self.base, path))
+        return pa.BufferReader(data)
+
+    def open_output_stream(self, path: str, metadata: Any = None):
+        return pa.PythonFile(_PutOnClose(self, path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any = None):
+        raise StorageError(f"{path}: appending is not supported by object stores; write the whole file")
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+class _PutOnClose(io.RawIOBase):
+    """A file object that collects what is written and puts it whole, retried, when closed."""
+
+    def __init__(self, handler: RetryingHandler, path: str) -> None:
+        super().__init__()
+        self.handler, self.path, self.buf = handler, path, io.BytesIO()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self.buf.write(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.buf.getvalue()
+
+            def put() -> None:
+                with self.handler.base.open_output_stream(self.path) as f:
+                    f.write(data)
+            self.handler._retry(f"write {self.path}", put)
+        super().close()
+
+
+def ray_filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) to hand Ray Train for a storage URI: object stores wrapped in :class:`RetryingHandler`;
+    a local/NFS path as it is, ``(None, uri)`` (Ray's own local filesystem)."""
+    if "://" not in uri:
+        return None, uri
+    fs, path = resolve(uri)
+    return pafs.PyFileSystem(RetryingHandler(fs)), path

@@ -182,6 +182,15 @@ def test_full_disk_under_a_real_run_then_rerun_resumes_and_survives_a_truncated_
 
 
 @pytest.mark.slow
+def test_s3_stopped_30s_under_a_real_pretraining_run():
+    """Ray's own writes (its checkpoint index) go through the retrying filesystem too: the run finishes with no
+    worker restart, and a checkpoint lands after the outage."""
+    row = faults.s3_outage_ray(outage_s=30)
+    assert row["survived"], json.dumps(row)
+    assert row["steps_lost"] == 0 and row["stopped_s"] >= 30
+
+
+@pytest.mark.slow
 def test_watcher_training_pruning_short():
     """The 20-minute drill of ``python -m bench.faults watcher``, for 1.5 minutes."""
     row = faults.watcher_load(minutes=1.5)

@@ -130,6 +130,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     where = where or place(cfg)
     use_gpu = where.use_gpu
     ensure_resources(cfg, where)
+    storage_fs, storage_path = storage.ray_filesystem(cfg.storage_path)  # Ray's own writes retried too
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -137,7 +138,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_bundle(cfg, use_gpu)),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=cfg.storage_path,
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_to_keep),
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.verbose else "WARNING"),
