@@ -124,6 +124,24 @@ def test_second_writer_refused_crashed_writer_taken_over_after_expiry():
         assert 2 <= r["recovery_s"] <= 4 + 5                  # not before the lease expired, soon after it
 
 
+@pytest.mark.ray
+def test_pretrain_of_a_run_leased_by_another_writer_is_refused_in_one_line(ray_cluster, tiny_args, tmp_path, capsys):
+    from simclr_dist import pretrain
+
+    run = tmp_path / "runs" / "leased"
+    holder = subprocess.Popen([sys.executable, "-c", faults._HOLD_LEASE, str(run), "60"], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert pretrain.main(tiny_args("leased", "--epochs", "1")) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is being written by another run" in err[0] and "one writer per run" in err[0]
+    assert not list(run.glob("checkpoint_*"))                 # the second run wrote no checkpoint
+
+
 def test_lease_is_renewed_while_held_and_released_at_the_end(tmp_path):
     lease = storage.Lease(str(tmp_path), ttl_s=1.5, settle_s=0).acquire()
     first = lease.holder()["expires_at"]
