@@ -24,7 +24,9 @@ TITLES = {"linear": "SimCLR + linear probe", "finetune": "SimCLR fine-tuned", "s
           "knn-20": "SimCLR kNN (k=20)", "knn-200": "SimCLR kNN (k=200)", "random-linear": "random init + linear probe",
           "random-knn-20": "random init kNN (k=20)", "random-knn-200": "random init kNN (k=200)",
           "pixels": "logistic regression on pixels", "knn": "SimCLR kNN (k chosen on validation)",
-          "random-knn": "random init kNN (k chosen on validation)"}
+          "random-knn": "random init kNN (k chosen on validation)",
+          "random-bn-linear": "random init, BN recalibrated + linear probe",
+          "random-bn-knn": "random init, BN recalibrated, kNN"}
 TRAINED = ("finetune", "supervised")
 # The comparisons declared before the run (one family: Holm over all of them). Experiment A, at each fraction
 # below 100%: SimCLR fine-tuned vs the same network from scratch, and the SimCLR linear probe vs logistic

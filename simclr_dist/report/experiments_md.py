@@ -153,9 +153,9 @@ def protocol_lines(summary: dict[str, Any]) -> list[str]:
         "multinomial logistic regression (L-BFGS, standardised features) on the frozen encoder. Baselines: "
         "logistic regression on raw pixels; a randomly initialised encoder (probe and kNN); kNN of the SimCLR "
         f"encoder (cosine, temperature 0.1), k chosen on the same validation splits from {cfg['knn_k']}."
-        + (" The random-init encoder's BatchNorm statistics are recalibrated on each subset's images (no labels, "
-           "no weights changed) before its features are taken." if any("bn_recalibrated_on" in r
-                                                                        for r in summary["records"]) else ""),
+        + (" The random-init encoder is probed as initialised and again with its BatchNorm statistics "
+           "recalibrated on each subset's images (no labels, no weights changed): 'random init, BN recalibrated'."
+           if any("bn_recalibrated_on" in r for r in summary["records"]) else ""),
         "- **Statistics**: " + summary.get("statistics", "mean ± sample sd and the 95% Student-t interval over "
                                            "replicates."),
     ]

@@ -18,7 +18,8 @@ from simclr_dist.report.experiments import title
 
 COLORS = {"linear": "tab:blue", "finetune": "tab:green", "supervised": "tab:red", "knn-20": "tab:cyan",
           "knn-200": "tab:olive", "random-linear": "tab:gray", "random-knn-20": "silver", "random-knn-200": "tan",
-          "pixels": "tab:purple", "knn": "tab:cyan", "random-knn": "silver"}
+          "pixels": "tab:purple", "knn": "tab:cyan", "random-knn": "silver",
+          "random-bn-linear": "tab:brown", "random-bn-knn": "rosybrown"}
 MAIN = ("finetune", "supervised", "linear")  # drawn strong; the baselines muted behind them
 
 

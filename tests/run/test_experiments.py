@@ -175,13 +175,16 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     assert summary["complete"] and summary["fractions"] == [0.1] and summary["steps"] == 3
     arms = {(r["arm"], r["fraction"]) for r in summary["records"]}
     assert arms == {("linear", 0.1), ("finetune", 0.1), ("supervised", 0.1), ("supervised", 1.0), ("pixels", 0.1),
-                    ("knn", 0.1), ("random-linear", 0.1), ("random-knn", 0.1)}
+                    ("knn", 0.1), ("random-linear", 0.1), ("random-knn", 0.1), ("random-bn-linear", 0.1),
+                    ("random-bn-knn", 0.1)}
     for r in summary["records"]:
-        if r["arm"] in ("knn", "random-knn"):  # k chosen on validation, capped at the labels a split fits on
+        if r["arm"] in ("knn", "random-knn", "random-bn-knn"):  # k chosen on validation, capped at the labels a split fits on
             ks = sorted(int(k) for k in r["selection"])
             assert ks[:2] == [3, 5] and len(ks) == 3 and ks[2] < r["label_count"] and r["chosen"]["k"] in ks
-        if r["arm"].startswith("random"):  # BatchNorm statistics recalibrated on the subset's images
+        if r["arm"].startswith("random-bn"):  # BatchNorm statistics recalibrated on the subset's images
             assert r["bn_recalibrated_on"] == r["label_count"] == 142
+        elif r["arm"].startswith("random"):  # and as initialised
+            assert "bn_recalibrated_on" not in r
     for row in summary["rows"]:  # compute counted with the tuning
         assert row["total_time_s"] == pytest.approx(row["final_time_s"] + row["tuning_time_s"])
         if row["arm"] in ("finetune", "supervised"):
