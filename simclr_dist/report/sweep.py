@@ -39,7 +39,13 @@ def table_csv(rows: Rows) -> str:
 
 
 def objective_text(spec: SweepSpec) -> str:
-    kind = "a logistic-regression probe on frozen features" if "linear" in spec.metric else "kNN"
+    if spec.metric.startswith("online_probe"):
+        kind = ("the online linear probe (a head trained on detached features during pretraining; it lags an "
+                "encoder that moves fast, so a short-rung ASHA favours slow learners)")
+    elif "linear" in spec.metric:
+        kind = "a logistic-regression probe on frozen features"
+    else:
+        kind = "kNN"
     return (f"Objective: `{spec.metric}` ({spec.mode}), {kind} on a fixed stratified 20% validation split of the "
             "labelled train split (fitted on the other 80%; never the test split).")
 
