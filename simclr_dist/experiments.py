@@ -32,6 +32,8 @@ from simclr_dist import storage
 from simclr_dist.run.studies.experiment_plan import make_plan
 from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
 from simclr_dist.run.jobs.failure import FAILURES, fail
+from simclr_dist.run.store.checkpoint import MANIFEST_FILE
+from simclr_dist.run.train.tracking import log_to_run
 
 __all__ = ["ARMS", "main", "parse_args"]
 
@@ -70,9 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(done["plan"], done["records"], done["pretraining"], done["budget"],
                         elapsed=done["elapsed_s"], complete=True, data=done["data"])
     write_outputs(plan.out, summary)
+    track_study(done["plan"], summary)
     emit("\n" + format_table(summary))
     emit(f"\n[exp] done in {summary['elapsed_s'] / 60:.1f} min: {storage.join(plan.out, 'report.md')}")
     return 0
+
+
+def track_study(plan, summary: dict) -> None:
+    """The study's rows (mean test top-1 per arm and fraction) into the tracking of the pretraining run whose
+    checkpoint it studied, at that checkpoint's step; an imported or published encoder has no run to log to."""
+    source = plan.checkpoint or (plan.pretrained.uri if plan.pretrained is not None
+                                 and plan.pretrained.format == "simclr-dist" else None)
+    if source is None or not storage.exists(storage.join(source, MANIFEST_FILE)):
+        return
+    step = storage.read_json(storage.join(source, MANIFEST_FILE)).get("step", 0)
+    metrics = {f"experiments/{r['arm']}/{100 * r['fraction']:g}pct/top1": float(r["mean"])
+               for r in summary.get("rows", [])}
+    kinds = log_to_run(source.rstrip("/").rsplit("/", 1)[0], metrics, step)
+    if kinds:
+        emit(f"[exp] logged {len(metrics)} result(s) to the pretraining run's {' and '.join(kinds)} tracking")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ def test_supervised_bad_input_one_line_error(tmp_path, capsys, args, needle):
 # ---------------------------------------------------------------------------- experiments CLI
 def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path, capsys):
     ckpt = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000002")
+    os.makedirs(tmp_path / "runs" / "simclr" / "tensorboard")  # the pretraining run's tracking: the study logs there
     out = tmp_path / "exp"
     args = ["--checkpoint", ckpt, "--fractions", "0.1", "--seeds", "2", "--steps", "3", "--batch-size", "32",
             "--lr-grid", "0.1,0.4", "--wd-grid", "0", "--no-ray", "--threads", "1", "--l2-grid", "1e-4,1e-2",
@@ -190,6 +191,11 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
         if row["arm"] in ("finetune", "supervised"):
             assert row["images_processed"] > row["tuning_images"] > 0
     assert "## Compute (this machine, tuning included)" in report and "## Grid edges" in report
+    from simclr_dist.run.train.tracking import read_scalars
+    tracked = read_scalars(str(tmp_path / "runs" / "simclr" / "tensorboard"))
+    rows_now = {(r["arm"], r["fraction"]): r["mean"] for r in summary["rows"]}
+    assert tracked["experiments/finetune/10pct/top1"][0][1] == pytest.approx(rows_now[("finetune", 0.1)])
+    assert "tracking" in stdout
     # the file alone redraws the report (no training, no data), and fills a README's results block
     raw = read(out / "results.json")
     assert raw["format_version"] == 3 and raw["records"][0]["predictions"]["packed"] == "int32-zlib-base64"

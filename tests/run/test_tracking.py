@@ -107,3 +107,27 @@ def test_tensorboard_on_object_storage_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="^--tracking tensorboard: writes event files in the run directory"):
         pretrain.check_config(parse_config(args(tmp_path, "x", "--tracking", "tensorboard",
                                                 "--storage-path", "s3://bucket/runs")))
+
+
+def test_evaluation_results_land_in_the_runs_own_tracking(tmp_path, monkeypatch):
+    """An evaluation of a run's checkpoint logs its results into that run's MLflow run and TensorBoard files, at
+    the checkpoint's step: one place for a run's curves and its evaluations."""
+    from mlflow.tracking import MlflowClient
+
+    from simclr_dist import evaluate
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = pretrain.run(parse_config(args(tmp_path, "ev", "--epochs", "1", "--tracking", "mlflow")))
+    run = tmp_path / "runs" / "ev"
+    ckpt = latest_checkpoint(str(run))
+    step = load_checkpoint(ckpt)["step"]
+    os.makedirs(run / "tensorboard", exist_ok=True)  # a run that also has event files gets them there too
+    assert evaluate.main(["--checkpoint", ckpt, "--protocols", "knn", "--threads", "1"]) == 0
+    client = MlflowClient(tracking_uri=summary["tracking"]["location"])
+    [point] = client.get_metric_history(summary["tracking"]["run_id"], "eval/knn/top1")
+    result = __import__("json").loads((run / "eval" / os.path.basename(ckpt) / "knn.json").read_text())
+    assert point.step == step and point.value == pytest.approx(result["top1"])
+    assert read_scalars(str(run / "tensorboard"))["eval/knn/top1"] == [(step, pytest.approx(result["top1"]))]
+    # read back from the result file a second time: nothing logged twice
+    assert evaluate.main(["--checkpoint", ckpt, "--protocols", "knn", "--threads", "1"]) == 0
+    assert len(client.get_metric_history(summary["tracking"]["run_id"], "eval/knn/top1")) == 1

@@ -47,6 +47,7 @@ from simclr_dist.run.train.evaluation import (
     load_eval_data,
 )
 from simclr_dist.run.store.pretrained import PretrainedEncoder, load_pretrained
+from simclr_dist.run.train.tracking import log_to_run
 from simclr_dist.run.store.weights import build_model
 
 RESULTS_DIR = "eval"
@@ -174,7 +175,18 @@ def evaluate_checkpoint(checkpoint_uri: str, ecfg: EvalConfig, *, device: torch.
     results.update(run_protocols(model.encoder.to(device), data, cfg, ecfg, todo, out_uri=out_dir,
                                  common=common, device=device, log=log))
     eval_store.record(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in plan})
+    track_results(checkpoint_uri, {result_name(*p, ecfg.queries): results[p] for p in todo}, state["step"], log)
     return [results[p] for p in plan]
+
+
+def track_results(checkpoint_uri: str, fresh: dict[str, dict[str, Any]], step: int, log: Log) -> None:
+    """The new results of a run's checkpoint, into that run's tracking (TensorBoard / MLflow) at the checkpoint's
+    step, as ``eval/<result>/top1`` and ``top5``: the curves of a run and of its evaluations in one place."""
+    metrics = {f"eval/{name}/{k}": float(r[k]) for name, r in fresh.items() for k in ("top1", "top5")
+               if isinstance(r.get(k), (int, float))}
+    kinds = log_to_run(checkpoint_uri.rstrip("/").rsplit("/", 1)[0], metrics, step)  # RUN/checkpoint_x -> RUN
+    if kinds:
+        log(f"[eval] logged {len(metrics)} value(s) at step {step} to the run's {' and '.join(kinds)} tracking")
 
 
 def pretrained_eval_data(pre: PretrainedEncoder, ecfg: EvalConfig) -> tuple[EvalData, PretrainConfig]:

@@ -185,6 +185,39 @@ def open_tracker(cfg: PretrainConfig, saved: Mapping[str, str], resumed_step: in
     return None
 
 
+# ---------------------------------------------------------------------------- results logged into a run's tracking
+def log_to_run(run_uri: str, metrics: Mapping[str, float], step: int) -> list[str]:
+    """Log ``metrics`` (evaluation or study results of one of the run's checkpoints) at ``step`` into the tracking
+    that pretraining run wrote: its TensorBoard event files (a second writer file in ``RUN/tensorboard``, so the
+    training's own files are never reopened) and its MLflow run (the id in ``RUN/tracking.json``). Returns the
+    kinds logged to; a run without tracking (``--tracking none``, an import, object storage for TensorBoard) gets
+    nothing, and nothing fails: results are already saved beside the checkpoints."""
+    done: list[str] = []
+    if not metrics:
+        return done
+    tb_dir = os.path.join(run_uri, TENSORBOARD_DIR)
+    if not is_uri(run_uri) and os.path.isdir(tb_dir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tb_dir, filename_suffix=".results")
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+        writer.close()
+        done.append("tensorboard")
+    marker = storage.join(run_uri, TRACKING_FILE)
+    if storage.exists(marker):
+        saved = storage.read_json(marker)
+        if saved.get("mlflow_run_id") and saved.get("uri"):
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            now = int(time.time() * 1000)
+            MlflowClient(tracking_uri=saved["uri"]).log_batch(
+                saved["mlflow_run_id"], metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            done.append("mlflow")
+    return done
+
+
 # ---------------------------------------------------------------------------- the per-step window
 @dataclass
 class StepWindow:
