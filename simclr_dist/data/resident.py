@@ -35,9 +35,7 @@ each batch's source images are copied (B x C x S x S bytes) before the same batc
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,6 +48,7 @@ from simclr_dist.data.datasets import TensorImageDataset, dataset_info, load_dat
 from simclr_dist.data.epoch_order import mix64
 from simclr_dist.data.ffcv.gpu_augment import BatchedViewAugment
 from simclr_dist.data.splits import fixed_subset_indices
+from simclr_dist.data.device import training_device
 
 # Datasets load_dataset holds as one uint8 tensor, and their splits' sizes (for the rule, without loading them).
 SPLIT_IMAGES: dict[str, dict[str, int]] = {
@@ -160,19 +159,6 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return rows.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _training_device(spec: Any) -> torch.device:
-    """``spec.device``, else the Ray Train worker's device, else CUDA when asked to pin memory and present."""
-    if spec.device:
-        return torch.device(spec.device)
-    if "ray.train" in sys.modules:
-        with contextlib.suppress(Exception):  # outside a Ray Train worker get_context() raises
-            import ray.train
-            import ray.train.torch
-            ray.train.get_context()
-            return ray.train.torch.get_device()
-    return torch.device("cuda" if spec.pin_memory and torch.cuda.is_available() else "cpu")
-
-
 def _grey(images: Tensor) -> bool:
     """Whether all three channels are one (a stride-0 expansion, or equal copies)."""
     return images.stride(1) == 0 or (torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
@@ -199,7 +185,7 @@ class ResidentPretrainLoader:
         if len(images) < spec.batch_size * spec.world_size:
             raise ValueError(f"{spec.dataset}/{spec.split}: {len(images)} images is fewer than one global batch "
                              f"({spec.batch_size * spec.world_size}); lower --batch-size")
-        self.spec, self.device = spec, _training_device(spec)
+        self.spec, self.device = spec, training_device(spec)
         self.grey = _grey(images)
         held = (images[:, :1] if self.grey else images).contiguous()  # (N, C, S, S) uint8, C = 1 or 3
         self.on_device = self.device.type == "cpu" or self._fits_on(self.device, held.numel())

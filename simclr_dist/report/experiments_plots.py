@@ -81,11 +81,8 @@ def accuracy_vs_fraction(summary: dict[str, Any]):
     ax.set_xticks([100 * f for f in xs], [f"{100 * f:g}%" for f in xs])
     ax.minorticks_off()
     n = len(summary["replicates"])
-    ax.set(xlabel="labelled training images (fraction of the train split, log scale)", ylabel="test top-1 accuracy",
-           title=f"{summary['dataset']}: accuracy vs labels (mean over up to {n} seeds, 95% interval)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    return fig
+    return finish(fig, ax, xlabel="labelled training images (fraction of the train split, log scale)",
+                  title=f"{summary['dataset']}: accuracy vs labels (mean over up to {n} seeds, 95% interval)")
 
 
 def accuracy_vs_compute(summary: dict[str, Any]):
@@ -109,8 +106,13 @@ def accuracy_vs_compute(summary: dict[str, Any]):
     if pre:
         ax.axvline(pre, color="tab:blue", ls=":", lw=1, label=f"SimCLR pretraining, once ({pre / 60:.0f} min)")
     ax.set_xscale("log")
-    ax.set(xlabel="seconds per replicate on this machine (final run + tuning share)", ylabel="test top-1 accuracy",
-           title=f"{summary['dataset']}: accuracy vs compute")
+    return finish(fig, ax, xlabel="seconds per replicate on this machine (final run + tuning share)",
+                  title=f"{summary['dataset']}: accuracy vs compute")
+
+
+def finish(fig, ax, *, xlabel: str, title: str):
+    """The test-accuracy figures' common end: labels, grid, legend."""
+    ax.set(xlabel=xlabel, ylabel="test top-1 accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     return fig

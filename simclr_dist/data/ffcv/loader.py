@@ -28,6 +28,7 @@ from simclr_dist.data.ffcv.beton import (IMAGE_FIELD, LABEL_FIELD, BetonError, c
                                          sharded_sources)
 from simclr_dist.data.epoch_order import batch_seed
 from simclr_dist.data.ffcv.decode import EpochSeed, mix64, two_view_decoder
+from simclr_dist.data.device import training_device
 
 
 # ---------------------------------------------------------------------------- order
@@ -80,18 +81,6 @@ def cpu_budget(requested: int = 0) -> int:
     return max(1, min(n, usable, numba.config.NUMBA_NUM_THREADS))
 
 
-def _default_device(spec: Any) -> torch.device:
-    if spec.device:
-        return torch.device(spec.device)
-    if "ray.train" in sys.modules:
-        with contextlib.suppress(Exception):  # outside a Ray Train worker get_context() raises
-            import ray.train
-            import ray.train.torch
-            ray.train.get_context()
-            return ray.train.torch.get_device()
-    return torch.device("cuda" if spec.pin_memory and torch.cuda.is_available() else "cpu")
-
-
 class FFCVPretrainLoader:
     """``len()``, ``set_epoch(epoch)`` and iteration over ``(view1, view2, label)`` like ``TorchPretrainLoader``.
 
@@ -117,7 +106,7 @@ class FFCVPretrainLoader:
         self.info = check_beton(self.files, world_size=spec.world_size, batch_size=spec.batch_size)
         self.augment = default_augment(dataset_info(spec.dataset), spec.augment, image_size=spec.image_size,
                                        jitter_strength=spec.jitter_strength)
-        self.device = _default_device(spec)
+        self.device = training_device(spec)
         self.threads = cpu_budget(spec.num_workers)
         self.augment2 = self.augment if spec.augment2 is None else default_augment(
             dataset_info(spec.dataset), spec.augment2, image_size=spec.image_size, jitter_strength=spec.jitter_strength)
