@@ -114,7 +114,8 @@ def finish(fig, ax, *, xlabel: str, title: str):
     """The test-accuracy figures' common end: labels, grid, legend."""
     ax.set(xlabel=xlabel, ylabel="test top-1 accuracy", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # an empty study has nothing to name
+        ax.legend(fontsize=7, loc="lower right")
     return fig
 
 
