@@ -109,7 +109,10 @@ def summarise(plan, records: list[dict[str, Any]], pretraining: dict[str, Any], 
             r.update(per_class_recall=rep["recall"], worst_class=rep["worst_class_name"],
                      worst_class_acc=rep["worst_recall"], macro_f1=rep["macro_f1"], confusion=rep["confusion"])
         summary["rows"] = aggregate(records, labels, data.num_classes)
-        summary["paired"] = paired_tests(records, labels, summary["titles"], small=e.small_fraction)
+        declared = declared_pairs(planned_results(plan), e.small_fraction)
+        summary["declared"] = [{"a": a, "fraction": fa, "b": b, "fraction_b": fb} for a, fa, b, fb in declared]
+        summary["paired"] = paired_tests(records, labels, summary["titles"], small=e.small_fraction,
+                                         family_size=len(declared))
         summary["statistics"] = STATISTICS
     return summary
 
@@ -197,6 +200,37 @@ def compute_of(rs: list[dict[str, Any]]) -> dict[str, Any]:
             "edge_replicates": edges}
 
 
+def declared_size(summary: dict[str, Any]) -> int:
+    """How many comparisons the study declared: its own list where it has one, else from its fractions and arms
+    (PAIRS_A at every fraction below 100%, PAIRS_B when from-scratch-on-all-labels is planned)."""
+    if "declared" in summary:
+        return len(summary["declared"])
+    arms, base = set(summary.get("arms", [])), set(summary.get("baselines", []))
+    n_a = sum((a in arms or a in base) and (b in arms or b in base) for a, b in PAIRS_A)
+    n_b = sum(a in arms for a, _ in PAIRS_B) if "supervised" in arms else 0
+    return n_a * len([f for f in summary["fractions"] if f < 1.0]) + n_b
+
+
+def restat(summary: dict[str, Any], labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The summary's rows and declared tests recomputed from its records (same files, current statistics code):
+    Holm over the whole declared family, whatever part of it is done."""
+    out = dict(summary)
+    out["rows"] = aggregate(summary["records"], labels, num_classes)
+    out["paired"] = paired_tests(summary["records"], labels, summary["titles"], small=summary["small_fraction"],
+                                 family_size=declared_size(summary))
+    out["statistics"] = STATISTICS
+    return out
+
+
+def planned_results(plan) -> list[dict[str, Any]]:
+    """(arm, fraction) stubs of every result the plan will produce (trained cells, probes at every fraction), so
+    the declared family is fixed by the plan, not by what an unfinished study has done."""
+    have = {(c.arm, c.fraction) for c in plan.cells}
+    have |= {("linear", f) for f in plan.fractions if "linear" in plan.arms}
+    have |= {("pixels", f) for f in plan.fractions if "pixels" in plan.baselines}
+    return [{"arm": a, "fraction": f} for a, f in sorted(have)]
+
+
 def declared_pairs(records: list[dict[str, Any]], small: float) -> list[tuple[str, float, str, float]]:
     """(arm a, fraction a, arm b, fraction b) of every declared comparison the records allow."""
     have = {(r["arm"], r["fraction"]) for r in records}
@@ -206,7 +240,7 @@ def declared_pairs(records: list[dict[str, Any]], small: float) -> list[tuple[st
 
 
 def paired_tests(records: list[dict[str, Any]], labels: np.ndarray, titles: dict[str, str], *,
-                 small: float | None = None) -> list[dict[str, Any]]:
+                 small: float | None = None, family_size: int | None = None) -> list[dict[str, Any]]:
     """Every declared comparison, tested over seeds (replicates paired by index: the same subsets within a
     fraction, the same test images): paired t-test (the primary p) and exact sign-flip test, each Holm-adjusted
     over the whole family; the two-level bootstrap interval of the difference; McNemar per seed as description."""
@@ -232,7 +266,8 @@ def paired_tests(records: list[dict[str, Any]], labels: np.ndarray, titles: dict
                      "mcnemar_per_seed": [{"only_a": m.details["only_a_right"], "only_b": m.details["only_b_right"],
                                            "p": m.p_value} for m in per_seed]})
     if rows:
-        for row, t, s in zip(rows, declared_family(t_tests), declared_family(flips)):
+        size = max(family_size or 0, len(rows))
+        for row, t, s in zip(rows, declared_family(t_tests, size), declared_family(flips, size)):
             row.update(p=t.p_value, p_holm=t.p_holm, verdict=t.verdict, seeds_p=s.p_value, seeds_p_holm=s.p_holm,
                        seeds_verdict=s.verdict, min_p_sign_flip=s.min_p, family_size=t.family_size)
     return rows

@@ -460,7 +460,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def declared_family(tests: Sequence[PairedTest]) -> list[PairedTest]:
+def declared_family(tests: Sequence[PairedTest], family_size: int | None = None) -> list[PairedTest]:
     """The tests of every comparison declared before the run, with Holm applied over the WHOLE family.
 
     Why a helper: a report that adjusts per table, or forgets to, claims more than it has. Each returned test is
@@ -471,6 +471,9 @@ def declared_family(tests: Sequence[PairedTest]) -> list[PairedTest]:
     tests = list(tests)
     if not tests:
         raise ValueError("declared_family: tests is empty; declare at least one comparison")
+    size = len(tests) if family_size is None else family_size
+    if size < len(tests):
+        raise ValueError(f"declared_family: family_size {size} is smaller than the {len(tests)} tests given")
     for i, t in enumerate(tests):
         if not isinstance(t, PairedTest):
             raise ValueError(f"declared_family: tests[{i}] is a {type(t).__name__}, not a PairedTest")
@@ -478,13 +481,16 @@ def declared_family(tests: Sequence[PairedTest]) -> list[PairedTest]:
             raise ValueError(f"declared_family: tests[{i}] is an image-level McNemar test, which describes one seed "
                              f"and ignores training variance; declare seed-level tests (paired_t_test, "
                              f"sign_flip_test)")
-    adjusted = holm([t.p_value for t in tests])
+    # a declared comparison not tested yet (an unfinished study) counts with p = 1: Holm over the whole declared
+    # family, never over the part that happens to be done
+    adjusted = holm([t.p_value for t in tests] + [1.0] * (size - len(tests)))[:len(tests)]
+    pending = f" ({size - len(tests)} not tested yet, counted with p = 1)" if size > len(tests) else ""
     out = []
     for t, p_adj in zip(tests, adjusted):
-        evidence = f"{t.evidence}; raw p = {t.p_value:.3g}, Holm over {len(tests)} declared tests"
+        evidence = f"{t.evidence}; raw p = {t.p_value:.3g}, Holm over {size} declared tests{pending}"
         verdict = _verdict(t.names, t.direction, p_adj, t.alpha, t.alternative, evidence, t.min_p, t.unit,
                            p_label="Holm-adjusted p")
-        out.append(dataclasses.replace(t, p_holm=float(p_adj), family_size=len(tests), verdict=verdict))
+        out.append(dataclasses.replace(t, p_holm=float(p_adj), family_size=size, verdict=verdict))
     return out
 
 
