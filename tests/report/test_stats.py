@@ -512,3 +512,17 @@ def test_class_metrics_over_seeds_bad_input_names_the_argument():
         class_metrics_over_seeds([0, 1], np.zeros((0, 2), int), num_classes=2)
     with pytest.raises(ValueError, match="y_true has a label outside 0..1"):
         class_metrics_over_seeds([0, 2], [[0, 1]], num_classes=2)
+
+
+def test_holm_over_the_declared_family_counts_untested_comparisons_with_p_one():
+    from simclr_dist.report.stats import declared_family, paired_t_test
+
+    a, b = [0.80, 0.82, 0.81, 0.83], [0.70, 0.74, 0.69, 0.75]
+    tests = [paired_t_test(a, b, names=("x", "y")), paired_t_test(b, a, names=("y", "x"))]
+    raw = sorted(t.p_value for t in tests)
+    done = declared_family(tests, family_size=4)  # two of four declared comparisons done
+    assert all(t.family_size == 4 for t in done)
+    assert min(t.p_holm for t in done) == pytest.approx(min(1.0, 4 * raw[0]))  # x 4, not x 2
+    assert "2 not tested yet" in done[0].verdict or "2 not tested yet" in done[0].evidence
+    with pytest.raises(ValueError, match="smaller than"):
+        declared_family(tests, family_size=1)
