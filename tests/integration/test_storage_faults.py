@@ -224,3 +224,22 @@ def test_command_line_drill_writes_a_report(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["storage"]
     assert [r["survived"] for r in rows] == [True, True]
+
+
+def test_a_run_without_a_ray_checkpoint_resumes_from_the_newest_that_loads(tmp_path):
+    """--no-ray (and a Ray rerun of such a run) resume through the same fallback as a Ray restart."""
+    from simclr_dist.run.store.checkpoint import CHECKPOINT_FILE
+    from simclr_dist.run.train.resume import load_newest
+
+    run = str(tmp_path / "run")
+    assert load_newest(run) == (None, "")
+    faults.upload_state(run, "checkpoint_1", faults.drill_state(10))
+    faults.upload_state(run, "checkpoint_2", faults.drill_state(20))
+    path = tmp_path / "run" / "checkpoint_2" / CHECKPOINT_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a bit flip: complete by its sizes, refused by its checksum
+    path.write_bytes(bytes(data))
+    lines: list[str] = []
+    state, where = load_newest(run, log=lines.append)
+    assert where.endswith("checkpoint_1") and state["step"] == 10 and path.exists()
+    assert len(lines) == 1 and "checkpoint_2 is unreadable" in lines[0] and "nothing was deleted" in lines[0]

@@ -46,14 +46,12 @@ from simclr_dist.run.store.chaos import chaos_kill, chaos_once
 from simclr_dist.run.store.checkpoint import (
     AsyncCheckpointer,
     PretrainState,
-    latest_checkpoint,
     list_complete_checkpoints,
-    load_checkpoint,
     save_checkpoint,
 )
 from simclr_dist.run.train.metrics import WorkerMetrics
 from simclr_dist.run.train.online_probe import ProbeStream
-from simclr_dist.run.train.resume import Position, load_resumable, restore, resumed_schedule
+from simclr_dist.run.train.resume import Position, load_newest, load_resumable, restore, resumed_schedule
 from simclr_dist.run.train.tracking import StepWindow, Tracker, numeric, open_tracker, tracking_summary
 from simclr_dist.run.store.weights import build_model
 from simclr_dist.run.train.step import pretrain_step
@@ -153,8 +151,8 @@ def ray_worker(cfg: PretrainConfig) -> Worker:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # Ray's newest; an unreadable one falls back to the newest that loads, in one line
         state, where = load_resumable(checkpoint, run_uri, log=emit if rank == 0 else (lambda msg: None))
-    elif (latest := latest_checkpoint(run_uri)) is not None:
-        state, where = load_checkpoint(latest), latest
+    else:  # a run begun with --no-ray
+        state, where = load_newest(run_uri, log=emit if rank == 0 else (lambda msg: None))
     saver = AsyncCheckpointer(run_uri, rank, kill_in_upload_epoch=cfg.chaos_kill_in_upload)
     return Worker(rank, ctx.get_world_size(), ray.train.torch.get_device(), state, where, saver, on_ray=True)
 
@@ -165,9 +163,8 @@ def local_worker(cfg: PretrainConfig) -> Worker:
     use_gpu = torch.cuda.is_available() if cfg.use_gpu is None else cfg.use_gpu
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     run_uri = storage.join(cfg.storage_path, cfg.name)
-    latest = latest_checkpoint(run_uri)
-    return Worker(0, 1, device, load_checkpoint(latest) if latest else None, latest or "",
-                  LocalCheckpointer(run_uri, cfg.num_to_keep), on_ray=False)
+    state, where = load_newest(run_uri, log=emit)
+    return Worker(0, 1, device, state, where, LocalCheckpointer(run_uri, cfg.num_to_keep), on_ray=False)
 
 
 # ---------------------------------------------------------------------------- what the loop carries

@@ -23,7 +23,7 @@ from simclr_dist.config import ConfigError, PretrainConfig
 from simclr_dist.core.optim import WarmupCosine
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import (CheckpointError, PretrainState, UnsafeCheckpointError,
-                                              list_complete_checkpoints, load_checkpoint)
+                                              latest_checkpoint, list_complete_checkpoints, load_checkpoint)
 
 
 @dataclass
@@ -58,6 +58,21 @@ def load_resumable(checkpoint: Any, run_uri: str,
         except (CheckpointError, OSError, KeyError, ValueError) as e:
             bad, why = str(checkpoint.path).rstrip("/").rsplit("/", 1)[-1], storage.reason(e)
     return fallback_checkpoint(run_uri, bad, why, log)
+
+
+def load_newest(run_uri: str, log: Callable[[str], None] = lambda msg: None) -> tuple[dict[str, Any] | None, str]:
+    """(loaded state, where) of the newest complete checkpoint of ``run_uri`` that loads, ``(None, "")`` for a run
+    with none: the resume of a run Ray holds no checkpoint for (``--no-ray``, or a Ray rerun of one), with the same
+    fallback as :func:`load_resumable`."""
+    latest = latest_checkpoint(run_uri)
+    if latest is None:
+        return None, ""
+    try:
+        return load_checkpoint(latest), latest
+    except UnsafeCheckpointError:
+        raise
+    except (CheckpointError, OSError, KeyError, ValueError) as e:
+        return fallback_checkpoint(run_uri, latest.rstrip("/").rsplit("/", 1)[-1], storage.reason(e), log)
 
 
 def fallback_checkpoint(run_uri: str, bad: str, why: str,
