@@ -31,6 +31,7 @@ from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist import storage
 from simclr_dist.run.studies.experiment_plan import make_plan
 from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
+from simclr_dist.run.studies.run_cache import pack, unpack
 from simclr_dist.run.jobs.failure import FAILURES, fail
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE
 from simclr_dist.run.train.tracking import log_to_run
@@ -57,10 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"[exp] dry run: {plan.trainings()} classifier runs planned; nothing trained")
         return 0
 
+    runs = storage.join(plan.out, "runs")
+    cache = plan.ecfg.runs_cache
+    if cache is not None:
+        try:
+            copied = unpack(cache, runs)
+        except FAILURES as e:
+            return fail(e)
+        emit(f"[exp] --runs-cache {cache}: {copied} finished run(s) taken into {runs}"
+             if copied else f"[exp] --runs-cache {cache}: nothing to take (every cached run is in {runs} already)")
+
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
         write_outputs(plan.out, summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete,
                                           data=data))
+        if cache is not None:
+            pack(runs, cache)
 
     try:
         done = execute(plan, on_update=progress)

@@ -126,9 +126,16 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def list_names(uri: str) -> list[str]:
+    """Names of the entries directly under a directory or prefix, sorted; [] when it does not exist."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.path.rstrip("/").rsplit("/", 1)[-1] for info in infos)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
 
 
@@ -140,7 +147,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with fs.open_output_stream(tmp) as f:
+            with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:  # a full disk: drop the partial sibling, so the failed write frees what it took
@@ -150,7 +157,7 @@ def write_bytes(uri: str, data: bytes) -> None:
                 raise StorageFullError(f"{uri}: not written ({reason(e)}; {len(data):,} bytes)") from e
             raise
     else:
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
 
 

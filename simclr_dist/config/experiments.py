@@ -168,6 +168,10 @@ class ExperimentsConfig(JobConfig):
     out: str | None = flag(None, "output directory, local or storage URI (default: ./runs/experiments-<dataset>, "
                                "./runs/experiments-<preset>; with --pretrained ./runs/experiments-<dataset>-<format>-"
                                "<file>)")
+    runs_cache: str | None = flag(None, "a folder of finished classifier runs (their results as gzipped JSON, no "
+                                      "weights): runs --out lacks are read from it before the study, and each run "
+                                      "the study finishes is added to it, so a study continues on another machine "
+                                      "(the CPU preset's is committed: docs/results/fashion-mnist-cpu/runs)")
     # the protocol
     fractions: str | None = flag(None, "label fractions every arm is trained on, each in (0, 1] (default: digits "
                                      "0.1; else 0.01,0.1); the supervised arm on all labels (Experiment B) is "

@@ -158,7 +158,7 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     out = tmp_path / "exp"
     args = ["--checkpoint", ckpt, "--fractions", "0.1", "--seeds", "2", "--steps", "3", "--batch-size", "32",
             "--lr-grid", "0.1,0.4", "--wd-grid", "0", "--no-ray", "--threads", "1", "--l2-grid", "1e-4,1e-2",
-            "--knn-k", "3,5,400", "--out", str(out)]
+            "--knn-k", "3,5,400", "--out", str(out), "--runs-cache", str(tmp_path / "cache")]
     assert exp.main(args) == 0
     stdout = capsys.readouterr().out
     assert "[exp] budget: 2 replicate(s)" in stdout and "s/step here" in stdout and "report.md" in stdout
@@ -244,9 +244,15 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     finals = glob.glob(str(out / "runs" / "finetune-0.1-s0-i0-*-3st-b32"))
     assert len(finals) == 1 and read(f"{finals[0]}/results.json")["init_checkpoint"] == ckpt
 
-    assert exp.main(args) == 0  # a rerun reuses every finished run
-    assert all(r["reused"] for r in read(out / "results.json")["records"] if r["arm"] in ("finetune", "supervised"))
-    assert "reusing it" in capsys.readouterr().out
+    # the finished runs, packed into --runs-cache (results only), carry the study to a fresh --out (another machine)
+    trained = sorted(os.listdir(out / "runs"))
+    assert set(os.listdir(tmp_path / "cache")) == {f"{n}.json.gz" for n in trained}
+    fresh = tmp_path / "elsewhere"
+    assert exp.main([*args[:-3], str(fresh), *args[-2:]]) == 0  # a rerun there reuses every finished run
+    again = read(fresh / "results.json")["records"]
+    assert all(r["reused"] for r in again if r["arm"] in ("finetune", "supervised"))
+    assert [r["top1"] for r in again] == [r["top1"] for r in raw["records"]]
+    assert f"{len(trained)} finished run(s) taken" in capsys.readouterr().out
 
     other = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000003")  # same --out, other model
     assert exp.main([*args[:1], other, *args[2:]]) == 2
