@@ -235,3 +235,25 @@ def test_h200_smoke_runs_every_leg_on_cpu(tmp_path: Path, keep_threads: None) ->
             assert r["s_per_epoch"] == pytest.approx(h200.TRAIN_IMAGES[data] / r["pairs_per_s"])
     epoch = legs[("cifar10", "epoch", "resident")]
     assert epoch["steps"] == 64 // 16 and _positive(epoch["s_per_epoch"]) and epoch["vs_anchor"] is None
+
+
+def test_preset_e2e_quick_runs_both_configurations(tmp_path: Path, keep_threads: None) -> None:
+    """The before/after end-to-end bench: both configurations through the production pretraining command, the
+    'before' one contiguous on its own loader, the 'after' one channels_last on the resident loader."""
+    from bench import preset_e2e
+
+    out = tmp_path / "e2e.json"
+    assert preset_e2e.main(["--quick", "--threads", "1", "--before-loader", "torch", "--out", str(out)]) == 0
+    report = _report(out)
+    rows = {r["config"]: r for r in report["rows"]}
+    assert (rows["before"]["memory_format"], rows["before"]["loader"]) == ("contiguous", "torch")
+    assert (rows["after"]["memory_format"], rows["after"]["loader"]) == ("channels_last", "resident")
+    for r in rows.values():
+        for key in ("wall_s", "first_epoch_s", "later_samples_per_s", "of_limit"):
+            assert _positive(r[key]), (key, r)
+        assert r["of_limit"] < 1  # a rate above the FLOP-count limit would mean a miscount
+    summary = {s["config"]: s for s in report["summary"]}
+    assert summary["before"]["speedup"] == 1.0
+    assert summary["after"]["speedup"] == pytest.approx(rows["after"]["later_samples_per_s"]
+                                                         / rows["before"]["later_samples_per_s"])
+    assert report["preset_args"][:2] == ["--dataset", "fashion-mnist"]
