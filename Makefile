@@ -34,9 +34,11 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# the real multi-process cluster drills (ray start, two nodes on loopback, job submit): CI's second stage
+# CI's second stage: the real multi-process cluster drills (ray start, two nodes on loopback, job submit) and the
+# long real-component drills (workers killed under Ray Train, an FFCV epoch on Ray, a real ASHA sweep, an S3 outage)
 test-cluster: setup
 	$(PY) -m pytest -m 'cluster and not slow' $(PYTEST_ARGS)
+	$(PY) -m pytest -m 'drill and not slow' $(PYTEST_ARGS)   # its own process: the session's local Ray never meets a cluster's
 
 # Local Prometheus on 127.0.0.1 scraping the local Ray (its service-discovery file), with deploy/'s rules;
 # idempotent (a second call reloads the config and prints the URL). State in build/monitor/.

@@ -294,6 +294,7 @@ def test_embedded_dataset_is_converted_once_per_node(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- end to end on Ray
 @pytest.mark.ray
+@pytest.mark.drill  # CI's second stage (make test-cluster): every Ray worker pays FFCV's numba compilation, 1.5-4 min
 def test_pretraining_epoch_on_ray_reads_the_beton(ray_cluster, tiny_args, tmp_path):
     """--loader auto + --beton trains from the file: the digits *test* split (360 images) gives 360 // 64 = 5
     steps per epoch, where the torch path would read the 1437-image train split (22 steps)."""

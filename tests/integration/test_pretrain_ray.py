@@ -68,6 +68,7 @@ def test_run_checkpoint_then_resume_after_driver_failure(ray_cluster, tiny_args,
     assert again["knn_top1"] == summary["knn_top1"]
 
 
+@pytest.mark.drill  # CI's second stage (make test-cluster): a Ray worker group killed and restarted, ~1.5 min
 def test_worker_killed_mid_epoch_run_finishes(ray_cluster, tiny_args, tmp_path):
     kill_at = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2         # the middle of epoch 2
     summary = pretrain.run(parse_config(tiny_args("kill", "--epochs", "2", "--max-failures", "1",
@@ -87,6 +88,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(ray_cluster, tiny_a
     assert load_checkpoint(ckpt)["epoch"] == 1
 
 
+@pytest.mark.drill  # CI's second stage (make test-cluster): 4 Ray runs, ~3 min
 @pytest.mark.parametrize("loader", ["torch", "ffcv"])
 def test_worker_killed_mid_epoch_resumes_at_next_batch_bit_identical(ray_cluster, tiny_args, tmp_path, loader):
     """Step checkpoints every 4 steps, a worker killed at step 34 (batch 12 of epoch 2; a little later if a due

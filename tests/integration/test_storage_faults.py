@@ -60,6 +60,7 @@ def test_retry_gives_up_in_one_line_and_never_retries_a_full_disk():
 
 
 # ---------------------------------------------------------------------------- S3 server stopped mid-upload
+@pytest.mark.drill  # CI's second stage (make test-cluster): the outage lasts 30 s by definition
 def test_s3_stopped_mid_upload_for_30s_upload_retried_training_goes_on():
     row = faults.s3_outage(outage_s=30)
     assert row["survived"], row

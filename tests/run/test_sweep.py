@@ -276,6 +276,7 @@ def test_bad_pairs_one_line_error(dim, match, tmp_path):
 
 # ------------------------------------------------------------------------------------------ real sweeps
 @pytest.mark.ray
+@pytest.mark.drill  # CI's second stage (make test-cluster): four Tune trials of Ray Train runs, ~1.5-2 min
 def test_real_asha_sweep_stops_trials_early_and_keeps_their_rows(ray_cluster, tmp_path):
     """Four 2-epoch trials under ASHA (rungs at epochs 1 and 2), two at a time on the 2-CPU test cluster, each a Ray
     Train run inside a Tune trial with its per-epoch metrics forwarded by TuneReportCallback, selected on the
