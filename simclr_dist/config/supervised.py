@@ -26,17 +26,22 @@ from simclr_dist.config.base import (FORMATS, JobConfig, PretrainedError, bad, c
 from simclr_dist.config.evaluate import dataset_names
 from simclr_dist.core.models import ARCHS
 from simclr_dist.data.augment import parse_components
+from simclr_dist.data.resident import SPLIT_IMAGES
 
 # The classifiers' supervised augmentation. "padcrop" (pad by size // 8, random crop back to size) is built by the
 # classifier loop (simclr_dist.run.train.classify_loop.classifier_transform) until data.augment has the component.
 PADCROP = "padcrop"
 AUGMENT_ALIASES = ("supervised", "simclr")
 SCHEDULES = ("cosine", "constant")
+# How the training batches are made (simclr_dist.data.classifier_batches): the same distribution either way
+CLASSIFIER_LOADERS = ("auto", "torch", "resident")
 
 # Fields that change neither the experiment nor its result's meaning: a finished run is reused across them.
 CLUSTER_FIELDS = ("ray", "num_workers", "use_gpu", "cpus_per_worker", "ray_address", "storage_path", "name",
                   "checkpoint_every", "num_to_keep", "max_failures", "threads", "loader_workers", "eval_batch_size",
                   "verbose", "chaos_kill_epoch", "data_root",
+                  # how the batches are made: the same augmentation distribution, other draws (as the worker count)
+                  "classifier_loader",
                   # a complete import is the same under --strict and --no-strict (a partial one fails --strict)
                   "init_strict")
 # Fields a resumed run must keep (its checkpoint was trained under them).
@@ -105,7 +110,15 @@ class SupervisedConfig(JobConfig):
                                    "the SimCLR encoder is invariant to), or a list of components: padcrop[,flip], or "
                                    "SimCLR components (simclr_dist.data.augment)")
     eval_batch_size: int = flag(256, "images per forward pass when validating and testing", ge=1)
-    loader_workers: int = flag(0, "DataLoader worker processes per training process", ge=0)
+    loader_workers: int = flag(0, "DataLoader worker processes per training process (--classifier-loader torch)",
+                               ge=0)
+    classifier_loader: str = flag("auto", "how training batches are made: torch (a DataLoader, the augmentation per "
+                                          "sample on the CPU), resident (the labelled images held once as one uint8 "
+                                          "tensor on the training device, augmented by batched tensor ops there: "
+                                          "simclr_dist.data.classifier_batches; in-memory datasets only), auto "
+                                          "(resident on a CUDA device for an in-memory dataset, else torch). The "
+                                          "same augmentation distribution, other random draws",
+                                  choices=CLASSIFIER_LOADERS, what="loader")
     # cluster, checkpoints (as pretraining)
     ray: bool = flag(True, "train under Ray Train (DDP workers); --no-ray: the same loop in this process")
     num_workers: int = flag(2, "Ray Train workers (one process each, DDP)", ge=1)
@@ -146,6 +159,9 @@ class SupervisedConfig(JobConfig):
                                 "for a fixed --epochs)")
             if self.steps is not None:
                 bad("patience", "stops on validation, --steps fixes the budget: give --epochs (the maximum) instead")
+        if self.classifier_loader == "resident" and self.dataset is not None and self.dataset not in SPLIT_IMAGES:
+            bad("classifier_loader", f"resident holds in-memory datasets only ({', '.join(SPLIT_IMAGES)}); "
+                                     f"{self.dataset} is read from files: choose torch or auto")
         check_plain_name(self.name)
         if self.chaos_kill_epoch >= 0 and not self.ray:
             bad("chaos_kill_epoch", "is a Ray Train fault drill: it needs --ray")

@@ -247,7 +247,7 @@ def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, spli
     history = out["history"]
     keep = ("top1", "top5", "val_top1", "predictions", "test_size", "fit_size", "val_size", "folds", "curve",
             "resumed_from_epoch", "normalization", "device", "train_time_s", "images_seen", "diverged", "best_epoch",
-            "stopped_epoch", "converged", "hit_max_epochs", "checkpoint")
+            "stopped_epoch", "converged", "hit_max_epochs", "checkpoint", "classifier_loader")
     result = {
         "format_version": FORMAT_VERSION, "kind": "supervised", "run": run_uri(scfg),
         "arm": "finetune" if scfg.from_pretrained() else "supervised", "init_checkpoint": scfg.init_checkpoint,

@@ -19,7 +19,10 @@ twice a step and had no GradScaler). So every trained arm is this function, conf
   cosine over the maximum would make the best epoch depend on how far the budget reaches, and a final run that
   retrains for the chosen number of epochs at the same constant LR follows the trajectory the choice was made on;
 - the training augmentation is the supervised recipe (pad-crop + flip, :func:`classifier_transform`) unless the
-  config names SimCLR components;
+  config names SimCLR components; its batches come from a DataLoader of that per-sample transform (``torch``) or,
+  for an in-memory dataset, from the images held once on the training device and augmented there by batched ops
+  (``resident``, :mod:`simclr_dist.data.classifier_batches`: the same samples in the same batches, the same
+  distribution, other draws); ``classifier_loader`` ``auto`` is resident on CUDA and torch on the CPU;
 - each step is :func:`run.step.classify_step` (no host sync, GradScaler for fp16); losses are summed on the device
   and read once per epoch and at the curve points (validation accuracy at ``CURVE_POINTS`` evenly spaced steps of
   a fixed budget, at every epoch's end under early stopping). A selection run whose loss turns non-finite stops and
@@ -49,6 +52,7 @@ from simclr_dist.core.models import Classifier
 from simclr_dist.core.optim import WarmupCosine, scale_lr
 from simclr_dist.core.precision import Precision, to_memory_format, use_channels_last
 from simclr_dist.data.augment import augment_seed, build_view_transform, default_augment
+from simclr_dist.data.classifier_batches import ResidentClassifierBatches, loader_kind
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.splits import LabelSplit
 from simclr_dist import storage
@@ -182,6 +186,31 @@ def classifier_transform(components: str, data: EvalData) -> Any:
     return v2.Compose(ops)
 
 
+def training_batches(kind: str, scfg: SupervisedConfig, data: EvalData, split: LabelSplit, components: str, *,
+                     rank: int, world: int, device: torch.device) -> tuple[Any, Any, int, int]:
+    """(batches, the object whose ``set_epoch`` orders an epoch, global batch, per-worker batch) of the fit images.
+    ``torch``: a DataLoader of :func:`classifier_transform` over a DistributedSampler (x, y on the CPU);
+    ``resident``: :class:`ResidentClassifierBatches`, the same samples in the same batches, augmented by batched
+    ops on ``device`` (x, y there). Both cut an epoch alike: the last partial batch is dropped when the subset
+    exceeds one global batch."""
+    global_batch, per_worker = batch_layout(len(split.fit), scfg.batch_size, world)
+    drop_last = len(split.fit) > global_batch
+    if kind == "resident":
+        index = torch.as_tensor(split.fit, dtype=torch.long)
+        images = data.train.images  # (N, 3, S, S) uint8; a grey set's three planes are one (stride 0): keep one
+        images = images[:, :1] if images.stride(1) == 0 else images
+        batches = ResidentClassifierBatches(
+            images.index_select(0, index), data.train.targets.index_select(0, index),
+            components=components, dataset=data.dataset, image_size=data.image_size, mean=data.mean, std=data.std,
+            batch_size=per_worker, drop_last=drop_last, seed=scfg.seed, rank=rank, world=world, device=device)
+        return batches, batches, global_batch, per_worker
+    train_set = TransformedSubset(data.train, classifier_transform(components, data), split.fit.tolist())
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed)
+    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=drop_last,
+                        num_workers=scfg.loader_workers)
+    return loader, sampler, global_batch, per_worker
+
+
 def load_initial(scfg: SupervisedConfig, mcfg: PretrainConfig, log: Log | None = None
                  ) -> tuple[torch.nn.Module, Normalization | None]:
     """(encoder, input normalisation): a random encoder seeded by ``seed`` (identical on every rank), the SimCLR
@@ -222,11 +251,9 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
     channels_last = use_channels_last(None)  # the measured default (bench.memory_format)
     model = to_memory_format(Classifier(encoder, encoder.feat_dim, data.num_classes).to(device), channels_last)
     components = scfg.augment or "none"
-    train_set = TransformedSubset(data.train, classifier_transform(components, data), split.fit.tolist())
-    global_batch, per_worker = batch_layout(len(split.fit), scfg.batch_size, world)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=scfg.seed)
-    loader = DataLoader(train_set, batch_size=per_worker, sampler=sampler, drop_last=len(split.fit) > global_batch,
-                        num_workers=scfg.loader_workers)
+    kind = loader_kind(scfg.classifier_loader, device, data.train, data.image_size)
+    loader, sampler, global_batch, per_worker = training_batches(kind, scfg, data, split, components, rank=rank,
+                                                                 world=world, device=device)
     steps_per_epoch = len(loader)
     early = scfg.patience is not None and split.val is not None  # stop on validation, keep the best weights
     total_steps = scfg.steps or scfg.epochs * steps_per_epoch
@@ -257,6 +284,10 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, step, history, curve = state["epoch"], state["step"], state["history"], state.get("curve", [])
+        if state.get("classifier_loader", "torch") != kind:  # a checkpoint from before the field: the torch path
+            log(f"[supervised] resumed under the {kind} loader, trained so far under the "
+                f"{state.get('classifier_loader', 'torch')} loader: the remaining epochs draw other augmentations "
+                "(the same distribution), so the run is not the one an uninterrupted run would give")
         saved_stop = dict(state.get("early_stop") or {})
         best_state = saved_stop.pop("best_model", None)
         stop.update(saved_stop)
@@ -278,7 +309,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
     log(f"[supervised] {mcfg.arch} x{mcfg.width} + linear head on {what} labels ({100 * scfg.fraction:g}% of "
         f"{len(data.train_labels)}, subset seed {scfg.subset_seed}) from {init}, seed {scfg.seed} | {world} "
         f"worker(s) x {per_worker} = batch {global_batch} | {budget} | {lr_rule}, {schedule_name} | wd "
-        f"{scfg.weight_decay:g} | augment {components} | {device.type}")
+        f"{scfg.weight_decay:g} | augment {components}" + (" (resident batches)" if kind == "resident" else "")
+        + f" | {device.type}")
 
     segment = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n since the last curve point
     train_time = sum(h["epoch_time_s"] for h in history)
@@ -361,7 +393,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
             state = {"format_version": FORMAT_VERSION, "kind": "supervised", "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                      "step": step, "steps_per_epoch": steps_per_epoch, "config": mcfg.to_dict(),
-                     "supervised_config": scfg.to_dict(), "history": history, "curve": curve}
+                     "supervised_config": scfg.to_dict(), "history": history, "curve": curve,
+                     "classifier_loader": kind}
             if early:
                 state["early_stop"] = {**stop, "best_model": best_state}
         session.report(metrics, state)
@@ -377,7 +410,8 @@ def train_classifier(scfg: SupervisedConfig, mcfg: PretrainConfig, session: Sess
            "steps": step if early else total_steps, "epochs": epochs, "peak_lr": peak_lr, "lr_rule": lr_rule,
            "schedule": schedule_name, "num_classes": data.num_classes, "device": device.type,
            "train_time_s": train_time, "images_seen": sum(h.get("images", 0) for h in history),
-           "diverged": diverged, "normalization": {"mean": list(data.mean), "std": list(data.std)}}
+           "diverged": diverged, "normalization": {"mean": list(data.mean), "std": list(data.std)},
+           "classifier_loader": kind}
     if early:
         out.update(best_epoch=stop["best_epoch"], stopped_epoch=stop["stopped_epoch"], max_epochs=epochs,
                    patience=scfg.patience, converged=stop["reason"] == "patience",
