@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     rows = out["rows"]
-    print("\n" + table_markdown(spec, rows))
+    print("\n" + table_markdown(spec, rows, out["references"]))
     print("results:")
     for name, where in out["files"].items():
         print(f"  {name}: {where}")

@@ -9,6 +9,11 @@ before Ray starts; the checks that need the trials' resolved configs live in :mo
 Augmentation studies (paper Figure 5) use ``augment: {pairs: [c1, c2, ...], with: crop}``: every single component
 and every unordered pair, each policy also holding the ``with`` components (the crop and resize every view gets).
 With ``augment2: crop`` in ``base`` the other branch gets only the crop: the paper's one-branch setting.
+
+Replicates: ``seeds: 3`` (seeds 0, 1, 2) or ``seeds: [0, 7]`` runs every cell of the search space once per seed, each
+a separate trial with its own pretraining seed (init, data order, augmentation draws); the report aggregates a cell
+over its seeds. The seed is not a search dimension (a ``search.seed`` is refused), so a cell is always the search
+values alone.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from simclr_dist.config.pretrain import PretrainConfig
 from simclr_dist.data.augment import parse_components
 
 SECTIONS = ("study", "description", "base", "search", "objective", "scheduler", "resources", "concurrency",
-            "num_samples", "storage_path")
+            "num_samples", "seeds", "storage_path")
 RESOURCE_FIELDS = ("num_workers", "cpus_per_worker", "use_gpu")
 # Set by the sweep for every trial (each trial is its own Train run; the monitor always uses the validation split).
 CONTROLLED_FIELDS = {"storage_path": "--storage-path", "name": "the trial id", "ray_address": "--ray-address",
@@ -86,6 +91,7 @@ class SweepSpec:
                                                                "use_gpu": None})
     concurrency: int = 1
     num_samples: int = 1
+    seeds: list[int] | None = None  # replicates of every cell (None: one trial a cell, at base's seed)
     storage_path: str = "./runs/sweeps"
 
     # -- derived
@@ -102,17 +108,21 @@ class SweepSpec:
         return json.loads(json.dumps({
             "base": self.base, "search": {k: dataclasses.asdict(d) for k, d in self.search.items()},
             "metric": self.metric, "mode": self.mode, "scheduler": self.scheduler, "resources": self.resources,
-            "num_samples": self.num_samples}, default=list))
+            "num_samples": self.num_samples, "seeds": self.seeds}, default=list))
 
     def trial_configs(self) -> list[dict[str, Any]]:
-        """The search-space points of every trial (grid product x num_samples); random dimensions stay symbolic."""
+        """The search-space points of every trial (grid product x seeds x num_samples); random dimensions stay
+        symbolic. With ``seeds`` every point holds its ``seed``."""
         grid_keys = [k for k, d in self.search.items() if d.is_grid]
         points = []
         for _ in range(self.num_samples):
             for combo in itertools.product(*(self.search[k].values for k in grid_keys)):
-                point = dict(zip(grid_keys, combo))
-                point.update({k: d for k, d in self.search.items() if not d.is_grid})
-                points.append(point)
+                for seed in self.seeds or [None]:
+                    point = dict(zip(grid_keys, combo))
+                    point.update({k: d for k, d in self.search.items() if not d.is_grid})
+                    if seed is not None:
+                        point["seed"] = seed
+                    points.append(point)
         return points
 
     def param_space(self) -> dict[str, Any]:
@@ -122,6 +132,8 @@ class SweepSpec:
             space[k] = {"grid": lambda v: tune.grid_search(v), "choice": lambda v: tune.choice(v),
                         "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}[d.kind](
                 list(d.values))
+        if self.seeds:  # the replicates: one more grid axis, so every cell runs once per seed
+            space["seed"] = tune.grid_search(list(self.seeds))
         return space
 
     def trial_base(self) -> dict[str, Any]:
@@ -243,8 +255,23 @@ def _parse_dimension(where: str, key: str, raw: Any) -> Dimension:
         except ValueError as e:
             fail(where, str(e))
     if len({json.dumps(v) for v in vals}) != len(vals):
-        fail(where, f"duplicate values in {vals!r} (repeat trials with a 'seed' dimension)")
+        fail(where, f"duplicate values in {vals!r} (repeat trials with 'seeds: N')")
     return Dimension(kind, vals)
+
+
+def _parse_seeds(where: str, raw: Any) -> list[int]:
+    """``seeds: N`` (seeds 0..N-1) or a list of distinct integer seeds >= 0, or a one-line error."""
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if is_int(raw):
+        if raw < 1:
+            fail(where, f"must be a number of seeds >= 1 or a list of distinct seeds, got {raw!r}")
+        return list(range(raw))
+    if not isinstance(raw, list) or not raw or not all(is_int(v) and v >= 0 for v in raw):
+        fail(where, f"must be a number of seeds >= 1 or a list of distinct integer seeds >= 0, got {raw!r}")
+    if len(set(raw)) != len(raw):
+        fail(where, f"duplicate seeds in {raw!r}")
+    return list(raw)
 
 
 def _parse_scheduler(where: str, raw: Any) -> dict[str, Any] | None:
@@ -306,6 +333,9 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: typing.Sequence[s
             spec.base[k] = os.path.abspath(v)
     for k, v in data["search"].items():
         _check_field(f"{source}: search.{k}", k)
+        if k == "seed":  # a seed is a replicate of every cell, not a cell of its own
+            fail(f"{source}: search.seed", "repeat every cell over seeds with the top-level 'seeds: N' (or "
+                                           "'seeds: [0, 7]'), not a seed dimension")
         spec.search[k] = _parse_dimension(f"{source}: search.{k}", k, v)
         spec.base.pop(k, None)
     for k, v in data["resources"].items():
@@ -326,6 +356,10 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: typing.Sequence[s
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             fail(f"{source}: {k}", f"must be an integer >= 1, got {v!r}")
         setattr(spec, k, v)
+    if data.get("seeds") is not None:
+        spec.seeds = _parse_seeds(f"{source}: seeds", data["seeds"])
+        if "seed" in spec.base:
+            fail(f"{source}: base.seed", f"conflicts with seeds {spec.seeds}: every trial's seed comes from 'seeds'")
     sp = data.get("storage_path", spec.storage_path)
     if not isinstance(sp, str) or not sp:
         fail(f"{source}: storage_path", f"must be a path or URI, got {sp!r}")
@@ -337,7 +371,7 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: typing.Sequence[s
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
     """``key=value`` (value parsed as YAML): a pretraining field (a list makes it a grid dimension, a scalar fixes
-    it), a resource, a top-level setting (concurrency, num_samples, scheduler, storage_path) or a dotted
+    it), a resource, a top-level setting (concurrency, num_samples, seeds, scheduler, storage_path) or a dotted
     ``objective.metric`` / ``scheduler.grace_period``."""
     where = f"--set {item}"
     if "=" not in item:
@@ -361,7 +395,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
             data.setdefault("base", {}).pop(sub, None)
         data[head] = section
         return
-    if key in ("concurrency", "num_samples", "scheduler", "storage_path", "study", "description"):
+    if key in ("concurrency", "num_samples", "seeds", "scheduler", "storage_path", "study", "description"):
         data[key] = value
     elif key in RESOURCE_FIELDS:
         data["resources"][key] = value

@@ -1,23 +1,31 @@
-"""A finished sweep as tables and plots: results.csv, results.md, and the figure of whatever the study searched.
+"""A finished sweep as tables and plots: results.csv (cells and references), trials.csv, results.md, and the figure of
+whatever the study searched.
 
-Why one place: the table, the heatmap of augmentation pairs (paper Figure 5, with its row and column means), the
-accuracy-vs-batch-size lines (Figure 9, one line per epoch budget) and the accuracy-vs-temperature lines (Table 5,
-one line per l2-normalisation setting) are all read from the same rows, stopped and failed trials included, so
-what a plot shows is what the table lists.
+Why one place: the per-cell table (mean over seeds, sd, 95% t-interval, every seed's value), the reference rows
+(raw pixels and the randomly initialised encoder, on the trials' split and probe), the heatmap of augmentation pairs
+(paper Figure 5, with row and column means over the distinct policies of a row), the accuracy-vs-batch-size lines
+(Figure 9) and the accuracy-vs-temperature lines (Table 5) are all read from the same rows, stopped and failed trials
+included, so what a plot shows is what the table lists. A cell is one point of the search space; its trials are its
+seeds (``seeds: N``). A trial without a value (failed, unfinished) is counted in its cell, never averaged.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from simclr_dist.config.sweep import Dimension, SweepSpec
 from simclr_dist.data.augment import COMPONENTS, parse_components
+from simclr_dist.report.stats import Summary, summarize
 from simclr_dist import storage
 
 Rows = list[dict[str, Any]]
+CONFIDENCE = 0.95
+REFERENCE_TEXT = {"pixels": "raw pixels (no network)", "random-init": "random-init encoder (no pretraining)"}
 
 
 def fmt(v: Any) -> str:
@@ -28,7 +36,111 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def value_text(v: Any) -> str:
+    """A searched value as written in a sweep file (0.5, 10, True), not as a measurement."""
+    return f"{v:g}" if isinstance(v, float) else fmt(v)
+
+
+def measured(spec: SweepSpec, row: dict[str, Any]) -> bool:
+    """A trial whose objective counts: finished (or stopped by the scheduler) with a value."""
+    return row.get("status") == "OK" and row.get(spec.metric) is not None
+
+
+# ----------------------------------------------------------------------------------------------- cells over seeds
+@dataclass
+class Cell:
+    """One point of the search space (or one reference) over its seeds."""
+
+    fields: dict[str, Any]       # the cell's search values; a reference: {"reference": name}
+    values: dict[Any, float]     # seed (a trial id without seeds) -> the objective of a measured trial
+    trials: int                  # trials of the cell, whatever their status
+    early: bool = False          # a value comes from a trial the scheduler stopped early
+    reference: str = ""          # "" for a cell of the search space
+
+    @property
+    def failed(self) -> int:
+        return self.trials - len(self.values)
+
+    @property
+    def summary(self) -> Summary | None:
+        return summarize(list(self.values.values()), CONFIDENCE) if self.values else None
+
+    @property
+    def mean(self) -> float:
+        return self.summary.mean if self.values else math.nan
+
+    def count(self) -> str:
+        """``3``; ``2 of 3 (1 failed)`` when a trial has no value."""
+        n = len(self.values)
+        return str(n) if not self.failed else f"{n} of {self.trials} ({self.failed} failed)"
+
+
+def cell_key(spec: SweepSpec, row: dict[str, Any]) -> str:
+    """The cell a trial belongs to: its search values (seed excluded: it is the replicate)."""
+    return json.dumps([row.get(k) for k in spec.search], default=str)
+
+
+def cells(spec: SweepSpec, rows: Rows) -> list[Cell]:
+    """The cells of the trials, best mean first (cells with no measured trial last)."""
+    out: dict[str, Cell] = {}
+    for r in rows:
+        cell = out.setdefault(cell_key(spec, r), Cell({k: r.get(k) for k in spec.search}, {}, 0))
+        cell.trials += 1
+        if measured(spec, r):
+            cell.values[r["seed"] if r.get("seed") is not None else r["trial"]] = float(r[spec.metric])
+            cell.early |= bool(r.get("note"))
+    sign = -1 if spec.mode == "max" else 1
+    return sorted(out.values(), key=lambda c: (not c.values, sign * (c.mean if c.values else 0.0)))
+
+
+def reference_cells(spec: SweepSpec, references: Rows) -> list[Cell]:
+    """One cell per reference (pixels; the random-init encoder over its seeds), in the order they were scored."""
+    out: dict[str, Cell] = {}
+    for r in references:
+        name = r["reference"] + (f" ({r['of']})" if r.get("of") else "")
+        cell = out.setdefault(name, Cell({"reference": name}, {}, 0, reference=r["reference"]))
+        cell.trials += 1
+        if r.get(spec.metric) is not None:
+            cell.values[r.get("seed")] = float(r[spec.metric])
+    return list(out.values())
+
+
+def seeds_of(spec: SweepSpec, all_cells: list[Cell]) -> list[Any]:
+    """The per-seed columns: the sweep's seeds, plus any other seed a reference was scored at."""
+    seen = list(spec.seeds or [])
+    for c in all_cells:
+        seen += [s for s in c.values if s is not None and (spec.seeds or c.reference) and s not in seen]
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def cells_csv(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
+    """results.csv: one row per cell (kind=cell) and per reference (kind=reference): n, failed, mean, sd, the 95%
+    t-interval over seeds and the objective of every seed (``seed_<s>``; blank where that seed has no value)."""
+    all_cells = cells(spec, rows) + reference_cells(spec, references)
+    seeds = seeds_of(spec, all_cells)
+    cols = (["kind", "reference", *spec.search, "metric", "n", "trials", "failed", "mean", "sd", "ci95_lo",
+             "ci95_hi"] + [f"seed_{s}" for s in seeds] + ["note"])
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    for c in all_cells:
+        s = c.summary
+        row: dict[str, Any] = {"kind": "reference" if c.reference else "cell",
+                               "reference": c.fields["reference"] if c.reference else "",
+                               **({} if c.reference else c.fields), "metric": spec.metric, "n": len(c.values),
+                               "trials": c.trials, "failed": c.failed,
+                               "note": "stopped early by the scheduler" if c.early else ""}
+        if s is not None:
+            row.update(mean=s.mean, sd="" if s.n < 2 else s.sd, ci95_lo="" if s.n < 2 else s.ci_low,
+                       ci95_hi="" if s.n < 2 else s.ci_high)
+        row.update({f"seed_{k}": v for k, v in c.values.items() if k in seeds})
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in cols})
+    return buf.getvalue()
+
+
 def table_csv(rows: Rows) -> str:
+    """trials.csv: one row per trial (every status), its seed and error."""
     buf = io.StringIO()
     cols = list(rows[0]) if rows else ["trial", "status"]
     w = csv.DictWriter(buf, fieldnames=cols)
@@ -50,79 +162,166 @@ def objective_text(spec: SweepSpec) -> str:
             "labelled train split (fitted on the other 80%; never the test split).")
 
 
-def table_markdown(spec: SweepSpec, rows: Rows) -> str:
+def interval_text(s: Summary | None, digits: int = 3) -> tuple[str, str]:
+    """(``mean ± half-width``, ``[lo, hi]``) of a summary; the mean alone for one value, ``-`` for none."""
+    if s is None:
+        return "-", ""
+    if s.n < 2:
+        return f"{s.mean:.{digits}f}", ""
+    return f"{s.mean:.{digits}f} ± {s.half_width:.{digits}f}", f"[{s.ci_low:.{digits}f}, {s.ci_high:.{digits}f}]"
+
+
+def cells_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
+    """The per-cell table (best mean first), the reference rows below it, and what its numbers are."""
+    keys = list(spec.search)
+    all_cells = cells(spec, rows)
+    refs = reference_cells(spec, references)
+    head = keys + [f"{spec.metric} (mean ± 95% CI)", "95% CI", "sd", "n", "per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|---|---:|---|---|"]
+
+    def line(first: list[str], c: Cell) -> str:
+        s = c.summary
+        mean, ci = interval_text(s)
+        sd = f"{s.sd:.3f}" if s is not None and s.n >= 2 else ""
+        per = ", ".join(f"{v:.3f}" for v in c.values.values()) if len(c.values) > 1 else ""
+        return "| " + " | ".join([*first, mean + ("*" if c.early else ""), ci, sd, c.count(), per]) + " |"
+
+    for c in all_cells:
+        lines.append(line([value_text(c.fields[k]).replace("|", "\\|") for k in keys], c))
+    for c in refs:
+        name = REFERENCE_TEXT.get(c.reference, c.reference) + c.fields["reference"][len(c.reference):]
+        lines.append(line([f"*reference: {name}*"] + [""] * (len(keys) - 1), c))
+    seeds = f"seeds {', '.join(map(str, spec.seeds))}" if spec.seeds else "one trial a cell"
+    early = " `*`: a value from a trial stopped early by the scheduler." if any(c.early for c in all_cells) else ""
+    ref_note = (" Reference rows: no pretraining, scored by the trials' own evaluation on the same split: the raw "
+                "pixels the encoder sees (image_size^2 x 3 values; no seed), and the trials' network at its random "
+                "initialisation for every seed." if refs else "")
+    return ("\n".join(lines) + f"\n\nMean over the cell's seeds ({seeds}), each seed a separate trial (its own init, "
+            f"data order and augmentation draws); ± is the half-width of the 95% t-interval over seeds "
+            f"(t(0.975, n-1) x sd / sqrt(n)); n: the trials measured, a failed or unfinished trial counted as "
+            f"failed, never averaged.{early}{ref_note}\n")
+
+
+def trials_markdown(spec: SweepSpec, rows: Rows) -> str:
     cols = [c for c in (list(rows[0]) if rows else ["trial", "status"])
             if c in ("trial", "status", spec.metric, "error") or any(r.get(c) not in (None, "") for r in rows)]
-    desc = f"{spec.description.strip()}\n\n" if spec.description.strip() else ""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c)).replace("|", "\\|") for c in cols) + " |")
-    heat = heatmap(spec, rows)
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
+    """results.md: the cells over seeds with the references, the augmentation-pair matrix (if any), every trial."""
+    desc = f"{spec.description.strip()}\n\n" if spec.description.strip() else ""
+    heat = heatmap(spec, rows, references)
     extra = f"\n## Augmentation pairs\n\n{heatmap_markdown(heat)}" if heat else ""
-    return f"# {spec.study}\n\n{desc}{objective_text(spec)}\n\n" + "\n".join(lines) + "\n" + extra
+    return (f"# {spec.study}\n\n{desc}{objective_text(spec)}\n\n## Cells\n\n{cells_markdown(spec, rows, references)}"
+            f"{extra}\n## Trials\n\n{trials_markdown(spec, rows)}")
 
 
 # ----------------------------------------------------------------------------------------------- the heatmap
-def heatmap(spec: SweepSpec, rows: Rows) -> dict[str, Any] | None:
-    """The augmentation-pair matrix of a study that searches ``augment``: components, values[i][j] (NaN where no
-    measured trial), the row means, and which cells come from trials the scheduler stopped early."""
+def heatmap(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[str, Any] | None:
+    """The augmentation-pair matrix of a study that searches ``augment`` alone: components, values[i][j] (the mean
+    over seeds of the cell's policy; NaN where no measured trial), half[i][j] (its 95% half-width; NaN for n < 2),
+    the row and column means over the DISTINCT policies of each row and column (a policy that fills two cells of a
+    row, e.g. crop,color at (color, crop) and (color, color), counts once) with their half-widths, which cells come
+    from trials the scheduler stopped early, and the reference cells."""
     dim = spec.search.get("augment")
-    ok = [r for r in rows if r["status"] == "OK" and r.get(spec.metric) is not None]
-    if dim is None or not ok:
+    if dim is None or set(spec.search) != {"augment"} or not any(measured(spec, r) for r in rows):
         return None
+    every = {",".join(parse_components(c.fields["augment"] or "")): c for c in cells(spec, rows)}
+    by_policy = {p: c for p, c in every.items() if c.values}
     if not dim.components:  # a plain list of policies: the components of its one- and two-component policies
-        used = {c for r in ok for c in parse_components(r["augment"] or "")}
+        used = {p for c in by_policy for p in parse_components(c)}
         dim = Dimension("grid", dim.values, tuple(c for c in COMPONENTS if c in used))
-    by_policy = {",".join(parse_components(r["augment"] or "")): r for r in ok}
     comps = list(dim.components)
     n = len(comps)
     values = [[math.nan] * n for _ in range(n)]
+    half = [[math.nan] * n for _ in range(n)]
+    failed = [[0] * n for _ in range(n)]  # trials of the cell's policy without a value
     early = set()
     for i in range(n):
         for j in range(n):
-            r = by_policy.get(dim.policy(comps[i], comps[j]))
-            if r is not None:
-                values[i][j] = r[spec.metric]
-                if r.get("note"):
+            failed[i][j] = every[dim.policy(comps[i], comps[j])].failed if dim.policy(comps[i], comps[j]) in every \
+                else 0
+            c = by_policy.get(dim.policy(comps[i], comps[j]))
+            if c is not None:
+                s = c.summary
+                values[i][j], half[i][j] = s.mean, (s.half_width if s.n >= 2 else math.nan)
+                if c.early:
                     early.add((i, j))
-    means = [nanmean(row) for row in values]
-    return {"components": comps, "values": values, "row_means": means, "col_means": means if symmetric(values)
-            else [nanmean([values[i][j] for i in range(n)]) for j in range(n)], "early": early,
-            "with": list(dim.with_), "metric": spec.metric}
+    rows_p = [[dim.policy(comps[i], comps[j]) for j in range(n)] for i in range(n)]
+    cols_p = [[dim.policy(comps[i], comps[j]) for i in range(n)] for j in range(n)]
+    row_means = [policy_mean(ps, by_policy) for ps in rows_p]
+    col_means = [policy_mean(ps, by_policy) for ps in cols_p]
+    return {"components": comps, "values": values, "half": half, "failed": failed, "early": early,
+            "with": list(dim.with_),
+            "metric": spec.metric, "row_means": [m for m, _ in row_means], "row_half": [h for _, h in row_means],
+            "col_means": [m for m, _ in col_means], "col_half": [h for _, h in col_means],
+            "references": reference_cells(spec, references)}
 
 
-def nanmean(xs: list[float]) -> float:
-    finite = [x for x in xs if not math.isnan(x)]
-    return sum(finite) / len(finite) if finite else math.nan
+def policy_mean(policies: list[str], by_policy: dict[str, Cell]) -> tuple[float, float]:
+    """(mean, 95% half-width) over the distinct measured ``policies``, each counted once at its mean over seeds; the
+    interval is over the seeds at which every one of them was measured (their per-seed means), NaN below 2 seeds."""
+    got = [by_policy[p] for p in dict.fromkeys(policies) if p in by_policy]
+    if not got:
+        return math.nan, math.nan
+    mean = sum(c.mean for c in got) / len(got)
+    common = [s for s in got[0].values if all(s in c.values for c in got)]
+    if len(common) < 2:
+        return mean, math.nan
+    per_seed = [sum(c.values[s] for c in got) / len(got) for s in common]
+    return mean, summarize(per_seed, CONFIDENCE).half_width
 
 
-def symmetric(values: list[list[float]]) -> bool:
-    n = len(values)
-    return all(values[i][j] == values[j][i] or (math.isnan(values[i][j]) and math.isnan(values[j][i]))
-               for i in range(n) for j in range(n))
+def reference_line(refs: list[Cell], scale: float = 1.0, digits: int = 3) -> str:
+    """``pixels 0.800; random-init 0.700 ± 0.010 (n=3)``."""
+    def one(c: Cell) -> str:
+        s = c.summary
+        if s is None:
+            return f"{c.fields['reference']} -"
+        txt = f"{scale * s.mean:.{digits}f}"
+        return f"{c.fields['reference']} {txt}" + (f" ± {scale * s.half_width:.{digits}f} (n={s.n})" if s.n >= 2
+                                                   else "")
+    return "; ".join(one(c) for c in refs)
 
 
 def heatmap_markdown(heat: dict[str, Any]) -> str:
-    comps, vals = heat["components"], heat["values"]
-    def cell(v: float) -> str:
-        return "-" if math.isnan(v) else f"{v:.3f}"
+    comps, vals, half = heat["components"], heat["values"], heat["half"]
+
+    def cell(v: float, h: float = math.nan, failed: int = 0) -> str:
+        text = "-" if math.isnan(v) else f"{v:.3f}" + ("" if math.isnan(h) else f" ± {h:.3f}")
+        return text + (f" ({failed} failed)" if failed else "")
     lines = ["| | " + " | ".join(comps) + " | mean |", "|---|" + "---:|" * (len(comps) + 1)]
     for i, c in enumerate(comps):
-        lines.append(f"| **{c}** | " + " | ".join(cell(v) + ("*" if (i, j) in heat["early"] else "")
-                                                  for j, v in enumerate(vals[i])) + f" | {cell(heat['row_means'][i])} |")
-    lines.append("| **mean** | " + " | ".join(cell(v) for v in heat["col_means"]) + " | |")
+        lines.append(f"| **{c}** | " + " | ".join(cell(v, half[i][j], heat["failed"][i][j])
+                                                  + ("*" if (i, j) in heat["early"] else "")
+                                                  for j, v in enumerate(vals[i]))
+                     + f" | {cell(heat['row_means'][i], heat['row_half'][i])} |")
+    lines.append("| **mean** | " + " | ".join(cell(v, h) for v, h in zip(heat["col_means"], heat["col_half"]))
+                 + " | |")
     note = f" Every policy also holds {', '.join(heat['with'])}." if heat["with"] else ""
     stopped = " `*`: stopped early by the scheduler (its last rung's value)." if heat["early"] else ""
-    return "\n".join(lines) + (f"\n\nDiagonal: one transformation; off-diagonal: both (applied in the pipeline's "
-                                f"fixed order, so the matrix is symmetric).{note}{stopped}\n")
+    refs = f" References (same split and probe): {reference_line(heat['references'])}." if heat["references"] else ""
+    return "\n".join(lines) + (
+        "\n\nCells: mean over seeds ± the 95% t-interval's half-width. Diagonal: one transformation; off-diagonal: "
+        "both (applied in the pipeline's fixed order, so the matrix is symmetric). Means: a row's (column's) mean "
+        "averages the DISTINCT policies of that row (column), each policy once at its mean over seeds; a policy that "
+        "fills two cells of the row (e.g. (color, crop) and (color, color) are both crop,color when every policy "
+        "holds crop) is not counted twice. Their ± is the 95% t-interval over the seeds of the per-seed means of "
+        f"those policies.{note}{stopped}{refs}\n")
 
 
 def plot_heatmap(plt, spec: SweepSpec, heat: dict[str, Any]):
-    """Figure 5's layout: the pair matrix, its row means as the last column and column means as the last row."""
+    """Figure 5's layout: the pair matrix of means over seeds, the row means (distinct policies) as the last column
+    and the column means as the last row; the references under the title."""
     comps, vals, n = heat["components"], heat["values"], len(heat["components"])
     full = [row + [heat["row_means"][i]] for i, row in enumerate(vals)] + [heat["col_means"] + [math.nan]]
+    halves = [row + [heat["row_half"][i]] for i, row in enumerate(heat["half"])] + [heat["col_half"] + [math.nan]]
     finite = [v for row in full for v in row if not math.isnan(v)]
-    fig, ax = plt.subplots(figsize=(1.0 * n + 2.6, 0.9 * n + 2.0))
+    fig, ax = plt.subplots(figsize=(1.15 * n + 2.6, 0.95 * n + 2.3))
     im = ax.imshow(full, cmap="Greens", vmin=min(finite), vmax=max(finite))
     ax.axvline(n - 0.5, color="k", lw=2)
     ax.axhline(n - 0.5, color="k", lw=2)
@@ -133,43 +332,78 @@ def plot_heatmap(plt, spec: SweepSpec, heat: dict[str, Any]):
     mid = (min(finite) + max(finite)) / 2
     for i in range(n + 1):
         for j in range(n + 1):
-            v = full[i][j]
+            v, h = full[i][j], halves[i][j]
+            failed = heat["failed"][i][j] if i < n and j < n else 0
+            fail_text = f"\n{failed} failed" if failed else ""
             if not math.isnan(v):
                 star = "*" if i < n and j < n and (i, j) in heat["early"] else ""
-                ax.text(j, i, f"{100 * v:.1f}{star}", ha="center", va="center", fontsize=8,
-                        color="w" if v > mid else "k")
+                text = f"{100 * v:.1f}{star}" + ("" if math.isnan(h) else f"\n±{100 * h:.1f}") + fail_text
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if v > mid else "k")
+            elif failed:
+                ax.text(j, i, fail_text.strip(), ha="center", va="center", fontsize=7, color="r")
     label = spec.metric.replace("_", " ")
     one_branch = (" on one branch (the other: " + ", ".join(heat["with"]) + " only)") if heat["with"] else ""
-    ax.set_title(f"{spec.study}: {label} (%){one_branch}\n(diagonal: one transformation; off-diagonal: both"
-                 + ("; * stopped early" if heat["early"] else "") + ")", fontsize=9)
+    seeds = f"mean of {len(spec.seeds)} seeds ± 95% CI; " if spec.seeds and len(spec.seeds) > 1 else ""
+    refs = f"\nreferences: {reference_line(heat['references'], 100, 1)}" if heat["references"] else ""
+    ax.set_title(f"{spec.study}: {label} (%){one_branch}\n({seeds}diagonal: one transformation; off-diagonal: both; "
+                 "means: distinct policies once" + ("; * stopped early" if heat["early"] else "") + f"){refs}",
+                 fontsize=8)
     fig.colorbar(im, ax=ax, label=f"{label} (%)", format=lambda x, _: f"{100 * x:.0f}")
     return fig
 
 
 # ----------------------------------------------------------------------------------------------- line plots
-def plot_lines(plt, spec: SweepSpec, ok: Rows, x_key: str):
-    """The objective against ``x_key``, one line per value of the other searched fields."""
+def plot_lines(plt, spec: SweepSpec, rows: Rows, x_key: str, references: Rows = ()):
+    """The objective against ``x_key``: one line per value of the other searched fields, each point a cell's mean
+    over seeds with its 95% t-interval as an error bar; the references as horizontal lines (the random-init
+    encoder's interval as a band)."""
     label = spec.metric.replace("_", " ")
     others = [k for k in spec.search if k != x_key]
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for r in ok:
-        key = ", ".join(f"{k}={r[k]}" for k in others) or (
+    groups: dict[str, list[Cell]] = {}
+    for c in cells(spec, rows):
+        key = ", ".join(f"{k}={c.fields[k]}" for k in others) or (
             f"epochs={spec.base['epochs']}" if "epochs" in spec.base else "")
-        groups.setdefault(key, []).append((float(r[x_key]), r[spec.metric]))
+        groups.setdefault(key, []).append(c)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, pts in sorted(groups.items(), key=lambda kv: natural(kv[0])):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key or None)
+    ordered = sorted(groups.items(), key=lambda kv: natural(kv[0]))
+    for g, (key, group) in enumerate(ordered):
+        dodge = 1 + 0.04 * (g - (len(ordered) - 1) / 2)  # side by side on the log axis, so error bars do not overlap
+        group.sort(key=lambda c: float(c.fields[x_key]))
+        pts = [(float(c.fields[x_key]) * dodge, c.summary) for c in group if c.values]
+        err = [0.0 if p[1].n < 2 else p[1].half_width for p in pts]
+        line = ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=err, marker="o", capsize=3,
+                           label=key or None)
+        for c in group:  # failed trials shown where their cell is, never averaged in
+            if c.failed:
+                x = float(c.fields[x_key]) * dodge
+                y = c.mean if c.values else None
+                text = f"{c.failed} of {c.trials} failed"
+                if y is None:
+                    ax.annotate(text, (x, 0.02), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
+                                color=line[0].get_color())
+                else:
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                                color=line[0].get_color())
+    styles = {"pixels": ("0.4", "--"), "random-init": ("k", ":")}
+    for c in reference_cells(spec, references):
+        s = c.summary
+        if s is None:
+            continue
+        color, ls = styles.get(c.reference, ("0.6", "-."))
+        ax.axhline(s.mean, color=color, ls=ls, lw=1.2, label=f"reference: {c.fields['reference']}")
+        if s.n >= 2:
+            ax.axhspan(s.ci_low, s.ci_high, color=color, alpha=0.12, lw=0)
     ax.set_xscale("log", base=2 if x_key == "batch_size" else 10)
-    xs = sorted({p[0] for pts in groups.values() for p in pts})
+    xs = sorted({float(c.fields[x_key]) for group in groups.values() for c in group})
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.minorticks_off()
     ax.set_xlabel(x_key.replace("_", " "))
     ax.set_ylabel(label)
-    ax.set_title(f"{spec.study}: {label} vs {x_key.replace('_', ' ')}")
+    seeds = f" (mean of {len(spec.seeds)} seeds ± 95% CI)" if spec.seeds and len(spec.seeds) > 1 else ""
+    ax.set_title(f"{spec.study}: {label} vs {x_key.replace('_', ' ')}{seeds}", fontsize=9)
     ax.grid(alpha=0.3)
-    if any(groups):
-        ax.legend(fontsize=8)
+    if any(groups) or references:
+        ax.legend(fontsize=7)
     return fig
 
 
@@ -179,22 +413,22 @@ def natural(key: str) -> list[Any]:
     return [float(t) if re.fullmatch(r"[0-9.]+", t) else t for t in re.split(r"([0-9.]+)", key)]
 
 
-def make_plots(spec: SweepSpec, rows: Rows) -> dict[str, bytes]:
+def make_plots(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[str, bytes]:
     """PNG bytes by file name: the augmentation-pair heatmap, accuracy vs batch size (one line per epoch budget),
     accuracy vs temperature (one line per normalisation), whichever the study's search space has."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "OK" and r.get(spec.metric) is not None]
+    ok = [r for r in rows if measured(spec, r)]
     figs = {}
-    heat = heatmap(spec, rows)
+    heat = heatmap(spec, rows, references)
     if heat:
         figs["augmentation_heatmap.png"] = plot_heatmap(plt, spec, heat)
     if "batch_size" in spec.search and ok:
-        figs["accuracy_vs_batch_size.png"] = plot_lines(plt, spec, ok, "batch_size")
+        figs["accuracy_vs_batch_size.png"] = plot_lines(plt, spec, rows, "batch_size", references)
     if "temperature" in spec.search and ok:
-        figs["accuracy_vs_temperature.png"] = plot_lines(plt, spec, ok, "temperature")
+        figs["accuracy_vs_temperature.png"] = plot_lines(plt, spec, rows, "temperature", references)
     out = {}
     for name, fig in figs.items():
         buf = io.BytesIO()
@@ -205,13 +439,16 @@ def make_plots(spec: SweepSpec, rows: Rows) -> dict[str, bytes]:
     return out
 
 
-def write_results(spec: SweepSpec, rows: Rows) -> dict[str, str]:
-    """results.csv, results.md and plots/*.png under the experiment (local or URI); returns name -> location."""
+def write_results(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[str, str]:
+    """results.csv (cells and references), trials.csv, results.md and plots/*.png under the experiment (local or
+    URI); returns name -> location."""
     exp = spec.experiment_uri
-    written = {"csv": storage.join(exp, "results.csv"), "markdown": storage.join(exp, "results.md")}
-    storage.write_bytes(written["csv"], table_csv(rows).encode())
-    storage.write_bytes(written["markdown"], table_markdown(spec, rows).encode())
-    for name, png in make_plots(spec, rows).items():
+    written = {"csv": storage.join(exp, "results.csv"), "trials_csv": storage.join(exp, "trials.csv"),
+               "markdown": storage.join(exp, "results.md")}
+    storage.write_bytes(written["csv"], cells_csv(spec, rows, references).encode())
+    storage.write_bytes(written["trials_csv"], table_csv(rows).encode())
+    storage.write_bytes(written["markdown"], table_markdown(spec, rows, references).encode())
+    for name, png in make_plots(spec, rows, references).items():
         written[name] = storage.join(exp, "plots", name)
         storage.write_bytes(written[name], png)
     return written

@@ -89,7 +89,7 @@ def test_sweep_as_a_job_records_the_trial_and_its_checkpoint(head, tmp_path):
     submit(head, "python", "-m", "simclr_dist.sweep", "tune/temperature.yaml",
            *[a for s in sets for a in ("--set", s)], "--storage-path", str(sweeps), "--max-concurrent", "1")
     study = sweeps / "job-sweep"
-    rows = list(csv.DictReader((study / "results.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((study / "trials.csv").read_text().splitlines()))  # results.csv: the cells
     assert [r["status"] for r in rows] == ["OK"], rows
     assert 0.0 < float(rows[0]["val_knn_top1"]) <= 1.0 and rows[0]["epochs_done"] == "1", rows
     trials = list((study / "train").iterdir())

@@ -26,7 +26,7 @@ from simclr_dist.sweep import main
 
 TUNE = Path(__file__).resolve().parents[2] / "tune"
 SHIPPED = {"temperature": 12, "batch_size": 5, "epochs_x_batch": 20, "augmentations": 29,
-           "augmentations_fmnist_cpu": 11, "temperature_fmnist_cpu": 6}
+           "augmentations_fmnist_cpu": 21, "temperature_fmnist_cpu": 18}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,6 +54,14 @@ def test_shipped_sweep_file_parses_and_validates(name, trials, tmp_path):
     assert spec.resources["num_workers"] >= 1 and spec.concurrency >= 1
     if name.endswith("_cpu"):  # the CPU-sized studies: every trial 1 CPU, the same fixed 10k-image subset
         assert {(c.num_workers, c.cpus_per_worker, c.train_subset) for c in cfgs} == {(1, 1.0, 10000)}
+        # 3 seeds per cell: every cell (its search values) once at each of seeds 0, 1, 2
+        assert spec.seeds == [0, 1, 2]
+        by_cell = {}
+        for c in cfgs:
+            by_cell.setdefault(tuple(getattr(c, k) for k in spec.search), []).append(c.seed)
+        assert len(by_cell) == trials // 3 and all(sorted(s) == [0, 1, 2] for s in by_cell.values())
+    else:
+        assert spec.seeds is None and len({c.seed for c in cfgs}) == 1
     if name == "augmentations_fmnist_cpu":
         assert {c.augment2 for c in cfgs} == {"crop"} and {c.augment for c in cfgs} >= {"crop", "crop,color,cutout"}
     if name == "augmentations":
@@ -90,6 +98,18 @@ def test_dry_run_prints_trials_and_resources(ray_cluster, tmp_path, capsys):
     assert not (tmp_path / "temperature").exists()  # a dry run starts nothing and writes nothing
 
 
+def test_seeds_replicate_every_cell_as_separate_trials(tmp_path):
+    """``seeds: N`` runs every cell once per seed (seeds 0..N-1, or the listed ones), each its own trial and seed;
+    the seed is a grid axis of Tune's space and part of what a resume must keep."""
+    spec = parse_sweep(tiny(tmp_path), "s.yaml", ["seeds=[3,7]"])
+    assert spec.trial_configs() == [{"temperature": t, "seed": s} for t in (0.1, 0.5) for s in (3, 7)]
+    assert [c.seed for c in check_spec(spec)] == [3, 7, 3, 7]
+    assert spec.param_space()["seed"] == {"grid_search": [3, 7]} and spec.identity()["seeds"] == [3, 7]
+    assert parse_sweep({**tiny(tmp_path), "seeds": 2}, "s.yaml").seeds == [0, 1]
+    unseeded = parse_sweep(tiny(tmp_path), "s.yaml")
+    assert unseeded.seeds is None and "seed" not in unseeded.param_space() and len(unseeded.trial_configs()) == 2
+
+
 def test_set_overrides():
     spec = load_spec(str(TUNE / "epochs_x_batch.yaml"),
                      ["epochs=5", "dataset=digits", "batch_size=[64,128]", "num_workers=2", "concurrency=3",
@@ -115,6 +135,16 @@ BAD = [
     ({"resources": {"gpus": 1}}, [], r"resources.gpus: unknown resource"),
     ({"scheduler": {"type": "asha", "grace": 2}}, [], r"scheduler.grace: unknown ASHA parameter"),
     ({"bogus": 1}, [], r"bogus: unknown section"),
+    ({"seeds": 0}, [], r"^bad.yaml: seeds: must be a number of seeds >= 1 or a list of distinct seeds, got 0$"),
+    ({"seeds": "three"}, [], r"seeds: must be a number of seeds >= 1 or a list of distinct integer seeds >= 0, got "
+                             r"'three'"),
+    ({"seeds": True}, [], r"seeds: must be a number of seeds .* got True"),
+    ({"seeds": [0, 1.5]}, [], r"seeds: must be .* got \[0, 1.5\]"),
+    ({"seeds": []}, [], r"seeds: must be .* got \[\]"),
+    ({"seeds": [2, 2]}, [], r"seeds: duplicate seeds in \[2, 2\]"),
+    ({}, ["seeds=-2"], r"seeds: must be a number of seeds >= 1 .* got -2"),
+    ({"seeds": 2}, ["seed=3"], r"base.seed: conflicts with seeds \[0, 1\]"),
+    ({"search": {"seed": [0, 1]}}, [], r"search.seed: repeat every cell over seeds with the top-level 'seeds: N'"),
 ]
 
 
@@ -252,10 +282,12 @@ def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
     assert v[0][0] == 0.0 and v[0][1] == v[1][0] == v[1][1] == 0.1  # crop then color = color on the cropped branch
     assert v[1][2] == v[2][1] == 0.4 and v[2][3] == 0.6
     assert v[1][3] == 0.5 and heat["early"] == {(2, 3), (3, 2)}
-    assert heat["row_means"][1] == pytest.approx((0.1 + 0.1 + 0.4 + 0.5) / 4) and heat["col_means"] == heat["row_means"]
+    # the color row's cells (color, crop) and (color, color) are one policy, crop,color: counted once
+    assert heat["row_means"][1] == pytest.approx((0.1 + 0.4 + 0.5) / 3) and heat["col_means"] == heat["row_means"]
     md = table_markdown(spec, rows)
-    assert "## Augmentation pairs" in md and "| **color** | 0.100 | 0.100 | 0.400 | 0.500 | 0.275 |" in md
-    assert "| **noise** | 0.200 | 0.400 | 0.200 | 0.600* | 0.350 |" in md and "| **mean** |" in md
+    assert "## Augmentation pairs" in md and "| **color** | 0.100 | 0.100 | 0.400 | 0.500 (1 failed) | 0.333 |" in md
+    assert "| **noise** | 0.200 | 0.400 | 0.200 | 0.600* | 0.400 |" in md and "| **mean** |" in md
+    assert "| crop,color,rotate | 0.500 |  |  | 1 of 2 (1 failed) |  |" in md  # the failed trial counted in its cell
     assert make_plots(spec, rows)["augmentation_heatmap.png"].startswith(PNG)
 
 
@@ -302,18 +334,68 @@ def test_real_asha_sweep_stops_trials_early_and_keeps_their_rows(ray_cluster, tm
         run_dir = tmp_path / "sweeps" / "tiny" / "train" / r["trial"]  # the trial's Train run, in shared storage
         assert len(list(run_dir.glob("checkpoint_*/manifest.json"))) == r["epochs_done"]  # none after the stop
     files = out["files"]
-    assert set(files) == {"csv", "markdown"}
-    table = list(csv.DictReader(open(files["csv"])))
+    assert set(files) == {"csv", "trials_csv", "markdown"}
+    table = list(csv.DictReader(open(files["trials_csv"])))
     assert {t["trial"] for t in table} == {r["trial"] for r in rows}
     assert sum(t["note"] == "stopped early by asha" for t in table) == len(stopped)
+    cells_table = list(csv.DictReader(open(files["csv"])))
+    assert sorted(float(c["base_lr"]) for c in cells_table if c["kind"] == "cell") == [0.0001, 0.0002, 0.6, 1.2]
+    assert [c["reference"] for c in cells_table if c["kind"] == "reference"] == ["pixels", "random-init"]
     md = Path(files["markdown"]).read_text()
-    assert "| trial | status | base_lr | val_linear_top1 |" in md and "linear-probe" not in md
+    assert "| trial | status | base_lr | val_linear_top1 | val_linear_top1_init |" in md and "linear-probe" not in md
     assert "logistic-regression probe" in md and md.count("stopped early by asha") == len(stopped)
 
     with pytest.raises(SweepError, match="already exists: pass --resume"):
         run_sweep(parse_sweep(data, "tiny.yaml"))
     with pytest.raises(SweepError, match="was started with a different base"):
         run_sweep(parse_sweep(data, "tiny.yaml", ["epochs=3"]), resume=True)
+
+
+@pytest.mark.ray
+def test_real_sweep_with_seeds_writes_cells_and_reference_rows_on_the_same_split(ray_cluster, tmp_path):
+    """One cell at two seeds on digits (two trials), then the references. The pixels row is the probe on the raw
+    pixels computed here directly on the trials' validation split; each seed's random-init row is what that seed's
+    trial measured on its own encoder before training (same network, split and probe: the objective at init)."""
+    import torch.nn.functional as F
+
+    from simclr_dist.core.probe import probe_accuracy
+    from simclr_dist.data.augment import build_eval_transform
+    from simclr_dist.data.datasets import load_dataset
+    from simclr_dist.data.splits import validation_split
+
+    data = tiny(tmp_path, temperature=[0.5])
+    data["seeds"] = 2
+    data["base"]["knn_every"] = 0
+    data["objective"]["metric"] = "val_linear_top1"
+    out = run_sweep(parse_sweep(data, "seeds.yaml"))
+    rows = out["rows"]
+    assert sorted(r["seed"] for r in rows) == [0, 1] and {r["status"] for r in rows} == {"OK"}, rows
+    refs = {(r["reference"], r["seed"]): r for r in out["references"]}
+    assert set(refs) == {("pixels", None), ("random-init", 0), ("random-init", 1)}
+
+    info = dataset_info("digits")
+    transform = build_eval_transform(16, info.mean, info.std)
+    bank, query = validation_split(load_dataset("digits", "train", image_size=16))
+
+    def pixels(split) -> tuple[torch.Tensor, torch.Tensor]:  # (N, 3*16*16) rows, l2-normalised as the probe sees them
+        x = torch.stack([transform(split[i][0]) for i in range(len(split))]).flatten(1)
+        return F.normalize(x, dim=1), torch.tensor([int(split[i][1]) for i in range(len(split))])
+    direct = probe_accuracy(*pixels(bank), *pixels(query), num_classes=10)
+    assert refs[("pixels", None)]["val_linear_top1"] == pytest.approx(direct["linear_top1"], abs=1e-6)
+    one_image = 1 / len(query)
+    for r in rows:  # the driver's random init of seed s is the trial's own init of seed s
+        assert refs[("random-init", r["seed"])]["val_linear_top1"] == pytest.approx(r["val_linear_top1_init"],
+                                                                                    abs=1.01 * one_image)
+
+    table = list(csv.DictReader(open(out["files"]["csv"])))
+    cell, *references = table
+    assert (cell["kind"], cell["n"], cell["failed"]) == ("cell", "2", "0")
+    per_seed = sorted(float(cell[f"seed_{r['seed']}"]) for r in rows)
+    assert per_seed == pytest.approx(sorted(r["val_linear_top1"] for r in rows))
+    assert float(cell["mean"]) == pytest.approx(sum(per_seed) / 2) and float(cell["ci95_lo"]) <= float(cell["mean"])
+    assert [(r["kind"], r["reference"]) for r in references] == [("reference", "pixels"), ("reference", "random-init")]
+    md = Path(out["files"]["markdown"]).read_text()
+    assert "*reference: raw pixels (no network)*" in md and "*reference: random-init encoder (no pretraining)*" in md
 
 
 def _trial_records(exp: Path) -> dict[str, tuple]:

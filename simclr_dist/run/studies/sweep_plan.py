@@ -137,7 +137,8 @@ def describe(spec: SweepSpec, cfgs: list[PretrainConfig], concurrency: int, note
                 f"grace_period={sch['grace_period']}, reduction_factor={sch['reduction_factor']})" if sch else "none"),
              f"  storage: {spec.experiment_uri} (Train runs under {spec.train_storage}/<trial_id>)",
              f"  at once: {concurrency} trial(s) ({'; '.join(notes)})"]
-    cols = list(dict.fromkeys(list(spec.search) + ["epochs", "batch_size", "resources"]))
+    cols = list(dict.fromkeys(list(spec.search) + (["seed"] if spec.seeds else []) + ["epochs", "batch_size",
+                                                                                       "resources"]))
     rows = []
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         need = trial_resources(cfg, cap is not None and cap.gpus_possible())

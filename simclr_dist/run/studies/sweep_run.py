@@ -6,6 +6,11 @@ ending that trial's Train run. The trial's checkpoints live in shared storage un
 ``<storage>/<study>/train/<trial_id>``, so a resumed sweep also resumes an interrupted trial mid-run. A trial that
 fails at run time (e.g. a non-finite loss) is recorded as failed with its error; the others go on. At the end the
 table (every trial, stopped ones included) and the study's plots are written next to the Tune experiment.
+
+Reference rows (:func:`reference_rows`): after the trials the driver scores, on the very split and with the very
+code that produce the trials' objective (:func:`~simclr_dist.run.train.pretrain_loop.online_knn`), the raw pixels the
+encoder sees and the trials' randomly initialised encoder of every seed (no pretraining). They cost seconds and say
+what pretraining added.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from simclr_dist.config import PretrainConfig
+from simclr_dist.config import ARCH_FIELDS, PretrainConfig
 from simclr_dist.config.sweep import EXPERIMENT_SPEC, OBJECTIVES, ONLINE_OBJECTIVES, SweepError, SweepSpec
 from simclr_dist.report.sweep import write_results
 from simclr_dist import storage
@@ -70,11 +75,15 @@ def collect_rows(spec: SweepSpec, result_grid) -> list[dict[str, Any]]:
                "OK" if status == "TERMINATED" else "UNFINISHED"}
         for k in spec.search:
             row[k] = (r.config or {}).get(k)
+        if spec.seeds:
+            row["seed"] = (r.config or {}).get("seed")
         try:
             epochs_planned = PretrainConfig.from_dict(spec.trial_dict(dict(r.config or {}))).resolved().epochs
         except Exception:  # noqa: BLE001 - only decides the "stopped early" note
             epochs_planned = None
         row.update({spec.metric: last(spec.metric)})
+        if spec.metric not in ONLINE_OBJECTIVES:  # the trial's own encoder before training (what --seed inits)
+            row[f"{spec.metric}_init"] = last(f"{spec.metric}_init")
         for extra in OBJECTIVES + ("rankme", "loss"):
             if extra not in row and (last(extra) is not None or extra in OFFLINE):  # online: only where it ran
                 row[extra] = last(extra)
@@ -95,11 +104,68 @@ def sort_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any
                                        sign * (r.get(spec.metric) or 0.0), str(r["trial"])))
 
 
+# ----------------------------------------------------------------------------------------------- references
+DATA_FIELDS = ("dataset", "data_root", "image_size", "train_subset", "knn_k", "knn_temperature")
+REFERENCES = ("pixels", "random-init")
+
+
+def reference_rows(spec: SweepSpec, cfgs: list[PretrainConfig], log=print) -> list[dict[str, Any]]:
+    """The objective (and the other validation accuracies) of (a) the raw pixels the encoder sees (its eval
+    transform's image_size x image_size x 3 values, no network) and (b) the trials' network, randomly initialised as a
+    trial of that seed initialises it (``torch.manual_seed(seed)`` then ``build_model``), for every seed. Both go
+    through the trials' own evaluation (:func:`online_knn`: the sweep's fixed train subset, its stratified 80/20 split,
+    the same features' kNN and logistic-regression probe), so a reference and a trial differ only in the features.
+    One row per reference x seed (pixels: one row, it has no seed); ``of`` names what distinguishes a group when the
+    trials differ in data or network. None for an online-probe objective (it is trained during pretraining)."""
+    import torch
+
+    from simclr_dist.run.store.weights import build_model
+    from simclr_dist.run.train.pretrain_loop import online_knn
+
+    if spec.metric in ONLINE_OBJECTIVES:
+        log(f"references: none for {spec.metric} (an online probe trains with the encoder)")
+        return []
+    device = torch.device("cpu")
+    rows: list[dict[str, Any]] = []
+
+    def group(fields: tuple[str, ...]) -> dict[tuple, PretrainConfig]:
+        out: dict[tuple, PretrainConfig] = {}
+        for cfg in cfgs:
+            out.setdefault(tuple(repr(getattr(cfg, f)) for f in fields), cfg)
+        return out
+
+    def label(cfg: PretrainConfig, fields: tuple[str, ...], groups: dict[tuple, PretrainConfig]) -> str:
+        differ = [f for f in fields if len({repr(getattr(c, f)) for c in groups.values()}) > 1]
+        return " ".join(f"{f}={getattr(cfg, f)}" for f in differ)
+
+    def score(name: str, encoder: torch.nn.Module, cfg: PretrainConfig, of: str, seed: int | None) -> None:
+        acc = online_knn(encoder, cfg, device, channels_last=False)
+        rows.append({"reference": name, "of": of, "seed": seed, **acc})
+        log(f"reference {name}{f' ({of})' if of else ''}{'' if seed is None else f' seed {seed}'}: "
+            f"{spec.metric} {acc.get(spec.metric, float('nan')):.4f}")
+
+    pixels = group(DATA_FIELDS)
+    for cfg in pixels.values():  # (B, 3, H, W) -> (B, 3*H*W): the probe sees the pixels the encoder would
+        score("pixels", torch.nn.Flatten(), cfg, label(cfg, DATA_FIELDS, pixels), None)
+    nets = group(DATA_FIELDS + tuple(ARCH_FIELDS))
+    before = torch.random.get_rng_state()
+    try:
+        for cfg in nets.values():
+            of = label(cfg, DATA_FIELDS + tuple(ARCH_FIELDS), nets)
+            for seed in spec.seeds or [cfg.seed]:
+                torch.manual_seed(seed)  # as train_worker does before build_trainer builds the model
+                score("random-init", build_model(cfg).encoder, cfg, of, seed)
+    finally:
+        torch.random.set_rng_state(before)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- the driver
 def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = False, dry_run: bool = False,
               max_concurrent: int | None = None, ray_address: str | None = None,
               callbacks: list | None = None, log=print) -> dict[str, Any]:
-    """Validate, then run (or resume) the sweep; returns {"rows", "files", "experiment", "concurrency"}.
+    """Validate, then run (or resume) the sweep, then score the reference rows; returns {"rows", "references",
+    "files", "experiment", "concurrency"}.
 
     Everything that can fail on bad input fails here, before any trial starts."""
     cfgs = check_spec(spec)
@@ -108,7 +174,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = Fal
     concurrency, notes = plan_concurrency(spec, cfgs, cap, max_concurrent)
     log(describe(spec, cfgs, concurrency, notes, cap))
     if dry_run:
-        return {"rows": [], "files": {}, "experiment": spec.experiment_uri, "concurrency": concurrency}
+        return {"rows": [], "references": [], "files": {}, "experiment": spec.experiment_uri,
+                "concurrency": concurrency}
 
     from ray import tune
 
@@ -153,5 +220,6 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = Fal
                                       callbacks=callbacks, verbose=1))
     result_grid = tuner.fit()
     rows = collect_rows(spec, result_grid)
-    files = write_results(spec, rows)
-    return {"rows": rows, "files": files, "experiment": exp, "concurrency": concurrency}
+    references = reference_rows(spec, cfgs, log)
+    files = write_results(spec, rows, references)
+    return {"rows": rows, "references": references, "files": files, "experiment": exp, "concurrency": concurrency}
