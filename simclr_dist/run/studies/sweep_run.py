@@ -114,11 +114,14 @@ def reference_rows(spec: SweepSpec, cfgs: list[PretrainConfig], log=print) -> li
     transform's image_size x image_size x 3 values, no network) and (b) the trials' network, randomly initialised as a
     trial of that seed initialises it (``torch.manual_seed(seed)`` then ``build_model``), for every seed. Both go
     through the trials' own evaluation (:func:`online_knn`: the sweep's fixed train subset, its stratified 80/20 split,
-    the same features' kNN and logistic-regression probe), so a reference and a trial differ only in the features.
+    the same features' kNN and logistic-regression probe), under a trial worker's thread count and memory format, so
+    a reference and a trial differ only in the features (the random-init row of seed s reproduces the trial's own
+    ``<objective>_init`` of seed s exactly).
     One row per reference x seed (pixels: one row, it has no seed); ``of`` names what distinguishes a group when the
     trials differ in data or network. None for an online-probe objective (it is trained during pretraining)."""
     import torch
 
+    from simclr_dist.core.precision import use_channels_last
     from simclr_dist.run.store.weights import build_model
     from simclr_dist.run.train.pretrain_loop import online_knn
 
@@ -139,7 +142,12 @@ def reference_rows(spec: SweepSpec, cfgs: list[PretrainConfig], log=print) -> li
         return " ".join(f"{f}={getattr(cfg, f)}" for f in differ)
 
     def score(name: str, encoder: torch.nn.Module, cfg: PretrainConfig, of: str, seed: int | None) -> None:
-        acc = online_knn(encoder, cfg, device, channels_last=False)
+        threads = torch.get_num_threads()  # a trial's worker's threads and memory format: its float sums, too
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        try:
+            acc = online_knn(encoder, cfg, device, channels_last=use_channels_last(cfg.channels_last))
+        finally:
+            torch.set_num_threads(threads)
         rows.append({"reference": name, "of": of, "seed": seed, **acc})
         log(f"reference {name}{f' ({of})' if of else ''}{'' if seed is None else f' seed {seed}'}: "
             f"{spec.metric} {acc.get(spec.metric, float('nan')):.4f}")
