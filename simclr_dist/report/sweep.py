@@ -105,6 +105,22 @@ def reference_cells(spec: SweepSpec, references: Rows) -> list[Cell]:
     return list(out.values())
 
 
+def init_cell(refs: list[Cell]) -> Cell | None:
+    """The random-init reference the cells are paired with: the one there is (None without seeds to pair on, or when
+    the trials' networks differ and there are several)."""
+    inits = [c for c in refs if c.reference == "random-init"]
+    return inits[0] if len(inits) == 1 and any(s is not None for s in inits[0].values) else None
+
+
+def gain_over_init(cell: Cell, init: Cell | None) -> Summary | None:
+    """What pretraining added to the encoder it started from: the cell minus the random-init reference of the same
+    seed (the trial's own initial weights), over the seeds both have; mean and t-interval of those differences."""
+    if init is None:
+        return None
+    common = [s for s in cell.values if s in init.values]
+    return summarize([cell.values[s] - init.values[s] for s in common], CONFIDENCE) if common else None
+
+
 def seeds_of(spec: SweepSpec, all_cells: list[Cell]) -> list[Any]:
     """The per-seed columns: the sweep's seeds, plus any other seed a reference was scored at."""
     seen = list(spec.seeds or [])
@@ -117,10 +133,13 @@ def seeds_of(spec: SweepSpec, all_cells: list[Cell]) -> list[Any]:
 def cells_csv(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
     """results.csv: one row per cell (kind=cell) and per reference (kind=reference): n, failed, mean, sd, the 95%
     t-interval over seeds and the objective of every seed (``seed_<s>``; blank where that seed has no value)."""
-    all_cells = cells(spec, rows) + reference_cells(spec, references)
+    refs = reference_cells(spec, references)
+    all_cells = cells(spec, rows) + refs
     seeds = seeds_of(spec, all_cells)
+    init = init_cell(refs)
     cols = (["kind", "reference", *spec.search, "metric", "n", "trials", "failed", "mean", "sd", "ci95_lo",
-             "ci95_hi"] + [f"seed_{s}" for s in seeds] + ["note"])
+             "ci95_hi"] + [f"seed_{s}" for s in seeds]
+            + (["gain_vs_init_mean", "gain_vs_init_ci95_lo", "gain_vs_init_ci95_hi"] if init else []) + ["note"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
@@ -135,6 +154,10 @@ def cells_csv(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
             row.update(mean=s.mean, sd="" if s.n < 2 else s.sd, ci95_lo="" if s.n < 2 else s.ci_low,
                        ci95_hi="" if s.n < 2 else s.ci_high)
         row.update({f"seed_{k}": v for k, v in c.values.items() if k in seeds})
+        g = gain_over_init(c, init) if init and not c.reference else None
+        if g is not None:
+            row.update(gain_vs_init_mean=g.mean, gain_vs_init_ci95_lo="" if g.n < 2 else g.ci_low,
+                       gain_vs_init_ci95_hi="" if g.n < 2 else g.ci_high)
         w.writerow({k: ("" if row.get(k) is None else row[k]) for k in cols})
     return buf.getvalue()
 
@@ -176,15 +199,22 @@ def cells_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
     keys = list(spec.search)
     all_cells = cells(spec, rows)
     refs = reference_cells(spec, references)
-    head = keys + [f"{spec.metric} (mean ± 95% CI)", "95% CI", "sd", "n", "per seed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(keys) + "---:|---|---:|---|---|"]
+    init = init_cell(refs)
+    head = keys + [f"{spec.metric} (mean ± 95% CI)", "95% CI", "sd", "n", "per seed"] + (
+        ["minus random init (paired by seed)"] if init else [])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * len(keys) + "---:|---|---:|---|---|" + ("---:|" if init else "")]
 
     def line(first: list[str], c: Cell) -> str:
         s = c.summary
         mean, ci = interval_text(s)
         sd = f"{s.sd:.3f}" if s is not None and s.n >= 2 else ""
         per = ", ".join(f"{v:.3f}" for v in c.values.values()) if len(c.values) > 1 else ""
-        return "| " + " | ".join([*first, mean + ("*" if c.early else ""), ci, sd, c.count(), per]) + " |"
+        cols = [*first, mean + ("*" if c.early else ""), ci, sd, c.count(), per]
+        if init:
+            g = gain_over_init(c, init) if not c.reference else None
+            cols.append("" if g is None else f"{g.mean:+.3f}" + ("" if g.n < 2 else f" ± {g.half_width:.3f}"))
+        return "| " + " | ".join(cols) + " |"
 
     for c in all_cells:
         lines.append(line([value_text(c.fields[k]).replace("|", "\\|") for k in keys], c))
@@ -196,6 +226,9 @@ def cells_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
     ref_note = (" Reference rows: no pretraining, scored by the trials' own evaluation on the same split: the raw "
                 "pixels the encoder sees (image_size^2 x 3 values; no seed), and the trials' network at its random "
                 "initialisation for every seed." if refs else "")
+    if init:
+        ref_note += (" Minus random init: the cell's value minus the random-init row of the same seed (the weights "
+                     "that trial started from), mean ± 95% t-interval over seeds: what pretraining added.")
     return ("\n".join(lines) + f"\n\nMean over the cell's seeds ({seeds}), each seed a separate trial (its own init, "
             f"data order and augmentation draws); ± is the half-width of the 95% t-interval over seeds "
             f"(t(0.975, n-1) x sd / sqrt(n)); n: the trials measured, a failed or unfinished trial counted as "
@@ -207,7 +240,8 @@ def trials_markdown(spec: SweepSpec, rows: Rows) -> str:
             if c in ("trial", "status", spec.metric, "error") or any(r.get(c) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join(fmt(row.get(c)).replace("|", "\\|") for c in cols) + " |")
+        lines.append("| " + " | ".join((value_text if c in spec.search else fmt)(row.get(c)).replace("|", "\\|")
+                                       for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -65,9 +65,15 @@ def test_cells_aggregate_seeds_with_t_interval_and_count_failed_trials():
     assert float(first["ci95_lo"]) == pytest.approx(0.72 - half) and float(first["ci95_hi"]) == pytest.approx(0.72 + half)
     assert [float(first[f"seed_{k}"]) for k in range(3)] == [0.70, 0.72, 0.74] and first["n"] == "3"
     assert (table[1]["n"], table[1]["trials"], table[1]["failed"], table[1]["seed_1"]) == ("2", "3", "1", "")
+    # what pretraining added: each seed minus the random-init reference of that seed (0.50, 0.53, 0.56), paired
+    assert float(first["gain_vs_init_mean"]) == pytest.approx(0.19)  # (0.20 + 0.19 + 0.18) / 3
+    assert float(first["gain_vs_init_ci95_hi"]) - 0.19 == pytest.approx(half / 2)  # sd 0.01 instead of 0.02
+    assert float(table[1]["gain_vs_init_mean"]) == pytest.approx(0.10)  # seeds 0 and 2 only: 0.60-0.50, 0.66-0.56
+    assert table[2]["gain_vs_init_mean"] == ""  # a reference is not paired with itself
 
     md = table_markdown(spec, rows, REFERENCES)
     assert f"| 0.5 | 0.720 ± {half:.3f} | [{0.72 - half:.3f}, {0.72 + half:.3f}] | 0.020 | 3 | 0.700, 0.720, 0.740 |" in md
+    assert f"| 0.700, 0.720, 0.740 | +0.190 ± {half / 2:.3f} |" in md and "minus random init (paired by seed)" in md
     assert "| 2 of 3 (1 failed) |" in md and "| t4 | FAILED |" in md  # the failed trial stays in the trial table
     assert "95% t-interval over seeds" in md
 
