@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simclr_dist.config.base import FORMATS, JobConfig, bad, flag, parse_weights_spec
-from simclr_dist.config.supervised import classifier_components
+from simclr_dist.config.supervised import CLASSIFIER_LOADERS, classifier_components
 from simclr_dist.config.evaluate import (
     check_fractions,
     check_l2,
@@ -46,7 +46,24 @@ PRESET_PRETRAIN = {
     "fashion-mnist-gpu": ("simclr-fashion-mnist-gpu",
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
                           "--num-workers {gpus} --use-gpu --knn-every 50 --knn-split val"),
+    # one GPU without Ray (the device machine has torch, no Ray, no FFCV): this process, the resident loader, 30
+    # epochs of 117 steps at batch 512 (H200_ESTIMATE below); the monitor on validation queries after the last epoch
+    "fashion-mnist-h200": ("simclr-fashion-mnist-h200",
+                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 512 --epochs 25 "
+                           "--no-ray --loader resident --knn-every 0 --knn-split val"),
 }
+# --smoke: appended to the preset's pretraining flags (the last of a repeated flag wins), so the preset's own
+# pretraining path runs (its loader, Ray or not, its monitor) on a network and budget that take seconds on a CPU
+SMOKE_PRETRAIN = "--epochs 1 --width 0.125 --batch-size 64 --threads 1"
+# --smoke: the protocol fields it shrinks (a flag given still wins): one fraction, 3 replicates (so the tests over
+# seeds exist), 2 epochs with patience 1, one point per LR grid; with --data-root on a few hundred images (the test:
+# tests/run/test_h200_preset.py) the whole study takes seconds
+SMOKE: dict[str, Any] = dict(fractions="0.1", small_fraction=0.1, seeds=3, seeds_by_fraction=None, steps=None,
+                             max_epochs="2", patience="1", batch_size=32, lr_grid_finetune="0.05",
+                             lr_grid_supervised="0.1", wd_grid="5e-4", threads=1)
+# --smoke: the probes' grids when left at their defaults (10 L2 strengths x every fold of LBFGS were the smoke's
+# largest cost: about half of its CPU seconds)
+SMOKE_PROBE_GRIDS = dict(l2_grid="0.01,1", knn_k="1,5")
 
 
 def gpus_present() -> int:
@@ -77,6 +94,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                               patience="0.001:100,0.01:30,0.1:10,1:5", tune_once=True, batch_size=256,
                               lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4",
                               ray=True, num_workers=1, use_gpu=True),
+    # the whole study, pretraining included, on one H200 in about 8 minutes (H200_ESTIMATE): full-width ResNet-18,
+    # 30 pretraining epochs, 3 replicates at every fraction, short early-stopped budgets, one weight decay, every arm
+    # in this process on the GPU with resident batches (no Ray, no per-sample CPU augmentation)
+    "fashion-mnist-h200": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=3,
+                               seeds_by_fraction=None, steps=None, max_epochs="0.001:100,0.01:60,0.1:20,1:5",
+                               patience="0.001:20,0.01:10,0.1:4,1:2", tune_once=True, batch_size=256,
+                               lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="5e-4",
+                               ray=False, threads=0, num_workers=1, classifier_loader="resident"),
 }
 # Defaults of the fields a preset sets, per dataset (others: "*"). Digits: the 10-minute demo (pretraining
 # included): at 10% of the labels a selection epoch is 1 step (112 labels to fit, batch 64), so at most 30 epochs with
@@ -91,11 +116,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": PRESETS["fashion-mnist-cpu"],
     "*": dict(fractions="0.01,0.1", small_fraction=0.1, seeds=3, seeds_by_fraction=None, steps=None,
               max_epochs="0.01:100,0.1:40,1:20", patience="0.01:20,0.1:8,1:4", tune_once=True, batch_size=256,
-              lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=True, threads=1),
+              lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=True, threads=1,
+              classifier_loader="auto"),
 }
 PRESET_FIELDS = ("dataset", "fractions", "small_fraction", "seeds", "seeds_by_fraction", "steps", "max_epochs",
                  "patience", "tune_once", "batch_size", "lr_grid_finetune", "lr_grid_supervised", "wd_grid", "ray",
-                 "threads", "num_workers", "use_gpu")
+                 "threads", "num_workers", "use_gpu", "classifier_loader")
 # The probes' grids, each chosen on validation: L2 over 10 decades (the old 1e-6..1e-2 grid had pixels on its top
 # edge at 10% in every seed) and k from 1 to 200 (the old fixed k=20 and k=200 were both reported, neither chosen).
 WIDE_L2_GRID = tuple(10.0 ** p for p in range(-6, 4))
@@ -145,8 +171,15 @@ class ExperimentsConfig(JobConfig):
     preset: str | None = flag(None, "a named study: fashion-mnist-cpu (the whole protocol on 2 CPU cores: 0.1/1/10%% "
                                   "and 100%%, 10/10/6/3 replicates, every run to convergence; at most ~8 h of "
                                   "classifier steps if no run stopped early, see --dry-run), fashion-mnist-gpu (paper "
-                                  "scale, for a GPU cluster); flags given as well override the preset's",
+                                  "scale, for a GPU cluster), fashion-mnist-h200 (a short version of the whole study, "
+                                  "pretraining included, for one GPU without Ray: about 8 minutes on an H200); flags "
+                                  "given as well override the preset's",
                               choices=tuple(PRESETS), what="preset")
+    smoke: bool = flag(False, "with --preset: a smoke run of the preset's code path on a CPU: its pretraining flags "
+                              f"with '{SMOKE_PRETRAIN}' appended, the protocol shrunk (one fraction, 3 replicates, "
+                              "2 epochs, one LR per arm, 2 L2 strengths and 2 k for the probes; flags given win); "
+                              "give --data-root a few hundred images (under a minute; on a whole dataset many "
+                              "minutes). The results mean nothing")
     checkpoint: str | None = flag(None, "the SimCLR checkpoint directory (local path, s3:// or gs:// URI)")
     run: str | None = flag(None, "a pretraining run STORAGE/NAME: its latest complete checkpoint, pretrained (or "
                                "finished) first when it has none (default: ./runs/simclr-<dataset>-resnet18, the run "
@@ -235,6 +268,10 @@ class ExperimentsConfig(JobConfig):
     ray_address: str | None = flag(None, "Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     threads: int | None = flag(None, "torch CPU threads of this process (probes, in-process arms; 0: torch's "
                                    "default)", ge=0)
+    classifier_loader: str | None = flag(None, "how the trained arms' batches are made (simclr_dist.supervised "
+                                             "--classifier-loader): auto (resident on a CUDA device, else torch: the "
+                                             "default), torch or resident (the fashion-mnist-h200 preset)",
+                                         choices=CLASSIFIER_LOADERS, what="loader")
     dry_run: bool = flag(False, "check every input, time a few steps and print the planned runs, steps and time; "
                                 "train nothing")
 
@@ -287,12 +324,16 @@ class ExperimentsConfig(JobConfig):
                 classifier_components(self.augment)
             except ValueError as e:
                 bad("augment", str(e))
+        if self.smoke and self.preset is None:
+            bad("smoke", "runs a preset's code path: give --preset NAME")
 
     # ---------------------------------------------------------------- defaults
     def resolved(self, dataset: str) -> "ExperimentsConfig":
         """A copy with every ``None`` protocol field filled: the preset's value, else ``dataset``'s default."""
         cfg = dataclasses.replace(self)
         table = PRESETS[self.preset] if self.preset else DATASET_DEFAULTS.get(dataset, DATASET_DEFAULTS["*"])
+        if self.smoke:
+            table = {**table, **SMOKE}
         given = {name for name in PRESET_FIELDS if getattr(self, name) is not None}
         if cfg.lr_grid is not None:  # the shared grid, for each arm without a grid of its own
             cfg.lr_grid_finetune = cfg.lr_grid_finetune or cfg.lr_grid
@@ -305,6 +346,11 @@ class ExperimentsConfig(JobConfig):
         elif cfg.steps is not None:  # a table's fixed budget, overridden by early-stopping flags
             if given & {"max_epochs", "patience"}:
                 cfg.steps = None
+        if cfg.smoke:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in SMOKE_PROBE_GRIDS.items():
+                if getattr(cfg, name) == defaults[name]:
+                    setattr(cfg, name, value)
         if "seeds" in given and "seeds_by_fraction" not in given:  # --seeds alone: that many at every fraction
             cfg.seeds_by_fraction = None
         cfg.num_workers = cfg.num_workers or 2
@@ -313,9 +359,12 @@ class ExperimentsConfig(JobConfig):
                 and os.path.isdir(published)):  # the published encoder (SHA-256 pinned), so no pretraining is needed
             cfg.pretrained = f"simclr-dist:{published}"
         elif cfg.preset and cfg.run is None and cfg.checkpoint is None and cfg.pretrained is None:
-            cfg.run = f"./runs/{PRESET_PRETRAIN[cfg.preset][0]}"
+            # a smoke run pretrains a run of its own: the preset's run would resume from its 1-epoch toy checkpoint
+            cfg.run = f"./runs/{PRESET_PRETRAIN[cfg.preset][0]}" + ("-smoke" if cfg.smoke else "")
             if cfg.pretrain_args is None:
                 cfg.pretrain_args = PRESET_PRETRAIN[cfg.preset][1].replace("{gpus}", str(gpus_present()))
+                if cfg.smoke:
+                    cfg.pretrain_args += " " + SMOKE_PRETRAIN
         cfg.pretrain_args = cfg.pretrain_args or ""
         return cfg.validate()
 

@@ -110,6 +110,8 @@ def pretrain_config(ecfg: ExperimentsConfig, run: str) -> PretrainConfig:
     args = [*extra, "--storage-path", storage_path, "--name", name]
     if ecfg.dataset is not None and "--dataset" not in extra:
         args += ["--dataset", ecfg.dataset]
+    if ecfg.data_root is not None and not any(a == "--data-root" or a.startswith("--data-root=") for a in extra):
+        args += ["--data-root", ecfg.data_root]  # the study's data, pretrained on where it is (a copy on a GPU host)
     parser = build_parser(PretrainConfig, "python -m simclr_dist.pretrain", "", one_line=True)
     try:
         return check_config(PretrainConfig(**vars(parser.parse_args(args))))
@@ -174,7 +176,8 @@ def make_plan(ecfg: ExperimentsConfig) -> Plan:
     ecfg = ecfg.resolved(model_cfg.dataset)
     for split in labelled_splits(model_cfg.dataset):
         check_available(model_cfg.dataset, split, model_cfg.data_root)
-    default_out = f"./runs/experiments-{ecfg.preset or model_cfg.dataset}" + (pretrained_tag(pre) if pre else "")
+    default_out = (f"./runs/experiments-{ecfg.preset or model_cfg.dataset}" + ("-smoke" if ecfg.smoke else "")
+                   + (pretrained_tag(pre) if pre else ""))
     out = absolute(ecfg.out or default_out)
     storage.resolve(out)  # an unknown scheme fails here; writability is checked last, as it creates the directory
 
@@ -266,5 +269,6 @@ def arm_config(plan: Plan, cell: Cell, lr: float, wd: float, *, split: int | Non
         fraction=cell.fraction, subset_seed=cell.rep.subset_seed, seed=cell.rep.seed, val_split=split,
         val_fraction=e.val_fraction, batch_size=e.batch_size, lr=lr, weight_decay=wd, augment=augment,
         ray=e.ray, num_workers=e.num_workers, use_gpu=e.use_gpu, cpus_per_worker=e.cpus_per_worker,
-        ray_address=e.ray_address, threads=e.threads, storage_path=storage.join(plan.out, "runs"), name=name,
+        ray_address=e.ray_address, threads=e.threads, classifier_loader=e.classifier_loader,
+        storage_path=storage.join(plan.out, "runs"), name=name,
         checkpoint_every=0 if split is not None else 10**6, **budget)  # selection runs keep their results file only
