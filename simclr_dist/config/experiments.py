@@ -46,8 +46,9 @@ PRESET_PRETRAIN = {
     "fashion-mnist-gpu": ("simclr-fashion-mnist-gpu",
                           "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 1024 --epochs 500 "
                           "--num-workers {gpus} --use-gpu --knn-every 50 --knn-split val"),
-    # one GPU without Ray (the device machine has torch, no Ray, no FFCV): this process, the resident loader, 30
-    # epochs of 117 steps at batch 512 (H200_ESTIMATE below); the monitor on validation queries after the last epoch
+    # one GPU without Ray (the device machine has torch, no Ray, no FFCV): this process, the resident loader, 25
+    # epochs of 117 steps at batch 512 (the estimate above PRESETS); the monitor on validation queries (at step 0 and
+    # after the last epoch)
     "fashion-mnist-h200": ("simclr-fashion-mnist-h200",
                            "--dataset fashion-mnist --image-size 28 --width 1.0 --batch-size 512 --epochs 25 "
                            "--no-ray --loader resident --knn-every 0 --knn-split val"),
@@ -79,6 +80,20 @@ FINETUNE_LRS, SCRATCH_LRS = "0.025,0.05,0.1", "0.1,0.2,0.4"
 # published in the repository (python -m simclr_dist.export --format simclr-dist), its SHA-256 pinned in
 # weights/SHA256SUMS and checked on load; relative to the repository root (elsewhere the preset pretrains its run).
 PRESET_ENCODER = {"fashion-mnist-cpu": "weights/simclr-fmnist-cpu-e12"}
+# fashion-mnist-h200, estimated (not measured: no GPU was lent when it was written). Step costs: bench/h200.py's
+# assumption and docs/performance.md section 6b, an H200 does 10-30k pairs/s of ResNet-18 SimCLR at 28-32 px
+# (20-60k images/s forward + backward), and an eager step costs at least ~4-6 ms of kernel launches.
+#   pretraining: 25 epochs x 117 steps x 512 pairs = 1.50 M pairs -> 50-150 s (100 s at 15k pairs/s); its kNN
+#     monitor at step 0 and at the end: 2 x 60,000 images through the per-sample eval transform (~80 us each on the
+#     host) -> ~10 s;
+#   trained arms: at most 16,500 optimiser steps if every run reached its maximum epochs (4,800 fine-tuning, 11,700
+#     from scratch, 6,900 of them on all labels at 226 steps/epoch), at 4-13 ms a step, with every epoch's
+#     validation and every final run's test read -> 190-275 s; early stopping cuts the small fractions (~150-220 s
+#     expected); grid extensions (a choice on an edge) add at most ~50 s;
+#   probes and baselines: ~250,000 images through the host's eval transform (~20 s) and the LBFGS L2 sweeps on the
+#     host's CPU (~40 s) -> ~60 s;
+#   results.json, report and plots rewritten after each of the 24 parts -> ~25-50 s; start, data, timing -> ~20 s.
+# Total about 7 minutes (415 s central; 5.5-10 min over the ranges), within the device tool's 10-minute command.
 PRESETS: dict[str, dict[str, Any]] = {
     # Experiment A at 0.1% (60 labels), 1% and 10%, Experiment B at 100%, each arm trained to convergence; tuned on
     # the first replicate, reused by the others (docs/performance.md: the dry run prints the planned budget)
@@ -94,9 +109,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                               patience="0.001:100,0.01:30,0.1:10,1:5", tune_once=True, batch_size=256,
                               lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4",
                               ray=True, num_workers=1, use_gpu=True),
-    # the whole study, pretraining included, on one H200 in about 8 minutes (H200_ESTIMATE): full-width ResNet-18,
-    # 30 pretraining epochs, 3 replicates at every fraction, short early-stopped budgets, one weight decay, every arm
-    # in this process on the GPU with resident batches (no Ray, no per-sample CPU augmentation)
+    # the whole study, pretraining included, on one H200 in about 7-8 minutes (the estimate above): full-width
+    # ResNet-18, 25 pretraining epochs, 3 replicates at every fraction, short early-stopped budgets, one weight decay
+    # for both arms, every arm in this process on the GPU with resident batches (no Ray, no per-sample CPU work)
     "fashion-mnist-h200": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=3,
                                seeds_by_fraction=None, steps=None, max_epochs="0.001:100,0.01:60,0.1:20,1:5",
                                patience="0.001:20,0.01:10,0.1:4,1:2", tune_once=True, batch_size=256,
