@@ -413,8 +413,8 @@ def plot_lines(plt, spec: SweepSpec, rows: Rows, x_key: str, references: Rows = 
                 y = c.mean if c.values else None
                 text = f"{c.failed} of {c.trials} failed"
                 if y is None:
-                    ax.annotate(text, (x, 0.02), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
-                                color=line[0].get_color())
+                    ax.annotate(text, (x, 0.97), xycoords=("data", "axes fraction"), fontsize=7, ha="center",
+                                va="top", color=line[0].get_color(), bbox={"fc": "w", "ec": "none", "pad": 1})
                 else:
                     ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7,
                                 color=line[0].get_color())
