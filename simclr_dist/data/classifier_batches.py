@@ -43,7 +43,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from simclr_dist.data.augment import default_augment
 from simclr_dist.data.datasets import TensorImageDataset, dataset_info
 from simclr_dist.data.ffcv.gpu_augment import BatchedViewAugment
-from simclr_dist.data.resident import ATTEMPTS, _grey, _uniform, crop_boxes, global_batch_seed, resized_crops
+from simclr_dist.data.resident import ATTEMPTS, grey_channels, uniform_draw, crop_boxes, global_batch_seed, resized_crops
 
 PADCROP = "padcrop"  # the supervised recipe's component (simclr_dist.config.supervised.PADCROP)
 
@@ -83,7 +83,7 @@ def padcrop_params(g: torch.Generator, part: tuple[int, int], n: int, pad: int, 
     """(top, left, flip) of ``n`` samples, drawn from ``g`` for the global batch and sliced to ``part``'s rows:
     corners uniform on ``[0, 2 pad]`` (long ``(n,)`` each, as ``RandomCrop``'s ``randint(0, 2 pad + 1)``) and a
     flip with p = 0.5 (bool ``(n,)``; used with ``flip`` only)."""
-    u = _uniform(g, part, n, 3, device)  # (n, 3) float64 in [0, 1)
+    u = uniform_draw(g, part, n, 3, device)  # (n, 3) float64 in [0, 1)
     top, left = (u[:, :2] * (2 * pad + 1)).long().unbind(1)
     return top, left, u[:, 2] < 0.5
 
@@ -109,7 +109,7 @@ class ResidentClassifierBatches:
             raise ValueError(f"resident classifier batches: images must be uint8 (N, C, {image_size}, {image_size}), "
                              f"got {images.dtype} {tuple(images.shape)}")
         self.device = torch.device(device)
-        self.grey = images.shape[1] == 1 or _grey(images)
+        self.grey = images.shape[1] == 1 or grey_channels(images)
         held = images[:, :1] if self.grey and images.shape[1] == 3 else images
         self.images = held.contiguous().to(self.device)  # (N, C, S, S) uint8, C = 1 or 3
         self.targets = targets.long().to(self.device)  # (N,)
@@ -159,7 +159,7 @@ class ResidentClassifierBatches:
         part = (self.rank, self.world)
         if self.views is not None:
             if "crop" in self.aug.components:
-                boxes = crop_boxes(_uniform(g, part, len(src), 2 * ATTEMPTS + 2, self.device), self.size, self.size,
+                boxes = crop_boxes(uniform_draw(g, part, len(src), 2 * ATTEMPTS + 2, self.device), self.size, self.size,
                                    self.aug.crop_scale)
                 src = resized_crops(src, boxes, self.size)
             return self.views(src.expand(-1, 3, -1, -1) if self.grey else src, g, part)

@@ -85,7 +85,7 @@ def global_batch_seed(seed: int, epoch: int, batch: int) -> int:
     return mix64(seed, epoch, batch, 0x2E5) >> 1
 
 
-def _uniform(g: torch.Generator, part: Part, n: int, k: int, device: torch.device) -> Tensor:
+def uniform_draw(g: torch.Generator, part: Part, n: int, k: int, device: torch.device) -> Tensor:
     """(n, k) float64 uniform draws: rows ``rank::world`` of a draw for ``n * world`` samples."""
     rank, world = part
     return torch.rand((n * world, k), generator=g, device=device, dtype=torch.float64)[rank::world]
@@ -159,7 +159,7 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return rows.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _grey(images: Tensor) -> bool:
+def grey_channels(images: Tensor) -> bool:
     """Whether all three channels are one (a stride-0 expansion, or equal copies)."""
     return images.stride(1) == 0 or (torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
 
@@ -186,7 +186,7 @@ class ResidentPretrainLoader:
             raise ValueError(f"{spec.dataset}/{spec.split}: {len(images)} images is fewer than one global batch "
                              f"({spec.batch_size * spec.world_size}); lower --batch-size")
         self.spec, self.device = spec, training_device(spec)
-        self.grey = _grey(images)
+        self.grey = grey_channels(images)
         held = (images[:, :1] if self.grey else images).contiguous()  # (N, C, S, S) uint8, C = 1 or 3
         self.on_device = self.device.type == "cpu" or self._fits_on(self.device, held.numel())
         if self.on_device:
@@ -250,7 +250,7 @@ class ResidentPretrainLoader:
               ops: Callable[[Tensor, torch.Generator, Part], Tensor]) -> Tensor:
         if "crop" in cfg.components:
             size = src.shape[-1]
-            boxes = crop_boxes(_uniform(g, part, len(src), 2 * ATTEMPTS + 2, self.device), size, size, cfg.crop_scale)
+            boxes = crop_boxes(uniform_draw(g, part, len(src), 2 * ATTEMPTS + 2, self.device), size, size, cfg.crop_scale)
             src = resized_crops(src, boxes, cfg.image_size)
         # without crop: Resize(S) + CenterCrop(S) of an S x S image, the identity
         return ops(src.expand(-1, 3, -1, -1) if self.grey else src, g, part)
