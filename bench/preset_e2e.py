@@ -59,7 +59,7 @@ def flop_per_pair(args: list[str]) -> float:
     """Forward + backward (3x forward) of both views (2x) of one image through the network ``args`` define."""
     from simclr_dist.run.store.weights import build_model
 
-    cfg = parse_config([*args, "--no-ray"])
+    cfg = parse_config([*args, "--no-ray"]).resolved()  # resolved: the stem the run trains (CIFAR stem at 28 px)
     return 6.0 * forward_flops(build_model(cfg), (3, cfg.image_size, cfg.image_size))
 
 

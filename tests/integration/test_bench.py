@@ -257,3 +257,11 @@ def test_preset_e2e_quick_runs_both_configurations(tmp_path: Path, keep_threads:
     assert summary["after"]["speedup"] == pytest.approx(rows["after"]["later_samples_per_s"]
                                                          / rows["before"]["later_samples_per_s"])
     assert report["preset_args"][:2] == ["--dataset", "fashion-mnist"]
+
+
+def test_preset_e2e_counts_the_flops_of_the_network_the_run_trains() -> None:
+    """The limit is computed for the preset's real network: ResNet-18 x1/4 with the CIFAR stem the run resolves at
+    28 px (0.346 GFLOP per pair), not the ImageNet stem an unresolved config builds (0.030: a limit 11x too high)."""
+    from bench import preset_e2e
+
+    assert preset_e2e.flop_per_pair(preset_e2e.preset_args()) / 1e9 == pytest.approx(0.346, abs=0.001)
