@@ -73,3 +73,26 @@ def test_a_published_file_changed_behind_its_pin_is_refused(tmp_path):
     load_checkpoint(str(out))  # the manifest check alone passes
     with pytest.raises(PretrainedError, match="differs from its pin"):
         load_pretrained(f"simclr-dist:{out}")
+
+
+COMMITTED = {"simclr-fmnist-cpu-e12": ("fashion-mnist", 28), "simclr-digits-e20": ("digits", 24)}
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_the_encoders_committed_in_weights_load_with_their_pin_checked(name):
+    """The repository's own published encoders: every file listed in weights/SHA256SUMS is there, hashes to its pin,
+    and `--pretrained simclr-dist:weights/NAME` loads it to a network that turns real-sized images into features."""
+    from pathlib import Path
+
+    weights = Path(__file__).resolve().parents[2] / "weights"
+    pins = dict(reversed(line.split("  ", 1)) for line in (weights / "SHA256SUMS").read_text().splitlines())
+    assert sorted(p.split("/")[0] for p in pins) == sorted(COMMITTED)  # a new encoder gets a row above
+    file = weights / name / CHECKPOINT_FILE
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == pins[f"{name}/{CHECKPOINT_FILE}"]
+    assert pins[f"{name}/{CHECKPOINT_FILE}"] in (weights / name / "MODEL_CARD.md").read_text()
+    pre = load_pretrained(f"simclr-dist:{weights / name}")
+    dataset, size = COMMITTED[name]
+    assert load_checkpoint(str(weights / name))["config"]["dataset"] == dataset
+    with torch.no_grad():
+        feats = pre.encoder.eval()(torch.randn(3, 3, size, size))
+    assert feats.shape[0] == 3 and torch.isfinite(feats).all() and feats.std() > 0
