@@ -85,7 +85,7 @@ def test_online_probe_objective_plans_without_the_knn_monitor(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.drill  # CI's second stage (make test-cluster): four Tune trials of Ray Train runs with the probe
 def test_asha_stops_a_trial_on_the_online_probe(ray_cluster, tmp_path):
     """Four 2-epoch trials, rungs at epochs 1 and 2, two at a time on the 2-CPU test cluster, selected on
     ``online_probe_top1``: ASHA must stop trials at the first rung on that value, end their Train runs and keep rows.
