@@ -265,3 +265,21 @@ def test_preset_e2e_counts_the_flops_of_the_network_the_run_trains() -> None:
     from bench import preset_e2e
 
     assert preset_e2e.flop_per_pair(preset_e2e.preset_args()) / 1e9 == pytest.approx(0.346, abs=0.001)
+
+
+def test_online_probe_quick_times_the_step_with_and_without_the_probe(tmp_path: Path, keep_threads: None) -> None:
+    """The probe's cost bench: the production step alone and followed by the probe's step, both timed on real digits
+    batches, their ratio the one docs/performance.md section 6c quotes, and the per-epoch evaluation timed."""
+    from bench import online_probe
+
+    out = tmp_path / "online_probe.json"
+    online_probe.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = _report(out)
+    assert report["benchmark"] == "online_probe" and report["machine"]["torch_threads"] == 1
+    rows = report["online probe cost"]
+    assert [r["config"] for r in rows] == [next(iter(online_probe.CONFIGS))]  # --quick: the tiny config only
+    for r in rows:
+        for key in ("step_ms", "step_probe_ms", "ratio", "probe_eval_s"):
+            assert _positive(r[key]), (key, r)
+        assert r["ratio"] == pytest.approx(r["step_probe_ms"] / r["step_ms"])
+        assert r["repeats"] == 3 and isinstance(r["steps_per_epoch"], int) and r["steps_per_epoch"] > 0
