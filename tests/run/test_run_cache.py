@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.run.jobs.classify_job import RUN_CONFIG_FILE
 from simclr_dist.run.studies.run_cache import finished, pack, unpack
 from simclr_dist.storage import StorageError
 
@@ -41,3 +43,38 @@ def test_a_damaged_cache_entry_is_refused_naming_it(tmp_path):
     (tmp_path / "cache" / "x.json.gz").write_bytes(b"not gzip")
     with pytest.raises(StorageError, match="x.json.gz: not a gzipped results file"):
         unpack(str(tmp_path / "cache"), str(tmp_path / "runs"))
+
+
+def test_a_cache_entry_with_a_valid_header_but_a_damaged_body_is_refused_naming_it(tmp_path):
+    """gzip's header checks out, the deflate stream does not: zlib.error, which must become the same one line."""
+    (tmp_path / "cache").mkdir()
+    body = bytearray(gzip.compress(json.dumps({"score": 0.5, "history": list(range(200))}).encode(), mtime=0))
+    body[20:40] = bytes(b ^ 0xFF for b in body[20:40])
+    (tmp_path / "cache" / "x.json.gz").write_bytes(bytes(body))
+    with pytest.raises(StorageError, match=r"x.json.gz: not a gzipped results file \(.*\)$") as e:
+        unpack(str(tmp_path / "cache"), str(tmp_path / "runs"))
+    assert "\n" not in str(e.value)
+
+
+def cached(cache) -> dict:
+    return json.loads(gzip.decompress((cache / "a.json.gz").read_bytes()))
+
+
+def test_a_cached_run_of_a_stale_experiment_key_is_replaced_by_the_retrained_run_only_once_finished(tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    old, new = SupervisedConfig(lr=0.1).to_dict(), SupervisedConfig(lr=0.4).to_dict()
+    write(runs / "a" / "results.json", {"score": 0.5, "config": old})
+    write(runs / "a" / RUN_CONFIG_FILE, old)
+    assert pack(str(runs), str(cache)) == 1 and cached(cache)["score"] == 0.5
+
+    # the run retrains under a new key with the same name: its config file says so before its results do
+    write(runs / "a" / RUN_CONFIG_FILE, new)
+    assert pack(str(runs), str(cache)) == 0 and cached(cache)["score"] == 0.5  # an unfinished run replaces nothing
+    write(runs / "a" / "results.json", {"score": 0.7, "config": new})  # finished: the new result reaches the cache
+    assert pack(str(runs), str(cache)) == 1 and cached(cache) == {"score": 0.7, "config": new}
+    assert pack(str(runs), str(cache)) == 0  # same key: kept
+
+    other = SupervisedConfig(lr=0.4, threads=3).to_dict()  # a cluster field, not the experiment: the entry stays
+    write(runs / "a" / "results.json", {"score": 0.9, "config": other})
+    write(runs / "a" / RUN_CONFIG_FILE, other)
+    assert pack(str(runs), str(cache)) == 0 and cached(cache)["score"] == 0.7

@@ -6,18 +6,24 @@ also holds the runs' checkpoints and lives on one machine. This module copies on
 (``NAME.json.gz``, about 15-60 kB each), into a cache folder and back, so a study that spans sessions on fresh
 machines (``--runs-cache docs/results/fashion-mnist-cpu/runs``, committed) resumes where it stopped.
 
-Neither direction overwrites: a run already in the store is kept as it is (a rerun's own results win), an entry
-already in the cache is kept. Whether a cached run still belongs to the study is decided where every cached run is
-read back (:func:`simclr_dist.run.jobs.classify_job.cached_result` compares its experiment key), so an entry of
-another recipe is ignored there, never trained over."""
+A run already in the store is kept as it is (a rerun's own results win). An entry already in the cache is kept
+unless the store holds a finished run of that name under another experiment key (the run retrained under a new
+recipe): then the store's run replaces it, so the cache follows the study. A run the store is retraining (its config
+file already names the new key while its results file still holds the old one) is not finished: it replaces
+nothing. Whether a cached run still belongs to the study is decided where every cached run is read back
+(:func:`simclr_dist.run.jobs.classify_job.cached_result` compares its experiment key), so an entry of another recipe
+is ignored there, never trained over."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import zlib
+from typing import Any
 
 from simclr_dist import storage
-from simclr_dist.run.jobs.classify_job import RESULTS_FILE
+from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.run.jobs.classify_job import RESULTS_FILE, RUN_CONFIG_FILE
 
 SUFFIX = ".json.gz"
 
@@ -27,16 +33,44 @@ def finished(runs_uri: str) -> list[str]:
     return [n for n in storage.list_names(runs_uri) if storage.exists(storage.join(runs_uri, n, RESULTS_FILE))]
 
 
+def experiment_key(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The experiment key of a run's saved config, as :func:`cached_result` compares it."""
+    return SupervisedConfig.from_dict(config or {}).experiment_key()
+
+
+def read_entry(uri: str) -> dict[str, Any]:
+    """A cache entry's results, or a one-line :class:`StorageError` naming it."""
+    try:
+        return json.loads(gzip.decompress(storage.read_bytes(uri)))
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # zlib.error: a valid header over a damaged body
+        raise storage.StorageError(f"{uri}: not a gzipped results file ({e})") from e
+
+
+def retraining(runs_uri: str, name: str, saved: dict[str, Any]) -> bool:
+    """Whether the store is retraining the run under another key: its config file (written when a run starts)
+    names a different experiment than its results file (written when it finishes)."""
+    cfg_uri = storage.join(runs_uri, name, RUN_CONFIG_FILE)
+    return storage.exists(cfg_uri) and experiment_key(storage.read_json(cfg_uri)) != experiment_key(
+        saved.get("config"))
+
+
 def pack(runs_uri: str, cache_uri: str) -> int:
-    """Add every finished run of the store that the cache lacks; returns how many were added."""
+    """Add every finished run of the store that the cache lacks, and replace every entry whose experiment key the
+    store's finished run of that name no longer has (a damaged entry too); returns how many were written."""
     have = set(storage.list_names(cache_uri))
     added = 0
     for name in finished(runs_uri):
-        if name + SUFFIX in have:
-            continue
         saved = storage.read_json(storage.join(runs_uri, name, RESULTS_FILE))
+        entry = storage.join(cache_uri, name + SUFFIX)
+        if name + SUFFIX in have:
+            try:
+                same = experiment_key(read_entry(entry).get("config")) == experiment_key(saved.get("config"))
+            except storage.StorageError:
+                same = False  # a damaged entry: the store's finished run replaces it
+            if same or retraining(runs_uri, name, saved):
+                continue
         text = json.dumps(saved, sort_keys=True, separators=(",", ":")).encode()
-        storage.write_bytes(storage.join(cache_uri, name + SUFFIX), gzip.compress(text, mtime=0))
+        storage.write_bytes(entry, gzip.compress(text, mtime=0))
         added += 1
     return added
 
@@ -51,10 +85,6 @@ def unpack(cache_uri: str, runs_uri: str) -> int:
         target = storage.join(runs_uri, entry[: -len(SUFFIX)], RESULTS_FILE)
         if storage.exists(target):
             continue
-        try:
-            saved = json.loads(gzip.decompress(storage.read_bytes(storage.join(cache_uri, entry))))
-        except (OSError, EOFError, ValueError) as e:
-            raise storage.StorageError(f"{storage.join(cache_uri, entry)}: not a gzipped results file ({e})") from e
-        storage.write_json(target, saved)
+        storage.write_json(target, read_entry(storage.join(cache_uri, entry)))
         copied += 1
     return copied
