@@ -21,7 +21,7 @@ from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_sw
 from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
 from simclr_dist.run.jobs.capacity import Capacity, Growth, capacity_of
 from simclr_dist.run.studies.sweep_plan import check_spec, plan_concurrency, trial_resources
-from simclr_dist.run.studies.sweep_run import collect_rows, run_sweep
+from simclr_dist.run.studies.sweep_run import check_identity, collect_rows, run_sweep
 from simclr_dist.sweep import main
 
 TUNE = Path(__file__).resolve().parents[2] / "tune"
@@ -108,6 +108,21 @@ def test_seeds_replicate_every_cell_as_separate_trials(tmp_path):
     assert parse_sweep({**tiny(tmp_path), "seeds": 2}, "s.yaml").seeds == [0, 1]
     unseeded = parse_sweep(tiny(tmp_path), "s.yaml")
     assert unseeded.seeds is None and "seed" not in unseeded.param_space() and len(unseeded.trial_configs()) == 2
+
+
+def test_resume_of_a_sweep_saved_before_seeds_existed_and_a_changed_field_named(tmp_path):
+    """A sweep.json written before ``seeds`` joined the identity lacks the key: it is None, as in a spec without
+    seeds, so the resume goes on; a field that did change is named (and only it)."""
+    spec = parse_sweep(tiny(tmp_path), "s.yaml")
+    old = {k: v for k, v in spec.identity().items() if k != "seeds"}
+    check_identity(spec, old)  # resumes: no error
+    with pytest.raises(SweepError, match=r"was started with a different num_samples: resume with the same file") as e:
+        check_identity(parse_sweep(tiny(tmp_path), "s.yaml", ["num_samples=2"]), old)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SweepError, match=r"was started with a different seeds: "):
+        check_identity(parse_sweep(tiny(tmp_path), "s.yaml", ["seeds=2"]), old)  # the new field, when it is set
+    with pytest.raises(SweepError, match=r"a different base, retired, seeds: "):  # a key only the saved one has
+        check_identity(parse_sweep(tiny(tmp_path), "s.yaml", ["seeds=2", "epochs=2"]), {**old, "retired": 1})
 
 
 def test_set_overrides():

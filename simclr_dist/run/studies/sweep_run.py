@@ -169,6 +169,17 @@ def reference_rows(spec: SweepSpec, cfgs: list[PretrainConfig], log=print) -> li
 
 
 # ----------------------------------------------------------------------------------------------- the driver
+def check_identity(spec: SweepSpec, saved: dict[str, Any]) -> None:
+    """A resume keeps what the sweep was started with (:meth:`SweepSpec.identity`), or a one-line error naming every
+    field that changed. A field the saved identity lacks (written before the field existed, e.g. ``seeds``) is None
+    there, as it is in a spec that does not set it."""
+    now = spec.identity()
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise SweepError(f"sweep {spec.experiment_uri} was started with a different {', '.join(diff)}: resume with "
+                         "the same file and --set overrides, or choose another study name")
+
+
 def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = False, dry_run: bool = False,
               max_concurrent: int | None = None, ray_address: str | None = None,
               callbacks: list | None = None, log=print) -> dict[str, Any]:
@@ -195,11 +206,7 @@ def run_sweep(spec: SweepSpec, *, resume: bool = False, retry_failed: bool = Fal
         raise SweepError(f"sweep {exp} already exists: pass --resume to continue it, or choose another study name "
                          "(--set study=NAME) or --storage-path")
     if exists and storage.exists(spec_uri):
-        saved = storage.read_json(spec_uri)
-        if saved != spec.identity():
-            diff = sorted(k for k in saved if saved.get(k) != spec.identity().get(k))
-            raise SweepError(f"sweep {exp} was started with a different {', '.join(diff)}: resume with the same file "
-                             "and --set overrides, or choose another study name")
+        check_identity(spec, storage.read_json(spec_uri))
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.trial_base()),
                                     tune.PlacementGroupFactory([DRIVER_BUNDLE]))
     # Each result carries the objective only at kNN epochs; check_spec has already verified it is reported.
