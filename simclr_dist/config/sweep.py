@@ -13,7 +13,8 @@ With ``augment2: crop`` in ``base`` the other branch gets only the crop: the pap
 Replicates: ``seeds: 3`` (seeds 0, 1, 2) or ``seeds: [0, 7]`` runs every cell of the search space once per seed, each
 a separate trial with its own pretraining seed (init, data order, augmentation draws); the report aggregates a cell
 over its seeds. The seed is not a search dimension (a ``search.seed`` is refused), so a cell is always the search
-values alone.
+values alone; ``seeds`` is refused with ``num_samples > 1`` (two trials of a cell at one seed) and with random
+(choice, uniform, loguniform) dimensions (every trial draws its own cell).
 """
 
 from __future__ import annotations
@@ -360,6 +361,16 @@ def parse_sweep(data: Any, source: str = "<sweep>", overrides: typing.Sequence[s
         spec.seeds = _parse_seeds(f"{source}: seeds", data["seeds"])
         if "seed" in spec.base:
             fail(f"{source}: base.seed", f"conflicts with seeds {spec.seeds}: every trial's seed comes from 'seeds'")
+        # a cell's trials are its seeds: two trials of one cell at one seed (num_samples) or cells drawn at random
+        # (one draw per trial, so no two seeds share a cell) would not be a cell over seeds
+        if spec.num_samples > 1:
+            fail(f"{source}: seeds", f"cannot be combined with num_samples {spec.num_samples}: with seeds every cell "
+                                     "runs once per seed; drop num_samples (or seeds)")
+        drawn = [k for k, d in spec.search.items() if not d.is_grid]
+        if drawn:
+            fail(f"{source}: seeds", f"cannot be combined with the random search.{drawn[0]} "
+                                     f"({spec.search[drawn[0]].kind}): every seed would draw its own value, so no "
+                                     "cell has seeds to aggregate; make it a grid (or drop seeds)")
     sp = data.get("storage_path", spec.storage_path)
     if not isinstance(sp, str) or not sp:
         fail(f"{source}: storage_path", f"must be a path or URI, got {sp!r}")

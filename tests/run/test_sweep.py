@@ -160,6 +160,13 @@ BAD = [
     ({}, ["seeds=-2"], r"seeds: must be a number of seeds >= 1 .* got -2"),
     ({"seeds": 2}, ["seed=3"], r"base.seed: conflicts with seeds \[0, 1\]"),
     ({"search": {"seed": [0, 1]}}, [], r"search.seed: repeat every cell over seeds with the top-level 'seeds: N'"),
+    ({"seeds": 2, "num_samples": 2}, [], r"^bad.yaml: seeds: cannot be combined with num_samples 2: with seeds "
+                                         r"every cell runs once per seed"),
+    ({"seeds": 3}, ["num_samples=4"], r"^bad.yaml: seeds: cannot be combined with num_samples 4"),
+    ({"seeds": 2, "search": {"temperature": {"uniform": [0.1, 0.5]}}}, [],
+     r"^bad.yaml: seeds: cannot be combined with the random search.temperature \(uniform\)"),
+    ({"seeds": 2, "search": {"batch_size": [64, 128], "temperature": {"choice": [0.1, 0.5]}}}, [],
+     r"^bad.yaml: seeds: cannot be combined with the random search.temperature \(choice\)"),
 ]
 
 
