@@ -34,6 +34,8 @@ class CommandParser(argparse.ArgumentParser):
 
     def suggestion(self, message: str) -> str:
         """`` (did you mean --x?)`` for the first unknown ``--flag`` in ``message`` with a close known one."""
+        if not message.startswith("unrecognized arguments"):  # "argument --epochs: invalid int value" names a known flag
+            return ""
         known = [s for s in self._option_string_actions if s.startswith("--")]
         for word in message.replace(",", " ").split():
             flag = word.split("=", 1)[0]

@@ -144,3 +144,15 @@ def test_evaluate_refuses_a_malicious_checkpoint_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "refused to load" in err, err
     assert not (tmp_path / "pwned").exists()  # no code ran
+
+
+def test_a_bad_value_of_a_known_flag_suggests_no_other_flag(capsys):
+    """Only an unknown flag gets "did you mean": a bad value names the flag itself (it once read "invalid int value:
+    'abc' (did you mean --epochs?)" for --epochs abc)."""
+    from simclr_dist import pretrain
+
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--epochs", "abc"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err and "invalid int value: 'abc'" in err, err
+    assert "did you mean" not in err and err.endswith("--help"), err
