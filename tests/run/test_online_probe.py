@@ -4,6 +4,8 @@ ASHA sweep selecting on ``online_probe_top1``."""
 from __future__ import annotations
 
 import csv
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -64,6 +66,31 @@ def test_encoder_trains_identically_with_and_without_the_probe_and_test_split_is
     assert 0.2 < h["online_probe_top1"] <= 1.0                      # 10 classes: chance is 0.1
     assert 1.0 < h["rankme"] <= 64 and h["online_probe_loss"] > 0  # features of a 1/8-width ResNet-18: 64 dims
     assert set(b["online_probe"]) == {"head", "optimizer"} and not a["online_probe"]
+
+
+@pytest.mark.ray
+def test_prometheus_gauges_hold_the_last_epochs_probe_and_rankme(ray_cluster, tiny_args):
+    """On Ray, each epoch end sets ``ray_simclr_online_probe_top1`` and ``ray_simclr_rankme``: after a 2-epoch run the
+    series the node's metrics agent exports (what Prometheus scrapes, parsed as Prometheus parses it) hold the last
+    epoch's values, labelled with the run and rank 0."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run = "probe-gauges"
+    summary = pretrain.run(parse_config(tiny_args(run, "--num-workers", "1", "--epochs", "2", "--online-probe",
+                                                  "--tracking", "none")))
+    first, last = summary["history"]
+    assert first["rankme"] != last["rankme"]                        # so the gauge's value tells the epochs apart
+    port = next(n["MetricsExportPort"] for n in ray_cluster.nodes() if n["Alive"])
+    want = {"ray_simclr_online_probe_top1": last["online_probe_top1"], "ray_simclr_rankme": last["rankme"]}
+    deadline, got = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:                              # Ray exports every 1 s in the test session
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        got = {(s.name, s.labels["rank"]): s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name in want and s.labels.get("run") == run}
+        if got == {(k, "0"): v for k, v in want.items()}:
+            break
+        time.sleep(1)
+    assert got == {(k, "0"): pytest.approx(v, rel=1e-6) for k, v in want.items()}, (got, summary["history"])
 
 
 def tiny_sweep(tmp_path, **search) -> dict:

@@ -131,3 +131,17 @@ def test_evaluation_results_land_in_the_runs_own_tracking(tmp_path, monkeypatch)
     # read back from the result file a second time: nothing logged twice
     assert evaluate.main(["--checkpoint", ckpt, "--protocols", "knn", "--threads", "1"]) == 0
     assert len(client.get_metric_history(summary["tracking"]["run_id"], "eval/knn/top1")) == 1
+
+
+def test_online_probe_lands_in_tensorboard_once_per_epoch(tmp_path):
+    """``--online-probe``'s per-epoch validation top-1, RankMe and probe loss are in the run's event files (read back
+    with TensorBoard's EventAccumulator) at each epoch's last step, equal to what the run's history reports."""
+    summary = pretrain.run(parse_config(args(tmp_path, "probe", "--online-probe")))   # 2 epochs, TensorBoard default
+    scalars = read_scalars(str(tmp_path / "runs" / "probe" / "tensorboard"))
+    ends = [STEPS_PER_EPOCH * (e + 1) for e in range(2)]
+    for key in ("online_probe_top1", "rankme", "online_probe_loss"):
+        assert scalars[f"epoch/{key}"] == [(s, pytest.approx(h[key], rel=1e-6))
+                                           for s, h in zip(ends, summary["history"], strict=True)], key
+    assert all(0.1 < v <= 1.0 for _, v in scalars["epoch/online_probe_top1"])   # 10 classes: chance is 0.1
+    assert all(1.0 < v <= 64 for _, v in scalars["epoch/rankme"])                # 64-dim features at width 1/8
+    assert [s for s, _ in scalars["train/loss"]] == log_points(2)                # the step series beside them
