@@ -41,9 +41,18 @@ def value_text(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else fmt(v)
 
 
+def finite(v: Any) -> bool:
+    """A number that can be averaged (not None, NaN or infinite)."""
+    try:
+        return v is not None and not isinstance(v, bool) and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
 def measured(spec: SweepSpec, row: dict[str, Any]) -> bool:
-    """A trial whose objective counts: finished (or stopped by the scheduler) with a value."""
-    return row.get("status") == "OK" and row.get(spec.metric) is not None
+    """A trial whose objective counts: finished (or stopped by the scheduler) with a finite value. A NaN objective
+    (the trial never reported a number) counts as failed, never averaged."""
+    return row.get("status") == "OK" and finite(row.get(spec.metric))
 
 
 # ----------------------------------------------------------------------------------------------- cells over seeds
@@ -100,7 +109,7 @@ def reference_cells(spec: SweepSpec, references: Rows) -> list[Cell]:
         name = r["reference"] + (f" ({r['of']})" if r.get("of") else "")
         cell = out.setdefault(name, Cell({"reference": name}, {}, 0, reference=r["reference"]))
         cell.trials += 1
-        if r.get(spec.metric) is not None:
+        if finite(r.get(spec.metric)):
             cell.values[r.get("seed")] = float(r[spec.metric])
     return list(out.values())
 

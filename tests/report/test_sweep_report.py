@@ -16,7 +16,9 @@ from simclr_dist.report.sweep import (
     make_plots,
     objective_text,
     table_markdown,
+    write_results,
 )
+from simclr_dist.run.studies.sweep_run import sort_rows
 
 T975_2 = 4.302652729749464  # t(0.975, 2 degrees of freedom): the 95% interval of a mean of 3 seeds
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -122,3 +124,22 @@ def test_reference_rows_in_the_table_csv_and_plots():
     assert set(plots) == {"accuracy_vs_temperature.png"} and plots["accuracy_vs_temperature.png"].startswith(PNG)
     fig5 = spec_of({"augment": {"pairs": ["crop", "color", "rotate"], "with": "crop"}})
     assert make_plots(fig5, figure5_rows(fig5), REFERENCES)["augmentation_heatmap.png"].startswith(PNG)
+
+
+def test_a_nan_objective_counts_as_failed_and_the_results_are_written(tmp_path):
+    """A trial that never reported a number has NaN for its objective (the column is all NaN): it is counted in its
+    cell as failed, never averaged (a NaN in summarize raised, so no table was written)."""
+    spec = parse_sweep({"study": "s", "base": {"dataset": "digits"}, "search": {"temperature": [0.1, 0.5]},
+                        "seeds": 2, "objective": {"metric": "val_linear_top1", "mode": "max"},
+                        "storage_path": str(tmp_path)}, "s.yaml")
+    rows = [trial(0, 0, 0.70, temperature=0.5), trial(1, 1, math.nan, temperature=0.5),
+            trial(2, 0, 0.60, temperature=0.1), trial(3, 1, 0.62, temperature=0.1)]
+    best, second = cells(spec, rows)
+    assert best.fields == {"temperature": 0.5} and best.values == {0: 0.70} and best.count() == "1 of 2 (1 failed)"
+    assert second.values == {0: 0.60, 1: 0.62}
+    refs = [*REFERENCES, {"reference": "pixels", "of": "other", "seed": None, "val_linear_top1": math.nan}]
+    files = write_results(spec, rows, refs)
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert files["markdown"].endswith("results.md") and "| 0.5 | 0.700 |  |  | 1 of 2 (1 failed) |" in md
+    assert "*reference: raw pixels (no network) (other)* | - |  |  | 0 of 1 (1 failed) |" in md  # a NaN reference
+    assert sort_rows(spec, [trial(1, 1, math.nan), trial(0, 0, 0.5), trial(2, 0, 0.7)])[-1]["trial"] == "t1"

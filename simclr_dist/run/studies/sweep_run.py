@@ -21,7 +21,7 @@ from typing import Any
 
 from simclr_dist.config import ARCH_FIELDS, PretrainConfig
 from simclr_dist.config.sweep import EXPERIMENT_SPEC, OBJECTIVES, ONLINE_OBJECTIVES, SweepError, SweepSpec
-from simclr_dist.report.sweep import write_results
+from simclr_dist.report.sweep import finite, write_results
 from simclr_dist import storage
 from simclr_dist.run.jobs.pretrain_job import run as run_pretraining
 from simclr_dist.run.studies.sweep_plan import asha_max_t, check_spec, cluster_capacity, describe, plan_concurrency
@@ -100,8 +100,9 @@ def collect_rows(spec: SweepSpec, result_grid) -> list[dict[str, Any]]:
 def sort_rows(spec: SweepSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Best first by the objective; failed and unmeasured trials last."""
     sign = -1 if spec.mode == "max" else 1
-    return sorted(rows, key=lambda r: (r["status"] != "OK", r.get(spec.metric) is None,
-                                       sign * (r.get(spec.metric) or 0.0), str(r["trial"])))
+    return sorted(rows, key=lambda r: (r["status"] != "OK", not finite(r.get(spec.metric)),
+                                       sign * (r.get(spec.metric) if finite(r.get(spec.metric)) else 0.0),
+                                       str(r["trial"])))
 
 
 # ----------------------------------------------------------------------------------------------- references
