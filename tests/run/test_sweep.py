@@ -284,6 +284,29 @@ def test_results_table_records_failed_trials_with_their_error(tmp_path):
     assert set(make_plots(spec, rows)) == {"accuracy_vs_batch_size.png"}
 
 
+def test_a_failing_reference_is_skipped_with_one_line_and_the_results_are_still_written(tmp_path, monkeypatch):
+    """The references run on the driver after the trials; when they fail there (e.g. no data on the driver), one line
+    says they were skipped and why, and the trials' table is written without them."""
+    import simclr_dist.run.studies.sweep_run as sweep_run
+
+    spec = parse_sweep(tiny(tmp_path), "tiny.yaml")
+    grid = [FakeResult({"temperature": t}, {"trial_id": f"t{i}", "epoch": 1, "time_total_s": 3.0},
+                       history=[{"epoch": 1, "val_knn_top1": 0.5 + i / 10, "loss": 4.0}])
+            for i, t in enumerate((0.1, 0.5))]
+
+    def no_data(spec, cfgs, log):
+        raise FileNotFoundError("digits: the train split is not under /data on this machine\n(more detail)")
+    monkeypatch.setattr(sweep_run, "reference_rows", no_data)
+    lines: list[str] = []
+    out = sweep_run.finish(spec, check_spec(spec), grid, lines.append)
+    assert lines == ["references skipped (FileNotFoundError: digits: the train split is not under /data on this "
+                     "machine); the results are written without them"]
+    assert out["references"] == [] and [r["trial"] for r in out["rows"]] == ["t1", "t0"]
+    table = list(csv.DictReader(Path(out["files"]["csv"]).read_text().splitlines()))
+    assert [(r["kind"], r["temperature"]) for r in table] == [("cell", "0.5"), ("cell", "0.1")]
+    assert Path(out["files"]["markdown"]).exists() and Path(out["files"]["trials_csv"]).exists()
+
+
 def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
     """``pairs`` with ``with: crop``: one trial per distinct policy (the crop row repeats the diagonal), the other
     branch set by ``augment2``; the heatmap maps every cell to its trial, with row and column means."""
