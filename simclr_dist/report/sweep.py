@@ -203,6 +203,14 @@ def interval_text(s: Summary | None, digits: int = 3) -> tuple[str, str]:
     return f"{s.mean:.{digits}f} ± {s.half_width:.{digits}f}", f"[{s.ci_low:.{digits}f}, {s.ci_high:.{digits}f}]"
 
 
+def per_seed_text(c: Cell) -> str:
+    """``s0 0.712, s1 0.695, s2 0.730``: every value labelled by its seed, in seed order (a cell without seeds: by
+    trial id)."""
+    def order(k: Any) -> tuple[bool, Any]:
+        return (not isinstance(k, int), k if isinstance(k, int) else str(k))
+    return ", ".join(f"{'s' if isinstance(k, int) else ''}{k} {c.values[k]:.3f}" for k in sorted(c.values, key=order))
+
+
 def cells_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
     """The per-cell table (best mean first), the reference rows below it, and what its numbers are."""
     keys = list(spec.search)
@@ -218,7 +226,7 @@ def cells_markdown(spec: SweepSpec, rows: Rows, references: Rows = ()) -> str:
         s = c.summary
         mean, ci = interval_text(s)
         sd = f"{s.sd:.3f}" if s is not None and s.n >= 2 else ""
-        per = ", ".join(f"{v:.3f}" for v in c.values.values()) if len(c.values) > 1 else ""
+        per = per_seed_text(c) if len(c.values) > 1 else ""
         cols = [*first, mean + ("*" if c.early else ""), ci, sd, c.count(), per]
         if init:
             g = gain_over_init(c, init) if not c.reference else None

@@ -47,8 +47,9 @@ REFERENCES = [{"reference": "pixels", "of": "", "seed": None, "val_linear_top1":
 
 def test_cells_aggregate_seeds_with_t_interval_and_count_failed_trials():
     spec = spec_of({"temperature": [0.1, 0.5]})
-    rows = [trial(0, 0, 0.70, temperature=0.5), trial(1, 1, 0.72, temperature=0.5), trial(2, 2, 0.74, temperature=0.5),
-            trial(3, 0, 0.60, temperature=0.1), trial(4, 1, None, temperature=0.1), trial(5, 2, 0.66, temperature=0.1)]
+    # best first, as collect_rows orders the trials (so value order is not seed order)
+    rows = [trial(2, 2, 0.74, temperature=0.5), trial(1, 1, 0.72, temperature=0.5), trial(0, 0, 0.70, temperature=0.5),
+            trial(5, 2, 0.66, temperature=0.1), trial(3, 0, 0.60, temperature=0.1), trial(4, 1, None, temperature=0.1)]
     best, second = cells(spec, rows)
     assert best.fields == {"temperature": 0.5} and best.values == {0: 0.70, 1: 0.72, 2: 0.74}
     s = best.summary
@@ -74,8 +75,11 @@ def test_cells_aggregate_seeds_with_t_interval_and_count_failed_trials():
     assert table[2]["gain_vs_init_mean"] == ""  # a reference is not paired with itself
 
     md = table_markdown(spec, rows, REFERENCES)
-    assert f"| 0.5 | 0.720 ± {half:.3f} | [{0.72 - half:.3f}, {0.72 + half:.3f}] | 0.020 | 3 | 0.700, 0.720, 0.740 |" in md
-    assert f"| 0.700, 0.720, 0.740 | +0.190 ± {half / 2:.3f} |" in md and "minus random init (paired by seed)" in md
+    # per seed: every value labelled by its seed, in seed order; a failed seed is absent, not blank
+    assert (f"| 0.5 | 0.720 ± {half:.3f} | [{0.72 - half:.3f}, {0.72 + half:.3f}] | 0.020 | 3 | "
+            "s0 0.700, s1 0.720, s2 0.740 |") in md
+    assert "| 2 of 3 (1 failed) | s0 0.600, s2 0.660 |" in md
+    assert f"| s0 0.700, s1 0.720, s2 0.740 | +0.190 ± {half / 2:.3f} |" in md and "minus random init (paired by seed)" in md
     assert "| 2 of 3 (1 failed) |" in md and "| t4 | FAILED |" in md  # the failed trial stays in the trial table
     assert "95% t-interval over seeds" in md
 
@@ -116,7 +120,7 @@ def test_reference_rows_in_the_table_csv_and_plots():
     ref_half = T975_2 * 0.03 / math.sqrt(3)
     assert "| *reference: raw pixels (no network)* |  | 0.650 |  |  | 1 |  |" in md
     assert (f"| *reference: random-init encoder (no pretraining)* |  | 0.530 ± {ref_half:.3f} | "
-            f"[{0.53 - ref_half:.3f}, {0.53 + ref_half:.3f}] | 0.030 | 3 | 0.500, 0.530, 0.560 |") in md
+            f"[{0.53 - ref_half:.3f}, {0.53 + ref_half:.3f}] | 0.030 | 3 | s0 0.500, s1 0.530, s2 0.560 |") in md
     refs = [r for r in csv.DictReader(cells_csv(spec, rows, REFERENCES).splitlines()) if r["kind"] == "reference"]
     assert [r["reference"] for r in refs] == ["pixels", "random-init"]
     assert refs[0]["mean"] == "0.65" and refs[0]["seed_0"] == "" and refs[1]["seed_2"] == "0.56"
