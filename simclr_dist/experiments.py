@@ -31,7 +31,7 @@ from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist import storage
 from simclr_dist.run.studies.experiment_plan import make_plan
 from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
-from simclr_dist.run.studies.run_cache import pack, unpack
+from simclr_dist.run.studies.run_cache import SUFFIX, pack, unpack
 from simclr_dist.run.jobs.failure import FAILURES, fail
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE
 from simclr_dist.run.train.tracking import log_to_run
@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> ExperimentsConfig:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        plan = make_plan(parse_args(argv))
+        ecfg = parse_args(argv)
+        if ecfg.runs_cache is not None and not ecfg.dry_run:
+            check_cache(ecfg.runs_cache)  # before the plan: a study must not pretrain, then fail at its first pack
+        plan = make_plan(ecfg)
     except FAILURES as e:
         return fail(e)
 
@@ -62,11 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = plan.ecfg.runs_cache
     if cache is not None:
         try:
+            cached = [n for n in storage.list_names(cache) if n.endswith(SUFFIX)]
             copied = unpack(cache, runs)
         except FAILURES as e:
             return fail(e)
-        emit(f"[exp] --runs-cache {cache}: {copied} finished run(s) taken into {runs}"
-             if copied else f"[exp] --runs-cache {cache}: nothing to take (every cached run is in {runs} already)")
+        emit(f"[exp] --runs-cache {cache}: {copied} finished run(s) taken into {runs}" if copied else
+             f"[exp] --runs-cache {cache}: nothing to take (every cached run is in {runs} already)" if cached else
+             f"[exp] --runs-cache {cache}: empty (no finished run cached yet); each run the study finishes is added")
 
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
@@ -89,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     emit("\n" + format_table(summary))
     emit(f"\n[exp] done in {summary['elapsed_s'] / 60:.1f} min: {storage.join(plan.out, 'report.md')}")
     return 0
+
+
+def check_cache(cache: str) -> None:
+    """``--runs-cache`` must be writable (every finished run is packed into it): one line naming it otherwise."""
+    try:
+        storage.check_writable(cache)
+    except storage.StorageError as e:
+        reason = str(e)
+        for prefix in (f"--storage-path {cache}: ", f"{cache}: "):  # check_writable names --storage-path
+            if reason.startswith(prefix):
+                reason = reason[len(prefix):]
+                break
+        raise storage.StorageError(f"--runs-cache {cache}: {reason}") from e
 
 
 def track_study(plan, summary: dict) -> None:

@@ -8,6 +8,7 @@ protocol's invariants (equal steps, selection without test data, separate seeds)
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 
@@ -322,3 +323,37 @@ def test_experiments_bad_input_one_line_error_before_work(tmp_path, capsys, args
     err = captured.err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle.replace("{tmp}", str(tmp_path)) in err, err
     assert not captured.out and not (tmp_path / "out").exists() and not (tmp_path / "runs" / "fresh").exists()
+
+
+def test_experiments_unwritable_runs_cache_is_one_line_before_work(tmp_path, capsys):
+    """Every finished run is packed into --runs-cache: one that cannot be written fails before the study (not at its
+    first pack, after pretraining). A path under a regular file is unwritable even to root."""
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "afile").write_text("x")
+    cache = str(tmp_path / "afile" / "cache")
+    assert exp.main(["--checkpoint", ckpt, "--out", str(tmp_path / "out"), "--runs-cache", cache]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"error: --runs-cache {cache}: not writable (") and "\n" not in err, err
+    assert "--storage-path" not in err and not captured.out and not (tmp_path / "out").exists()
+
+
+def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeypatch):
+    """A missing or empty --runs-cache has nothing to take because it is empty, not because the store has it all."""
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+
+    def stop(plan, on_update=None):  # the study itself is not what this test is about
+        raise KeyboardInterrupt
+    monkeypatch.setattr(exp, "execute", stop)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--out", str(out), "--runs-cache", str(cache)]
+    assert exp.main(args) == 130
+    stdout = capsys.readouterr().out
+    assert f"--runs-cache {cache}: empty (no finished run cached yet)" in stdout and "every cached run" not in stdout
+    assert cache.is_dir() and not list(cache.iterdir())  # created writable; the probe is gone
+
+    (out / "runs" / "a").mkdir(parents=True)
+    (out / "runs" / "a" / "results.json").write_text("{}")
+    (cache / "a.json.gz").write_bytes(gzip.compress(b"{}"))
+    assert exp.main(args) == 130
+    assert f"nothing to take (every cached run is in {out / 'runs'} already)" in capsys.readouterr().out
