@@ -5,8 +5,9 @@ Why shared: pretraining and classifier training (scratch, supervised, fine-tunin
 launched by the same code: the same ScalingConfig/RunConfig, resume by rerunning with the same storage path and
 name, and the same rule for errors: keep the cause, drop Ray's wall of text.
 
-Two rules every launch keeps: a Ray this code starts itself listens on loopback only (:func:`bind_to_loopback`),
-and a run directory has one writer at a time (a :class:`simclr_dist.storage.Lease` held for the whole fit).
+Two rules every launch keeps: a Ray this code starts itself listens on loopback only (:func:`bind_to_loopback`;
+the train workers' process group too: run/jobs/rendezvous.py), and a run directory has one writer at a time (a
+:class:`simclr_dist.storage.Lease` held for the whole fit).
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     ``Result``. Resumes from ``STORAGE/NAME`` when it holds a checkpoint. ``where``: from :func:`place`, when the
     caller checks the placement first (default: placed here)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from simclr_dist.run.jobs.rendezvous import torch_config
 
     where = where or place(cfg)
     use_gpu = where.use_gpu
@@ -134,7 +137,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_bundle(cfg, use_gpu)),
         run_config=ray.train.RunConfig(
