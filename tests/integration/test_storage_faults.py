@@ -4,7 +4,9 @@ and an evaluation watcher beside training that prunes. The drills themselves liv
 code measures the table in docs/cluster.md); these tests assert what each must guarantee.
 
 The default suite drives the checkpoint/storage layer in-process (the uploader Ray Train calls, the resume's
-fallback, the lease); the ``slow`` tests run the same faults under real pretraining runs on the session's Ray.
+fallback, the lease); the ``drill`` tests (``make test-cluster``, CI's second stage) run the same faults under real
+pretraining runs (on the session's Ray, or their own local Ray where the workers need the S3 server's address);
+the watcher under load is ``slow``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,7 +167,7 @@ def _pretrain(tiny_args, name: str, *extra: str):
     return pretrain.run(parse_config(tiny_args(name, *extra)))
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # CI's second stage (make test-cluster): 3 real runs on the session's Ray and a 4 MB tmpfs
 @pytest.mark.ray
 def test_full_disk_under_a_real_run_then_rerun_resumes_and_survives_a_truncated_newest(ray_cluster, tiny_args,
                                                                                            tmp_path):
@@ -200,13 +203,57 @@ def test_full_disk_under_a_real_run_then_rerun_resumes_and_survives_a_truncated_
         faults._umount(disk)
 
 
-@pytest.mark.slow
+@pytest.mark.drill  # CI's second stage (make test-cluster): its own local Ray, a 30 s outage
 def test_s3_stopped_30s_under_a_real_pretraining_run():
     """Ray's own writes (its checkpoint index) go through the retrying filesystem too: the run finishes with no
     worker restart, and a checkpoint lands after the outage."""
     row = faults.s3_outage_ray(outage_s=30)
     assert row["survived"], json.dumps(row)
     assert row["steps_lost"] == 0 and row["stopped_s"] >= 30
+
+
+@pytest.mark.drill  # CI's second stage (make test-cluster): its own local Ray, a store that never comes back
+def test_s3_down_for_good_under_a_real_run_ends_in_one_line_keeping_the_last_complete(tmp_path):
+    """A real 2-worker pretraining run checkpointing to moto's S3 every 10 steps; the server stops once the first
+    checkpoint is complete and stays down. With a short retry budget (SIMCLR_STORAGE_RETRY_S) the command ends
+    after a bounded wait, exit 1, its last stderr line the one error line (no traceback at the end); the server
+    back, the checkpoint that was complete before the outage is still listed complete and loads."""
+    budget_s = 8
+    with faults.S3Server() as s3:
+        run = f"s3://{faults.DRILL_BUCKET}/runs/down-ray"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), storage.RETRY_ENV: str(budget_s),
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+        env.pop("RAY_ADDRESS", None)
+        cmd = faults._cmd(tmp_path, "down-ray", tmp_path / "summary.json", 30, 10, "--max-failures", "0",
+                          "--num-to-keep", "5")
+        cmd[cmd.index("--storage-path") + 1] = f"s3://{faults.DRILL_BUCKET}/runs"
+        with open(tmp_path / "stdout.log", "w") as out, open(tmp_path / "stderr.log", "w") as err:
+            train = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=err, text=True)
+            try:
+                deadline = time.monotonic() + 600
+                while not faults._complete_quietly(run) and time.monotonic() < deadline and train.poll() is None:
+                    time.sleep(0.2)
+                assert train.poll() is None, (tmp_path / "stderr.log").read_text()[-3000:]
+                before = [r.name for r in faults._complete_quietly(run)]
+                assert before, "no complete checkpoint within 10 minutes"
+                s3.stop()
+                stopped = time.monotonic()
+                code = train.wait(timeout=600)
+                ended_s = time.monotonic() - stopped
+            finally:
+                if train.poll() is None:
+                    train.kill()
+        s3.start()  # back, to see what the store kept
+        kept = list_complete_checkpoints(run)
+        assert before[-1] in [r.name for r in kept], (before, kept)
+        assert load_checkpoint(f"{run}/{before[-1]}")                          # verified by its manifest
+    stderr = (tmp_path / "stderr.log").read_text()
+    tail = [line for line in stderr.splitlines() if line.strip()][-5:]
+    print(f"ended {ended_s:.1f} s after the store went down; kept {[r.name for r in kept]}; last line: {tail[-1:]}")
+    assert code == 1, stderr[-3000:]
+    assert tail[-1].startswith("error: ") and "storage unreachable" in tail[-1], tail
+    assert not any("Traceback" in line or line.startswith(" ") for line in tail), tail
+    assert ended_s < 120 + 3 * budget_s, ended_s   # the budget per blocked write, Ray's teardown: bounded
 
 
 @pytest.mark.slow
