@@ -139,5 +139,6 @@ def test_asha_stops_a_trial_on_the_online_probe(ray_cluster, tmp_path):
     for r in rows:  # no checkpoint after the stop: the trial's Train run ended at its rung
         run_dir = tmp_path / "sweeps" / "probe" / "train" / r["trial"]
         assert len(list(run_dir.glob("checkpoint_*/manifest.json"))) == r["epochs_done"]
-    table = list(csv.DictReader(open(out["files"]["csv"])))
+    table = list(csv.DictReader(open(out["files"]["trials_csv"])))  # one row per trial (results.csv: the cells)
+    assert {t["trial"] for t in table} == {r["trial"] for r in rows}
     assert {"online_probe_top1", "rankme"} <= set(table[0])
