@@ -82,7 +82,7 @@ print("ok", r.interface_of("127.0.0.1"))
     assert res.returncode == 0 and res.stdout.startswith("ok"), res.stderr[-2000:]
 
 
-@pytest.mark.drill  # CI stage 2 (make test-cluster): its own Ray start + 2 epochs, 50-70 s on a loaded 2-core box
+@pytest.mark.drill  # CI stage 2 (make test-cluster): its own Ray start + 2 epochs, 50-140 s on a loaded 2-core box
 def test_local_pretrain_run_listens_on_loopback_only(tmp_path):
     """``python -m simclr_dist.pretrain`` without RAY_ADDRESS starts its own Ray: sampled every 0.5 s while it
     trains, no process of it (driver, GCS, raylet, dashboard, agents, train workers and their process group's
