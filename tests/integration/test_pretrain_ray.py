@@ -62,6 +62,11 @@ def test_run_checkpoint_then_resume_after_driver_failure(ray_cluster, tiny_args,
     assert summary["checkpoint"] and load_checkpoint(summary["checkpoint"])["epoch"] == 3
     assert len(checkpoints(run_dir)) <= 2                        # --num-to-keep 2
 
+    # rank 0 alone tracks: one TensorBoard writer (one process) per attempt that trained, not one per worker (two
+    # attempts trained here, each with 2 workers: 4 writers if every rank logged). Names end .<host>.<pid>.<n>.
+    writers = {f.rsplit(".", 2)[-2] for f in glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))}
+    assert 1 <= len(writers) <= 2, writers
+
     # 3) a third run of a finished run trains nothing and still reports the result
     again = pretrain.run(parse_config(tiny_args("resume", "--epochs", "3")))
     assert again["resumed_from_epoch"] == 3 and [h["epoch"] for h in again["history"]] == [1, 2, 3]
