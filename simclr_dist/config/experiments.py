@@ -109,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                               patience="0.001:100,0.01:30,0.1:10,1:5", tune_once=True, batch_size=256,
                               lr_grid_finetune=FINETUNE_LRS, lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4",
                               ray=True, num_workers=1, use_gpu=True),
-    # the whole study, pretraining included, on one H200 in about 7-8 minutes (the estimate above): full-width
+    # the whole study, pretraining included, on one H200 in about 7 minutes (the estimate above; 5.5-10): full-width
     # ResNet-18, 25 pretraining epochs, 3 replicates at every fraction, short early-stopped budgets, one weight decay
     # for both arms, every arm in this process on the GPU with resident batches (no Ray, no per-sample CPU work)
     "fashion-mnist-h200": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=3,
@@ -188,7 +188,7 @@ class ExperimentsConfig(JobConfig):
                                   "and 100%%, 10/10/6/3 replicates, every run to convergence; at most ~8 h of "
                                   "classifier steps if no run stopped early, see --dry-run), fashion-mnist-gpu (paper "
                                   "scale, for a GPU cluster), fashion-mnist-h200 (a short version of the whole study, "
-                                  "pretraining included, for one GPU without Ray: about 8 minutes on an H200); flags "
+                                  "pretraining included, for one GPU without Ray: about 7 min on an H200, estimated); flags "
                                   "given as well override the preset's",
                               choices=tuple(PRESETS), what="preset")
     smoke: bool = flag(False, "with --preset: a smoke run of the preset's code path on a CPU: its pretraining flags "
