@@ -98,15 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_cache(cache: str) -> None:
     """``--runs-cache`` must be writable (every finished run is packed into it): one line naming it otherwise."""
-    try:
-        storage.check_writable(cache)
-    except storage.StorageError as e:
-        reason = str(e)
-        for prefix in (f"--storage-path {cache}: ", f"{cache}: "):  # check_writable names --storage-path
-            if reason.startswith(prefix):
-                reason = reason[len(prefix):]
-                break
-        raise storage.StorageError(f"--runs-cache {cache}: {reason}") from e
+    storage.check_writable(cache, flag="--runs-cache")
 
 
 def track_study(plan, summary: dict) -> None:

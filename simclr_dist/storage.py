@@ -169,8 +169,9 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def check_writable(uri: str) -> None:
-    """Create the directory and round-trip a probe file, so a bad ``--storage-path`` fails before training."""
+def check_writable(uri: str, flag: str = "--storage-path") -> None:
+    """Create the directory and round-trip a probe file, so a bad ``--storage-path`` (or the ``flag`` that named
+    ``uri``) fails before training."""
     fs, path = resolve(uri)
     probe = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
@@ -181,7 +182,7 @@ def check_writable(uri: str) -> None:
         raise
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StorageError(f"--storage-path {uri}: not writable ({reason})") from e
+        raise StorageError(f"{flag} {uri}: not writable ({reason})") from e
 
 
 # ---------------------------------------------------------------------------- one writer per run
