@@ -251,9 +251,20 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     fresh = tmp_path / "elsewhere"
     assert exp.main([*args[:-3], str(fresh), *args[-2:]]) == 0  # a rerun there reuses every finished run
     again = read(fresh / "results.json")["records"]
-    assert all(r["reused"] for r in again if r["arm"] in ("finetune", "supervised"))
+    assert all(r["reused"] for r in again)  # the trained cells and the replicates' probes and baselines
     assert [r["top1"] for r in again] == [r["top1"] for r in raw["records"]]
-    assert f"{len(trained)} finished run(s) taken" in capsys.readouterr().out
+    assert [r["train_time_s"] for r in again] == [r["train_time_s"] for r in raw["records"]]  # what they cost once
+    said = capsys.readouterr().out
+    assert f"{len(trained)} finished run(s) taken" in said and said.count("results read back from") == 2
+    assert sum(n.startswith("probes-r") for n in trained) == 2  # one entry per replicate
+    # a probe input changed (the L2 grid): the probes run again, under another entry; the trained cells are reused
+    l2 = args.index("--l2-grid") + 1
+    assert exp.main([*args[:l2], "1e-4,1e-3,1e-2", *args[l2 + 1:-3], str(fresh), *args[-2:]]) == 0
+    third = read(fresh / "results.json")["records"]
+    assert not any(r["reused"] for r in third if r["arm"] in ("linear", "pixels", "knn"))
+    assert all(r["reused"] for r in third if r["arm"] in ("finetune", "supervised"))
+    assert sum(n.startswith("probes-r") for n in os.listdir(fresh / "runs")) == 4
+    capsys.readouterr()
 
     other = write_simclr_checkpoint(tmp_path / "runs" / "simclr" / "checkpoint_000003")  # same --out, other model
     assert exp.main([*args[:1], other, *args[2:]]) == 2

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import math
 import time
 from typing import Any
@@ -32,7 +34,7 @@ from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_forma
 from simclr_dist.data.splits import subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
-from simclr_dist.run.jobs.classify_job import pretraining_config, run_classifier
+from simclr_dist.run.jobs.classify_job import RESULTS_FILE, pretraining_config, run_classifier
 from simclr_dist.run.train.classify_loop import epoch_steps
 from simclr_dist.run.train.evaluation import (EvalData, Features, grid_edge_of, knn_select_features,
                                              linear_probe_features, load_eval_data, select_device)
@@ -275,6 +277,55 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
     return records
 
 
+PROBES_VERSION = 1  # bump when run_probes records something else for the same inputs: older entries are not read
+
+
+def probes_identity(plan: Plan, rep: Replicate) -> dict[str, Any] | None:
+    """Everything a replicate's probe records depend on: the encoder's weights (an import's digest, or the
+    checkpoint's manifest), the network, the seed of the random-init encoder, each fraction's subset and selection
+    splits, the L2 grid, the k grid, the probes asked for, the device kind. None when the encoder is not settled."""
+    e, m = plan.ecfg, plan.model_cfg
+    if plan.pretrained is not None:
+        encoder = {"weights": plan.pretrained.weights_digest(), "normalization": plan.pretrained.normalization_text()}
+    elif plan.checkpoint is not None:
+        manifest = storage.read_bytes(storage.join(plan.checkpoint, MANIFEST_FILE))
+        encoder = {"manifest": hashlib.sha256(manifest).hexdigest()}
+    else:
+        return None
+    fractions = {}
+    for f in plan.fractions_of(rep):
+        final, selecting = plan.splits[(f, rep.subset_seed)]
+        fractions[f"{f:g}"] = {"subset": final.digest(),
+                               "splits": [[subset_digest(s.fit), subset_digest(s.val)] for s in selecting]}
+    return {"version": PROBES_VERSION, "encoder": encoder, "device": select_device().type,
+            "network": {"dataset": m.dataset, "arch": m.arch, "width": m.width, "cifar_stem": m.cifar_stem,
+                        "image_size": m.image_size},
+            "seed": rep.seed, "fractions": fractions, "l2": list(e.l2_values()), "ks": list(e.knn_ks()),
+            "linear": "linear" in plan.arms, "baselines": sorted(plan.baselines)}
+
+
+def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log
+                  ) -> list[dict[str, Any]]:
+    """:func:`run_probes`, kept in the study's run store like a classifier run (``runs/probes-rN-KEY``, KEY a digest
+    of :func:`probes_identity`) and read back by a rerun with the same identity instead of recomputed; so a study
+    resumed in a later session (its run store restored from ``--runs-cache``) starts its new work at once. A read-back
+    record keeps the seconds it cost when it ran (the study's compute) and is marked ``reused``."""
+    ident = probes_identity(plan, rep)
+    if ident is None or not plan.fractions_of(rep):
+        return run_probes(plan, rep, data, banks, log)
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    uri = storage.join(plan.out, "runs", f"probes-r{rep.index}-{key}", RESULTS_FILE)
+    if storage.exists(uri):
+        saved = storage.read_json(uri)
+        if saved.get("identity") == ident:
+            log(f"[exp] probes and baselines of replicate {rep.index}: {len(saved['records'])} results read back "
+                f"from {uri}")
+            return [{**r, "reused": True} for r in saved["records"]]
+    records = run_probes(plan, rep, data, banks, log)
+    storage.write_json(uri, {"kind": "probes", "identity": ident, "records": records})
+    return records
+
+
 def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank],
                needed: np.ndarray, sub: np.ndarray, log: Log) -> FeatureBank:
     """The features a probe of ``kind`` reads: the SimCLR encoder's (one pass for every replicate: the union of all
@@ -493,7 +544,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
         log(f"[exp] ({i}/{len(parts)}, {(time.perf_counter() - t_start) / 60:.1f} min) replicate {rep.index} "
             f"(subset seed {rep.subset_seed}, seed {rep.seed}): {what}")
         if cell is None:
-            records += run_probes(plan, rep, data, banks, log)
+            records += cached_probes(plan, rep, data, banks, log)
         else:
             records.append(run_cell(plan, cell, data, log, tuned))
         if on_update is not None:

@@ -12,7 +12,8 @@ recipe): then the store's run replaces it, so the cache follows the study. A run
 file already names the new key while its results file still holds the old one) is not finished: it replaces
 nothing. Whether a cached run still belongs to the study is decided where every cached run is read back
 (:func:`simclr_dist.run.jobs.classify_job.cached_result` compares its experiment key), so an entry of another recipe
-is ignored there, never trained over."""
+is ignored there, never trained over. A replicate's probes and baselines are stored the same way
+(``probes-rN-KEY/results.json``, no config: their name is their identity, so an entry of that name is never replaced)."""
 
 from __future__ import annotations
 
