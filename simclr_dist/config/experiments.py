@@ -119,16 +119,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                                ray=False, threads=0, num_workers=1, classifier_loader="resident"),
 }
 # Defaults of the fields a preset sets, per dataset (others: "*"). Digits: the 10-minute demo (pretraining
-# included): at 10% of the labels a selection epoch is 1 step (112 labels to fit, batch 64), so at most 100 epochs
-# with patience 20 (5 would stop on the noise of 30 validation images); on all labels at most 15 epochs of 17 steps,
-# patience 4; one weight decay; tuned on the first replicate. At most 2,825 classifier steps (+910 if every choice
-# extends its grid twice). Measured 2026-12-04 on 2 cores: 502 s after `make demo`'s 114 s; no 10% run reached its
-# maximum (the old 30-epoch cap stopped every one still improving: scratch 0.46-0.56 then, 0.91-0.93 now).
+# included): at 10% of the labels a selection epoch is 2 steps (112 labels to fit, batch 64) and from scratch sits at
+# chance for its first 25-50 epochs, so at most 200 epochs with patience 50 (20 stopped it at chance or not depending
+# on the thread count); on all labels at most 15 epochs of 18 steps, patience 4; one weight decay; tuned on the first
+# replicate; the in-process arms on every core. Measured 2026-12-04 on 2 cores, from an empty directory: 8.3 min;
+# every chosen point stopped on patience, none at its maximum (docs/performance.md section 5).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(fractions="0.1", small_fraction=0.1, seeds=2, seeds_by_fraction=None, steps=None,
-                   max_epochs="0.1:100,1:15", patience="0.1:20,1:4", tune_once=True, batch_size=64,
+                   max_epochs="0.1:200,1:15", patience="0.1:50,1:4", tune_once=True, batch_size=64,
                    lr_grid_finetune="0.05,0.1,0.2", lr_grid_supervised=SCRATCH_LRS, wd_grid="5e-4", ray=False,
-                   threads=1),
+                   threads=0),  # in-process arms on every core (torch's default): 1.7x the step of 1 thread here
     "fashion-mnist": PRESETS["fashion-mnist-cpu"],
     "*": dict(fractions="0.01,0.1", small_fraction=0.1, seeds=3, seeds_by_fraction=None, steps=None,
               max_epochs="0.01:100,0.1:40,1:20", patience="0.01:20,0.1:8,1:4", tune_once=True, batch_size=256,
@@ -243,12 +243,12 @@ class ExperimentsConfig(JobConfig):
                                  "trained run at every fraction, cosine schedule (the old protocol); default: off, "
                                  "every run trains until early stopping (--max-epochs, --patience)", ge=1)
     max_epochs: str | None = flag(None, "early stopping: the maximum epochs of a selection run, N or F:N,... per "
-                                      "fraction (default: digits 0.1:100,1:15; fashion-mnist-cpu "
+                                      "fraction (default: digits 0.1:200,1:15; fashion-mnist-cpu "
                                       "0.001:300,0.01:120,0.1:40,1:15); a run that reaches it is flagged "
                                       "hit_max_epochs (the budget was too small)")
     patience: str | None = flag(None, "early stopping: epochs without a better validation top-1 before a selection "
                                     "run stops (its best epoch's weights kept), N or F:N,... (default: digits "
-                                    "0.1:20,1:4; fashion-mnist-cpu 0.001:40,0.01:20,0.1:8,1:3)")
+                                    "0.1:50,1:4; fashion-mnist-cpu 0.001:40,0.01:20,0.1:8,1:3)")
     tune_once: bool | None = flag(None, "choose each arm's LR, weight decay and epochs on the first replicate only "
                                       "and reuse them for the others (recorded per record); --no-tune-once tunes "
                                       "every replicate (default: on)")
