@@ -249,11 +249,11 @@ def test_s3_down_for_good_under_a_real_run_ends_in_one_line_keeping_the_last_com
         assert before[-1] in [r.name for r in kept], (before, kept)
         assert load_checkpoint(f"{run}/{before[-1]}")                          # verified by its manifest
     stderr = (tmp_path / "stderr.log").read_text()
-    # Ray forwards its actors' log lines (TrainController, RayTrainWorker: each line carries a "(Name pid=N)"
-    # prefix) to the driver's stderr asynchronously, so they may land after this command's own last line; the
-    # command is judged on its own lines
-    own = [line for line in stderr.splitlines()
-           if line.strip() and not re.match(r"^(\x1b\[\d+m)?\(\w+ pid=\d+", line)]
+    # Ray forwards its processes' log lines to the driver's stderr asynchronously, each with a prefix: "(Name pid=N)"
+    # or "(Name pid=N, ip=A)" for actors and tasks (coloured on a terminal), "(pid=N)" for an unnamed worker,
+    # "(raylet)" for the raylet; they may land after this command's own last line, so it is judged on its own lines
+    forwarded = re.compile(r"^(?:\x1b\[[\d;]*m)?\((?:raylet\b|autoscaler \+|(?:[^()]|\([^()]*\))*?\bpid=\d+)")
+    own = [line for line in stderr.splitlines() if line.strip() and not forwarded.match(line)]
     tail = own[-5:]
     print(f"ended {ended_s:.1f} s after the store went down; kept {[r.name for r in kept]}; last line: {tail[-1:]}")
     assert code == 1, stderr[-3000:]

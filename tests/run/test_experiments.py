@@ -368,3 +368,30 @@ def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeyp
     (cache / "a.json.gz").write_bytes(gzip.compress(b"{}"))
     assert exp.main(args) == 130
     assert f"nothing to take (every cached run is in {out / 'runs'} already)" in capsys.readouterr().out
+
+
+def test_probes_read_back_charge_the_shared_feature_pass_once(tmp_path, capsys):
+    """The SimCLR encoder's feature pass serves every replicate and is charged to one record. A study resumed with a
+    replicate more reads the first replicate's probes back (they carry the pass) and computes the new one's: the new
+    records must not charge the pass again (the study's compute would grow by one pass per session)."""
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "exp"
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--arms", "linear", "--baselines", "", "--no-ray",
+            "--threads", "1", "--l2-grid", "1e-4,1e-2", "--out", str(out)]
+    assert exp.main([*args, "--seeds", "1"]) == 0
+    first = read(out / "results.json")["records"]
+    assert exp.main([*args, "--seeds", "2"]) == 0
+    assert capsys.readouterr().out.count("results read back from") == 1  # replicate 0's, not recomputed
+    records = read(out / "results.json")["records"]
+    entries = {e.split("-")[1]: read(out / "runs" / e / "results.json")
+               for e in os.listdir(out / "runs") if e.startswith("probes-r")}
+    assert sorted(entries) == ["r0", "r1"]
+    assert entries["r0"]["charged"] == ["ssl"] and entries["r1"]["charged"] == []
+    r0 = [r for r in records if r["replicate"] == 0]
+    assert all(r["reused"] for r in r0) and [r["train_time_s"] for r in r0] == [r["train_time_s"] for r in first]
+    # replicate 1 computed in one process with replicate 0: the same records, the pass charged to replicate 0's
+    assert exp.main([*args, "--seeds", "2", "--out", str(tmp_path / "together")]) == 0
+    together = read(tmp_path / "together" / "results.json")["records"]
+    assert [r["top1"] for r in together] == [r["top1"] for r in records]
+    assert [read(tmp_path / "together" / "runs" / e / "results.json")["charged"]
+            for e in sorted(os.listdir(tmp_path / "together" / "runs"))] == [["ssl"], []]

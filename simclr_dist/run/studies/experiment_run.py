@@ -222,8 +222,8 @@ class FeatureBank:
         return self.features.subset(np.searchsorted(self.indices, subset))
 
 
-def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log
-               ) -> list[dict[str, Any]]:
+def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log,
+               paid: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """The linear probe and kNN of the SimCLR encoder, of a randomly initialised one, and logistic regression on
     raw pixels, on this replicate's subsets, with the same selection splits as the trained arms: every L2 and every
     k is chosen on those validation splits, the test split read once per probe. The random-init encoder is probed
@@ -243,7 +243,7 @@ def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, Feat
     for kind in wanted:
         for f in fractions:
             sub = plan.subsets[(f, rep.subset_seed)]
-            bank = probe_bank(kind, plan, rep, data, banks, needed, sub, log)
+            bank = probe_bank(kind, plan, rep, data, banks, needed, sub, log, paid)
             feats = bank.of(sub)
             common = {"fraction": f, "replicate": rep.index, "subset_seed": rep.subset_seed, "seed": rep.seed,
                       "label_count": len(sub), "subset_sha256": subset_digest(sub)}
@@ -304,15 +304,17 @@ def probes_identity(plan: Plan, rep: Replicate) -> dict[str, Any] | None:
             "linear": "linear" in plan.arms, "baselines": sorted(plan.baselines)}
 
 
-def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log
-                  ) -> list[dict[str, Any]]:
+def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log,
+                  paid: set[str]) -> list[dict[str, Any]]:
     """:func:`run_probes`, kept in the study's run store like a classifier run (``runs/probes-rN-KEY``, KEY a digest
     of :func:`probes_identity`) and read back by a rerun with the same identity instead of recomputed; so a study
     resumed in a later session (its run store restored from ``--runs-cache``) starts its new work at once. A read-back
-    record keeps the seconds it cost when it ran (the study's compute) and is marked ``reused``."""
+    record keeps the seconds it cost when it ran (the study's compute) and is marked ``reused``. The SimCLR encoder's
+    feature pass serves every replicate and is charged once: an entry says whether its records carry it, and ``paid``
+    (the study's, across replicates) keeps a later replicate computed in this process from charging it again."""
     ident = probes_identity(plan, rep)
     if ident is None or not plan.fractions_of(rep):
-        return run_probes(plan, rep, data, banks, log)
+        return run_probes(plan, rep, data, banks, log, frozenset(paid))
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     uri = storage.join(plan.out, "runs", f"probes-r{rep.index}-{key}", RESULTS_FILE)
     if storage.exists(uri):
@@ -320,14 +322,18 @@ def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, F
         if saved.get("identity") == ident:
             log(f"[exp] probes and baselines of replicate {rep.index}: {len(saved['records'])} results read back "
                 f"from {uri}")
+            paid.update(saved.get("charged", []))
             return [{**r, "reused": True} for r in saved["records"]]
-    records = run_probes(plan, rep, data, banks, log)
-    storage.write_json(uri, {"kind": "probes", "identity": ident, "records": records})
+    before = "ssl" in banks and banks["ssl"].charged
+    records = run_probes(plan, rep, data, banks, log, frozenset(paid))
+    charged = ["ssl"] if not before and "ssl" in banks and banks["ssl"].charged and "ssl" not in paid else []
+    paid.update(charged)
+    storage.write_json(uri, {"kind": "probes", "identity": ident, "records": records, "charged": charged})
     return records
 
 
 def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank],
-               needed: np.ndarray, sub: np.ndarray, log: Log) -> FeatureBank:
+               needed: np.ndarray, sub: np.ndarray, log: Log, paid: frozenset[str] = frozenset()) -> FeatureBank:
     """The features a probe of ``kind`` reads: the SimCLR encoder's (one pass for every replicate: the union of all
     subsets), raw pixels or the random-init encoder as initialised (one pass per replicate), or the random-init
     encoder with its BatchNorm statistics recalibrated on this subset's images (one pass per replicate and
@@ -336,6 +342,7 @@ def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dic
         if "ssl" not in banks:
             union = np.concatenate([s for (f, _), s in plan.subsets.items() if f in plan.fractions])
             banks["ssl"] = FeatureBank(ssl_encoder(plan), ssl_data(plan, data), union)
+            banks["ssl"].charged = "ssl" in paid  # a read-back replicate's records already carry its seconds
             describe(kind, banks["ssl"], log)
         return banks["ssl"]
     if kind in ("pixels", "random"):
@@ -537,6 +544,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     data = load_eval_data(plan.model_cfg, plan.ecfg.data_root)
     records: list[dict[str, Any]] = []
     banks: dict[str, FeatureBank] = {}
+    paid: set[str] = set()  # shared feature passes already charged to some record (cached_probes)
     tuned: dict[tuple[str, float], dict[str, Any]] = {}  # --tune-once: the first replicate's choices
     parts = study_order(plan)
     for i, (kind, rep, cell) in enumerate(parts, 1):
@@ -544,7 +552,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
         log(f"[exp] ({i}/{len(parts)}, {(time.perf_counter() - t_start) / 60:.1f} min) replicate {rep.index} "
             f"(subset seed {rep.subset_seed}, seed {rep.seed}): {what}")
         if cell is None:
-            records += cached_probes(plan, rep, data, banks, log)
+            records += cached_probes(plan, rep, data, banks, log, paid)
         else:
             records.append(run_cell(plan, cell, data, log, tuned))
         if on_update is not None:
