@@ -4,20 +4,22 @@ The command reads a sweep file (:mod:`simclr_dist.config.sweep`), checks every t
 (:mod:`simclr_dist.run.studies.sweep_plan`), runs the trials as Ray Train runs inside Tune, ASHA stopping the weak ones
 (:mod:`simclr_dist.run.studies.sweep_run`), and prints the table that :mod:`simclr_dist.report.sweep` also writes with the plots.
 ``--curves RESULTS_JSON`` instead draws where SimCLR and supervised training meet, from an experiments results file
-(:mod:`simclr_dist.report.crossings`).
+(:mod:`simclr_dist.report.crossings`). ``--render-from DIR`` instead writes a finished sweep's tables and plots again
+with the current report code, from the trials.csv and results.csv it wrote: a sweep takes hours, a report changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from simclr_dist.console import CommandParser
 from simclr_dist.config import ConfigError
-from simclr_dist.config.sweep import SweepError, load_spec
+from simclr_dist.config.sweep import SweepError, SweepSpec, load_spec
 from simclr_dist.data.datasets import DatasetError
 from simclr_dist.report import crossings
-from simclr_dist.report.sweep import table_markdown
+from simclr_dist.report.sweep import read_results, table_markdown, write_results
 from simclr_dist import storage
 from simclr_dist.run.jobs.launch import RunError
 from simclr_dist.run.studies.sweep_run import run_sweep
@@ -45,8 +47,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "training time, crossings marked) from an experiments results.json (path or URI)")
     p.add_argument("--curves-fraction", type=float, metavar="F",
                    help="with --curves: the label fraction of the time plot (default: the largest)")
-    p.add_argument("--out", help="with --curves: output directory (default: next to the results file)")
+    p.add_argument("--render-from", metavar="DIR",
+                   help="instead of a sweep: write the sweep file's tables and plots again with this version's "
+                        "report code from the trials.csv and results.csv in DIR (its study directory, or a copy, "
+                        "e.g. tune/results/temperature-fmnist-cpu); runs no trial, starts no Ray")
+    p.add_argument("--out", help="with --curves: output directory (default: next to the results file); with "
+                                 "--render-from: where to write (default: DIR itself)")
     return p.parse_args(argv)
+
+
+RUN_FLAGS = ("resume", "retry_failed", "dry_run", "max_concurrent", "ray_address", "storage_path", "curves")
+
+
+def render(args: argparse.Namespace, spec: SweepSpec) -> dict[str, Any]:
+    """``--render-from``: the written rows read back and written again, as :func:`run_sweep` returns them."""
+    used = [f"--{f.replace('_', '-')}" for f in RUN_FLAGS if getattr(args, f) not in (None, False)]
+    if used:
+        raise SweepError(f"--render-from: renders a finished sweep and runs nothing; drop {', '.join(used)}")
+    rows, references = read_results(spec, args.render_from)
+    return {"rows": rows, "references": references,
+            "files": write_results(spec, rows, references, args.out or args.render_from)}
 
 
 def curves(args: argparse.Namespace) -> int:
@@ -77,7 +97,7 @@ def curves(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.curves:
+        if args.curves and not args.render_from:
             return curves(args)
         if not args.sweep_file:
             raise SweepError("name a sweep file (e.g. tune/temperature.yaml), or pass --curves RESULTS_JSON")
@@ -85,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--max-concurrent: must be >= 1, got {args.max_concurrent}")
         overrides = list(args.overrides) + ([f"storage_path={args.storage_path}"] if args.storage_path else [])
         spec = load_spec(args.sweep_file, overrides)
-        out = run_sweep(spec, resume=args.resume, retry_failed=args.retry_failed, dry_run=args.dry_run,
-                        max_concurrent=args.max_concurrent, ray_address=args.ray_address)
+        out = render(args, spec) if args.render_from else \
+            run_sweep(spec, resume=args.resume, retry_failed=args.retry_failed, dry_run=args.dry_run,
+                      max_concurrent=args.max_concurrent, ray_address=args.ray_address)
     except (ConfigError, DatasetError, storage.StorageError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, RunError) else 2

@@ -7,23 +7,28 @@ Why one place: the per-cell table (mean over seeds, sd, 95% t-interval, every se
 (Figure 9) and the accuracy-vs-temperature lines (Table 5) are all read from the same rows, stopped and failed trials
 included, so what a plot shows is what the table lists. A cell is one point of the search space; its trials are its
 seeds (``seeds: N``). A trial without a value (failed, unfinished) is counted in its cell, never averaged.
+:func:`read_results` reads the rows back from the CSVs written here, so a changed report renders a finished sweep
+again (``--render-from``) without its hours of trials.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from simclr_dist.config.sweep import Dimension, SweepSpec
+from simclr_dist.config.pretrain import PretrainConfig
+from simclr_dist.config.sweep import Dimension, SweepError, SweepSpec
 from simclr_dist.data.augment import COMPONENTS, parse_components
 from simclr_dist.report.stats import Summary, summarize
 from simclr_dist import storage
 
 Rows = list[dict[str, Any]]
+RESULT_FILES = {"csv": "results.csv", "trials_csv": "trials.csv", "markdown": "results.md"}
 CONFIDENCE = 0.95
 REFERENCE_TEXT = {"pixels": "raw pixels (no network)", "random-init": "random-init encoder (no pretraining)"}
 
@@ -490,12 +495,11 @@ def make_plots(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[str, 
     return out
 
 
-def write_results(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[str, str]:
-    """results.csv (cells and references), trials.csv, results.md and plots/*.png under the experiment (local or
-    URI); returns name -> location."""
-    exp = spec.experiment_uri
-    written = {"csv": storage.join(exp, "results.csv"), "trials_csv": storage.join(exp, "trials.csv"),
-               "markdown": storage.join(exp, "results.md")}
+def write_results(spec: SweepSpec, rows: Rows, references: Rows = (), out: str | None = None) -> dict[str, str]:
+    """results.csv (cells and references), trials.csv, results.md and plots/*.png under ``out`` (local or URI;
+    default: the experiment); returns name -> location."""
+    exp = out or spec.experiment_uri
+    written = {name: storage.join(exp, file) for name, file in RESULT_FILES.items()}
     storage.write_bytes(written["csv"], cells_csv(spec, rows, references).encode())
     storage.write_bytes(written["trials_csv"], table_csv(rows).encode())
     storage.write_bytes(written["markdown"], table_markdown(spec, rows, references).encode())
@@ -503,3 +507,112 @@ def write_results(spec: SweepSpec, rows: Rows, references: Rows = ()) -> dict[st
         written[name] = storage.join(exp, "plots", name)
         storage.write_bytes(written[name], png)
     return written
+
+
+# ----------------------------------------------------------------------------------------------- reading back
+TEXT_COLUMNS = ("trial", "status", "note", "error")
+INT_COLUMNS = ("seed", "epochs_done", "n", "trials")
+REFERENCE_COLUMNS = ("kind", "reference", "metric", "n", "trials", "mean")
+
+
+def read_results(spec: SweepSpec, directory: str) -> tuple[Rows, Rows]:
+    """The trial rows and reference rows behind a finished sweep's files (its trials.csv and results.csv), typed as
+    the sweep made them, so :func:`write_results` renders them again with the current report code without rerunning
+    a trial or starting Ray. Raises a one-line :class:`SweepError` naming the file (and line) that does not fit
+    ``spec``."""
+    return (read_trials(spec, storage.join(directory, RESULT_FILES["trials_csv"])),
+            read_references(spec, storage.join(directory, RESULT_FILES["csv"])))
+
+
+def read_csv(uri: str, need: list[str], source: str) -> list[dict[str, str]]:
+    """The rows of a CSV the report wrote, or a one-line error: unreadable, or without one of the ``need`` columns."""
+    try:
+        text = storage.read_bytes(uri).decode()
+    except (FileNotFoundError, NotADirectoryError):  # a missing directory, or the path of a file
+        raise SweepError(f"{uri}: no such file (--render-from names the directory a sweep wrote its results to)") \
+            from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepError(f"{uri}: cannot read ({storage.reason(e)})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in need if c not in (reader.fieldnames or [])]
+    if missing:
+        raise SweepError(f"{uri}: no column {', '.join(missing)}: not the {uri.rsplit('/', 1)[-1]} of a sweep of "
+                         f"{source}")
+    return list(reader)
+
+
+def number(where: str, column: str, text: str) -> float | int | None:
+    """A number column as the sweep wrote it: blank is None, counts and seeds are ints, the rest floats (a float's
+    text is its repr, so it reads back exactly, NaN included)."""
+    if text == "":
+        return None
+    try:
+        return int(text) if column in INT_COLUMNS else float(text)
+    except ValueError:
+        raise SweepError(f"{where}: {column} {text!r} is not a number") from None
+
+
+def searched_value(spec: SweepSpec, where: str, key: str, text: str) -> Any:
+    """A trial's value of a searched field, typed as the spec holds it: a grid or choice value is matched by its
+    text (so 10.0 stays a float and True a bool); a value the spec does not search means another sweep's table."""
+    dim = spec.search[key]
+    if dim.kind in ("uniform", "loguniform"):
+        return number(where, key, text)
+    by_text = {"" if v is None else str(v): v for v in dim.values}
+    if text not in by_text:
+        raise SweepError(f"{where}: {key} {text!r} is not a value {spec.source} searches "
+                         f"({', '.join(by_text)}): the trials of another sweep file?")
+    return by_text[text]
+
+
+def read_trials(spec: SweepSpec, uri: str) -> Rows:
+    """trials.csv back as :func:`~simclr_dist.run.studies.sweep_run.collect_rows` made it, in its order (best first,
+    as the report lists them)."""
+    need = ["trial", "status", *spec.search, *(["seed"] if spec.seeds else []), spec.metric]
+    raw = read_csv(uri, need, spec.source)
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    stray = [c for c in (raw[0] if raw else {}) if c in fields and c not in need]
+    if stray:
+        raise SweepError(f"{uri}: column {stray[0]!r} is a pretraining field {spec.source} does not search: the "
+                         "trials of another sweep file?")
+    rows = []
+    for line, r in enumerate(raw, 2):
+        where = f"{uri} line {line}"
+        rows.append({c: v if c in TEXT_COLUMNS else searched_value(spec, where, c, v) if c in spec.search
+                     else number(where, c, v) for c, v in r.items()})
+        if spec.seeds and rows[-1]["seed"] not in spec.seeds:
+            raise SweepError(f"{where}: seed {rows[-1]['seed']} is not one of the seeds {spec.seeds} of "
+                             f"{spec.source}: the trials of another sweep file?")
+    return rows
+
+
+def read_references(spec: SweepSpec, uri: str) -> Rows:
+    """The reference rows behind results.csv's reference lines (:func:`reference_line_rows`); every line must be of
+    the spec's objective."""
+    refs = []
+    for line, r in enumerate(read_csv(uri, [*REFERENCE_COLUMNS, *spec.search], spec.source), 2):
+        where = f"{uri} line {line}"
+        if r["metric"] != spec.metric:
+            raise SweepError(f"{where}: metric {r['metric']!r}, but {spec.source} selects on {spec.metric!r}: the "
+                             "results of another sweep file?")
+        if r["kind"] == "reference":
+            refs += reference_line_rows(spec, where, r)
+    return refs
+
+
+def reference_line_rows(spec: SweepSpec, where: str, r: dict[str, str]) -> Rows:
+    """One reference line as the rows :func:`reference_cells` grouped into it: a row per seed column with a value,
+    the seedless value (the pixels) from the mean of a line without seed columns, and a row without a value per
+    failed one. Only the objective comes back (results.csv holds no other accuracy of a reference, and the report
+    reads no other)."""
+    name, _, of = r["reference"].partition(" (")
+    base = {"reference": name, "of": of[:-1]}  # reference_cells wrote "name (of)"
+    values = [(number(where, "seed", c[len("seed_"):]), number(where, c, v)) for c, v in r.items()
+              if c.startswith("seed_") and v]
+    n, trials = number(where, "n", r["n"]), number(where, "trials", r["trials"])
+    if not values and n:
+        values = [(None, number(where, "mean", r["mean"]))]
+    if len(values) != n:
+        raise SweepError(f"{where}: reference {r['reference']!r} has n={n} but {len(values)} values to read back")
+    return ([{**base, "seed": s, spec.metric: v} for s, v in values]
+            + [{**base, "seed": None, spec.metric: None} for _ in range(trials - n)])

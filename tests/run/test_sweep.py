@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import signal
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from simclr_dist.config import PretrainConfig
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.loader import LoaderSpec
 from simclr_dist.data.torch_loader import TorchPretrainLoader
-from simclr_dist.config.sweep import OBJECTIVES, SweepError, load_spec, parse_sweep
-from simclr_dist.report.sweep import heatmap, make_plots, table_csv, table_markdown
+from simclr_dist.config.sweep import OBJECTIVES, SweepError, SweepSpec, load_spec, parse_sweep
+from simclr_dist.report.sweep import (
+    cells_csv,
+    heatmap,
+    make_plots,
+    read_results,
+    table_csv,
+    table_markdown,
+    write_results,
+)
 from simclr_dist.run.jobs.capacity import Capacity, Growth, capacity_of
 from simclr_dist.run.studies.sweep_plan import check_spec, plan_concurrency, trial_resources
 from simclr_dist.run.studies.sweep_run import check_identity, collect_rows, run_sweep
@@ -305,6 +316,78 @@ def test_a_failing_reference_is_skipped_with_one_line_and_the_results_are_still_
     table = list(csv.DictReader(Path(out["files"]["csv"]).read_text().splitlines()))
     assert [(r["kind"], r["temperature"]) for r in table] == [("cell", "0.5"), ("cell", "0.1")]
     assert Path(out["files"]["markdown"]).exists() and Path(out["files"]["trials_csv"]).exists()
+
+
+# ------------------------------------------------------------------------------------------ render again
+def swept(tmp_path, search: dict) -> tuple[Path, SweepSpec, list[dict], list[dict]]:
+    """A 3-seed sweep file on disk, and the trial rows and references its sweep would have written: rows made by
+    collect_rows from Tune-like results (seed 1 of the first cell failed; values with every digit of a float), the
+    pixels, the random init of every seed, and a reference that failed (NaN), as reference_rows makes them."""
+    data = {**tiny(tmp_path, **search), "seeds": 3, "objective": {"metric": "val_linear_top1", "mode": "max"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(str(path))
+    grid = []
+    for i, point in enumerate(spec.trial_configs()):
+        metrics = {"trial_id": f"t{i:02d}", "epoch": 1, "time_total_s": 3.0 + i / 7}
+        history = [{"epoch": 1, "val_linear_top1": 0.5 + math.sin(i) / 10, "val_linear_top1_init": 0.4 + i / 300,
+                    "val_knn_top1": 0.3 + math.cos(i) / 10, "loss": 4.0 + 1 / (i + 1)}]
+        grid.append(FakeResult(point, metrics, RuntimeError("x\nRunError: non-finite loss") if i == 1 else None,
+                               None if i == 1 else history))
+    refs = [{"reference": "pixels", "of": "", "seed": None, "val_linear_top1": 2 / 3, "val_knn_top1": 0.5},
+            *({"reference": "random-init", "of": "", "seed": s, "val_linear_top1": 0.4 + s / 70, "val_knn_top1": 0.3}
+              for s in spec.seeds),
+            {"reference": "pixels", "of": "image_size=32", "seed": None, "val_linear_top1": math.nan}]
+    return path, spec, collect_rows(spec, grid), refs
+
+
+@pytest.mark.parametrize("search", [{"temperature": [0.1, 10.0], "proj_normalize": [True, False]},
+                                    {"augment": {"pairs": ["crop", "color", "rotate"], "with": "crop"}}])
+def test_render_from_written_results_rewrites_them_byte_for_byte(search, tmp_path, monkeypatch):
+    """``--render-from``: the rows read back from trials.csv are the rows the sweep collected (10.0 a float, True a
+    bool, seeds ints, a failed trial's blanks None), the references come back from results.csv, and the files
+    written again equal the sweep's byte for byte, without running a sweep."""
+    import simclr_dist.sweep as sweep_cli
+
+    path, spec, rows, refs = swept(tmp_path, search)
+    files = write_results(spec, rows, refs)
+    exp = Path(files["csv"]).parent
+    assert read_results(spec, str(exp))[0] == rows
+    monkeypatch.setattr(sweep_cli, "run_sweep", lambda *a, **k: pytest.fail("--render-from ran the sweep"))
+    again = tmp_path / "again"
+    assert main([str(path), "--render-from", str(exp), "--out", str(again)]) == 0
+    for name in ("results.csv", "trials.csv", "results.md"):
+        assert (again / name).read_bytes() == (exp / name).read_bytes(), name
+    md = (again / "results.md").read_text()
+    assert "*reference: raw pixels (no network) (image_size=32)*" in md and "| 0 of 1 (1 failed) |" in md
+    plots = sorted(p.name for p in (exp / "plots").iterdir())
+    assert plots and sorted(p.name for p in (again / "plots").iterdir()) == plots
+
+
+BAD_RENDER = [
+    ("none", [], r"none/trials.csv: no such file \(--render-from names the directory a sweep wrote its results to\)$"),
+    ("exp", ["--set", "temperature=[0.1,0.5]"], r"exp/trials.csv line \d+: temperature '10.0' is not a value \S*s.yaml "
+                                                r"searches \(0.1, 0.5\): the trials of another sweep file\?$"),
+    ("exp", ["--set", "augment=[crop,color]"], r"exp/trials.csv: no column augment: not the trials.csv of a sweep of "
+                                               r"\S*s.yaml$"),
+    ("exp", ["--set", "proj_normalize=true"], r"exp/trials.csv: column 'proj_normalize' is a pretraining field "
+                                              r"\S*s.yaml does not search"),
+    ("exp", ["--set", "seeds=2"], r"exp/trials.csv line \d+: seed 2 is not one of the seeds \[0, 1\] of \S*s.yaml"),
+    ("exp", ["--set", "objective.metric=val_knn_top1"], r"exp/results.csv line 2: metric 'val_linear_top1', but "
+                                                        r"\S*s.yaml selects on 'val_knn_top1'"),
+    ("exp", ["--resume"], r"--render-from: renders a finished sweep and runs nothing; drop --resume$"),
+]
+
+
+@pytest.mark.parametrize("where, extra, match", BAD_RENDER)
+def test_render_from_bad_input_one_line_error(where, extra, match, tmp_path, capsys):
+    path, spec, rows, refs = swept(tmp_path, {"temperature": [0.1, 10.0], "proj_normalize": [True, False]})
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "trials.csv").write_text(table_csv(rows))
+    (tmp_path / "exp" / "results.csv").write_text(cells_csv(spec, rows, refs))
+    assert main([str(path), "--render-from", str(tmp_path / where), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(match, err.strip()), err
 
 
 def test_figure5_pairs_on_one_branch_and_heatmap_with_means(tmp_path):
