@@ -119,7 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                ray=False, threads=0, num_workers=1, classifier_loader="resident"),
 }
 # Defaults of the fields a preset sets, per dataset (others: "*"). Digits: the 10-minute demo (pretraining
-# included): at 10% of the labels a selection epoch is 2 steps (112 labels to fit, batch 64) and from scratch sits at
+# included): at 10% of the labels a selection epoch is 1 step (112 labels to fit, batch 64) and from scratch sits at
 # chance for its first 25-50 epochs, so at most 200 epochs with patience 50 (20 stopped it at chance or not depending
 # on the thread count); on all labels at most 15 epochs of 18 steps, patience 4; one weight decay; tuned on the first
 # replicate; the in-process arms on every core. Measured 2026-12-04 on 2 cores, from an empty directory: 8.3 min;

@@ -289,8 +289,8 @@ def test_plan_orders_cells_and_names_runs(tmp_path):
     ft = arm_config(plan, plan.cells[0], 0.4, 0.0, split=0)
     sc = arm_config(plan, plan.cells[1], 0.4, 0.0, split=None)
     assert ft.init_checkpoint == ckpt and sc.init_checkpoint is None and not sc.ray
-    assert ft.name == "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-es100p20-b64-v0" and sc.val_split is None
-    assert sc.name == "supervised-0.1-s0-i0-lr0.4-wd0-padcrop-100ep-const-b64"  # the recipe is in the name
+    assert ft.name == "finetune-0.1-s0-i0-lr0.4-wd0-padcrop-es200p50-b64-v0" and sc.val_split is None
+    assert sc.name == "supervised-0.1-s0-i0-lr0.4-wd0-padcrop-200ep-const-b64"  # the recipe is in the name
 
 
 def test_linear_probe_with_one_label_per_class_uses_strongest_l2():
