@@ -223,7 +223,7 @@ class FeatureBank:
 
 
 def run_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank], log: Log,
-               paid: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+               paid: set[str]) -> list[dict[str, Any]]:
     """The linear probe and kNN of the SimCLR encoder, of a randomly initialised one, and logistic regression on
     raw pixels, on this replicate's subsets, with the same selection splits as the trained arms: every L2 and every
     k is chosen on those validation splits, the test split read once per probe. The random-init encoder is probed
@@ -314,7 +314,7 @@ def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, F
     (the study's, across replicates) keeps a later replicate computed in this process from charging it again."""
     ident = probes_identity(plan, rep)
     if ident is None or not plan.fractions_of(rep):
-        return run_probes(plan, rep, data, banks, log, frozenset(paid))
+        return run_probes(plan, rep, data, banks, log, paid)
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     uri = storage.join(plan.out, "runs", f"probes-r{rep.index}-{key}", RESULTS_FILE)
     if storage.exists(uri):
@@ -324,16 +324,15 @@ def cached_probes(plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, F
                 f"from {uri}")
             paid.update(saved.get("charged", []))
             return [{**r, "reused": True} for r in saved["records"]]
-    before = "ssl" in banks and banks["ssl"].charged
-    records = run_probes(plan, rep, data, banks, log, frozenset(paid))
-    charged = ["ssl"] if not before and "ssl" in banks and banks["ssl"].charged and "ssl" not in paid else []
-    paid.update(charged)
+    before = set(paid)
+    records = run_probes(plan, rep, data, banks, log, paid)
+    charged = sorted(paid - before)  # the shared passes these records carry
     storage.write_json(uri, {"kind": "probes", "identity": ident, "records": records, "charged": charged})
     return records
 
 
 def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dict[str, FeatureBank],
-               needed: np.ndarray, sub: np.ndarray, log: Log, paid: frozenset[str] = frozenset()) -> FeatureBank:
+               needed: np.ndarray, sub: np.ndarray, log: Log, paid: set[str]) -> FeatureBank:
     """The features a probe of ``kind`` reads: the SimCLR encoder's (one pass for every replicate: the union of all
     subsets), raw pixels or the random-init encoder as initialised (one pass per replicate), or the random-init
     encoder with its BatchNorm statistics recalibrated on this subset's images (one pass per replicate and
@@ -343,6 +342,7 @@ def probe_bank(kind: str, plan: Plan, rep: Replicate, data: EvalData, banks: dic
             union = np.concatenate([s for (f, _), s in plan.subsets.items() if f in plan.fractions])
             banks["ssl"] = FeatureBank(ssl_encoder(plan), ssl_data(plan, data), union)
             banks["ssl"].charged = "ssl" in paid  # a read-back replicate's records already carry its seconds
+            paid.add("ssl")  # else the record that reads it first charges it
             describe(kind, banks["ssl"], log)
         return banks["ssl"]
     if kind in ("pixels", "random"):
