@@ -115,23 +115,61 @@ def budget_line(summary: dict[str, Any]) -> str:
             "number of epochs")
 
 
+PER_CLASS_ARMS = ("finetune", "supervised", "linear", "pixels")  # the arms of the declared comparisons
+
+
 def per_class_lines(summary: dict[str, Any]) -> list[str]:
-    """Mean per-class recall of the trained arms and the linear probe at the small fraction (and the reference)."""
-    small = summary["small_fraction"]
+    """Per-class recall of the declared comparisons' arms at every fraction, mean [95% t-interval over seeds], with
+    balanced accuracy and the worst class (the class of lowest mean recall) under them. Rows written before the
+    intervals existed (no ``recall_by_class``) fall back to the mean over their records."""
     names = summary.get("classes") or [str(i) for i in range(summary.get("num_classes", 0))]
-    cols = [(a, small) for a in ("linear", "finetune", "supervised")] + [("supervised", 1.0)]
-    cols = [(a, f) for a, f in dict.fromkeys(cols)
-            if any(r["arm"] == a and r["fraction"] == f and "per_class_recall" in r for r in summary["records"])]
-    if not cols or not names:
+    if not names:
         return []
-    recall = {c: np.mean([r["per_class_recall"] for r in summary["records"]
-                          if (r["arm"], r["fraction"]) == c and "per_class_recall" in r], axis=0) for c in cols}
-    lines = ["## Per-class recall (mean over replicates)", "",
-             "| class | " + " | ".join(f"{title(a, summary)} {pct(f)}" for a, f in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for i, name in enumerate(names):
-        lines.append(f"| {name} | " + " | ".join(f"{recall[c][i]:.3f}" for c in cols) + " |")
-    return [*lines, ""]
+    lines = ["## Per-class recall over seeds", "",
+             "Recall of each test class, mean over the replicates [95% t-interval over seeds, not clipped to 0..1]; "
+             "balanced accuracy "
+             "(the mean of the class recalls) and the worst class (lowest mean recall) under each table.", ""]
+    fractions = sorted({r["fraction"] for r in summary.get("rows", [])})
+    for f in fractions:
+        rows = [r for r in (find_row(summary, a, f) for a in PER_CLASS_ARMS) if r is not None]
+        cells = [class_cells(summary, r) for r in rows]
+        rows = [r for r, c in zip(rows, cells) if c is not None]
+        cells = [c for c in cells if c is not None]
+        if not rows:
+            continue
+        lines += [f"### {pct(f)} of the labels", "",
+                  "| class | " + " | ".join(f"{title(r['arm'], summary)} (n={r['n']})" for r in rows) + " |",
+                  "|---|" + "---:|" * len(rows)]
+        lines += [f"| {name} | " + " | ".join(c[i] for c in cells) + " |" for i, name in enumerate(names)]
+        lines.append("| *balanced accuracy* | " + " | ".join(interval(r.get("balanced_accuracy")) for r in rows)
+                     + " |")
+        lines.append("| *worst class* | " + " | ".join(worst_cell(r, names) for r in rows) + " |")
+        lines.append("")
+    return lines if len(lines) > 4 else []
+
+
+def class_cells(summary: dict[str, Any], row: dict[str, Any]) -> list[str] | None:
+    """One column of a per-class table: ``mean [lo, hi]`` per class, or the records' mean when no interval."""
+    if row.get("recall_by_class"):
+        return [interval(s) for s in row["recall_by_class"]]
+    recs = [r["per_class_recall"] for r in summary.get("records", [])
+            if (r["arm"], r["fraction"]) == (row["arm"], row["fraction"]) and "per_class_recall" in r]
+    return [f"{v:.3f}" for v in np.mean(recs, axis=0)] if recs else None
+
+
+def interval(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "-"
+    if s.get("n", 0) < 2 or s.get("ci_low") is None:
+        return f"{s['mean']:.3f}"
+    return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
+
+
+def worst_cell(row: dict[str, Any], names: list[str]) -> str:
+    i = row.get("worst_class_index")
+    if i is None:
+        return f"{row['worst_class']:.3f} (per seed)"
+    return f"{names[i]}: {interval(row.get('worst_class_recall'))}"
 
 
 def protocol_lines(summary: dict[str, Any]) -> list[str]:

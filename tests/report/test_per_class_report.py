@@ -1,0 +1,48 @@
+"""report.md's per-class section: recall of every class with its interval over seeds, from known predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simclr_dist.report.experiments import aggregate
+from simclr_dist.report.experiments_md import per_class_lines
+
+LABELS = np.repeat([0, 1, 2], 4)  # 3 classes x 4 test images
+
+
+def record(arm: str, replicate: int, preds: list[int]) -> dict:
+    p = np.asarray(preds)
+    recall = [float((p[LABELS == c] == c).mean()) for c in range(3)]
+    return {"arm": arm, "fraction": 0.1, "replicate": replicate, "label_count": 30, "predictions": preds,
+            "top1": float((p == LABELS).mean()), "worst_class_acc": min(recall), "macro_f1": 0.0,
+            "per_class_recall": recall}
+
+
+def summary() -> dict:
+    # class 0 right on 4, 2, 3 of its 4 images over the three seeds (recall 1, 0.5, 0.75); class 1 always right;
+    # class 2 never (predicted as 1): the worst class of every seed
+    fine = [record("finetune", i, [0] * k + [1] * (4 - k) + [1] * 4 + [1] * 4) for i, k in enumerate((4, 2, 3))]
+    pixels = [record("pixels", i, [0] * 4 + [1] * 4 + [2] * 2 + [0] * 2) for i in range(3)]
+    rows = aggregate(fine + pixels, LABELS, 3)
+    return {"classes": ["zero", "one", "two"], "num_classes": 3, "rows": rows, "records": fine + pixels,
+            "titles": {}}
+
+
+def test_per_class_recall_has_each_class_interval_over_seeds_and_the_worst_class():
+    text = "\n".join(per_class_lines(summary()))
+    # class 0: mean 0.75, sd 0.25 over 3 seeds, t(0.975, 2) = 4.303 -> 0.75 +- 0.621 (t-intervals are not clipped)
+    assert "| zero | 0.750 [0.129, 1.371] | 1.000 [1.000, 1.000] |" in text
+    assert "| one | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |" in text  # no spread over seeds
+    assert "| two | 0.000 [0.000, 0.000] | 0.500 [0.500, 0.500] |" in text
+    # balanced accuracy per seed (1+1+0)/3, (0.5+1+0)/3, (0.75+1+0)/3 -> mean 0.5833
+    assert "| *balanced accuracy* | 0.583 [" in text
+    assert "| *worst class* | two: 0.000 [0.000, 0.000] | two: 0.500 [0.500, 0.500] |" in text
+    assert "SimCLR fine-tuned (n=3)" in text and "### 10% of the labels" in text
+
+
+def test_rows_without_intervals_fall_back_to_the_records_mean():
+    s = summary()
+    for r in s["rows"]:
+        del r["recall_by_class"], r["worst_class_index"]
+    text = "\n".join(per_class_lines(s))
+    assert "| zero | 0.750 | 1.000 |" in text and "| *worst class* | 0.000 (per seed) |" in text
