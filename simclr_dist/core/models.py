@@ -179,9 +179,10 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     BN affine parameters are untouched; the model's mode is restored.
 
     Why: a randomly initialised encoder evaluated in eval mode normalises with the statistics of initialisation
-    (mean 0, variance 1), which are wrong for real images and make its features worse than the architecture
-    allows; a random-init baseline recalibrated on the images it is probed on measures the architecture, not the
-    accident of its initial statistics. ``momentum=None`` makes the running statistics a cumulative average."""
+    (mean 0, variance 1), not those of real images, so a random-init baseline could be said to be handicapped by
+    them; the studies probe it both ways. Measured, recalibration makes that baseline worse, not better, on
+    Fashion-MNIST at every fraction (docs/experiments.md, the protocol's baselines). ``momentum=None`` makes the running
+    statistics a cumulative average (of the per-batch means and variances)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.training) for m in norms]
     was_training = model.training
