@@ -174,7 +174,7 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches) -> int:
-    """Replace every BatchNorm layer's running statistics by the exact mean and variance of ``batches`` (an
+    """Replace every BatchNorm layer's running statistics by the mean and variance of ``batches`` (an
     iterable of input tensors ``(B, C, H, W)``) as the layer sees them; returns the images seen. Weights and the
     BN affine parameters are untouched; the model's mode is restored.
 
