@@ -7,6 +7,7 @@ protocol's invariants (equal steps, selection without test data, separate seeds)
 
 from __future__ import annotations
 
+import csv
 import glob
 import gzip
 import json
@@ -232,6 +233,14 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
         assert bt["ci_low"] <= bt["mean"] <= bt["ci_high"]
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("arm,fraction,label_count,n,mean,sd") and len(csv_rows) == 1 + len(rows)
+    # per_seed.csv: the unit of the tests, one row per record with the point it used
+    per_seed = list(csv.DictReader((out / "per_seed.csv").read_text().splitlines()))
+    assert len(per_seed) == len(summary["records"])
+    assert {(r["arm"], float(r["fraction"]), int(r["replicate"]), float(r["top1"])) for r in per_seed} == {
+        (r["arm"], r["fraction"], r["replicate"], r["top1"]) for r in summary["records"]}
+    fine = next(r for r in per_seed if r["arm"] == "finetune" and r["replicate"] == "0")
+    fine_rec = next(r for r in summary["records"] if r["arm"] == "finetune" and r["replicate"] == 0)
+    assert fine["chosen"] == f"lr={fine_rec['chosen']['lr']:g};wd={fine_rec['chosen']['wd']:g}"  # fixed steps: no epochs
 
     # fairness: one class-balanced subset per (fraction, replicate), the very images every arm trained on
     labels = load_eval_data(PretrainConfig(dataset="digits", **TINY).resolved()).train_labels

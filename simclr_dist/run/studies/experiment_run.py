@@ -564,16 +564,32 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
             "elapsed_s": time.perf_counter() - t_start, "data": data}
 
 
-def write_outputs(out: str, summary: dict[str, Any]) -> None:
-    """results.json, results.csv (one row per arm and fraction), report.md and the plots, into ``--out``."""
-    write_results(storage.join(out, "results.json"), summary)
-    buf = io.StringIO()
-    fields = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci_high", "worst_class", "macro_f1",
+ROW_FIELDS = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci_high", "worst_class", "macro_f1",
               "steps", "epochs", "train_time_s"]
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(summary.get("rows", []))
-    storage.write_bytes(storage.join(out, "results.csv"), buf.getvalue().encode())
+# per_seed.csv: one row per (arm, fraction, replicate), the unit of the tests; "chosen" is the point the replicate
+# used (lr/wd/epochs of a trained arm, l2 of a probe, k of kNN), "tuned_on_replicate" where that choice was made
+SEED_FIELDS = ["arm", "fraction", "label_count", "replicate", "seed", "subset_seed", "subset_sha256", "top1", "top5",
+               "macro_f1", "worst_class", "worst_class_acc", "chosen", "tuned_on_replicate", "grid_edge",
+               "hit_max_epochs", "steps", "images_seen", "train_time_s", "selection_time_s"]
+
+
+def write_outputs(out: str, summary: dict[str, Any]) -> None:
+    """results.json, results.csv (one row per arm and fraction), per_seed.csv (one row per replicate of each),
+    report.md and the plots, into ``--out``."""
+    write_results(storage.join(out, "results.json"), summary)
+    storage.write_bytes(storage.join(out, "results.csv"), csv_text(ROW_FIELDS, summary.get("rows", [])))
+    seeds = sorted(summary.get("records", []), key=lambda r: (r["fraction"], r["arm"], r.get("replicate") or 0))
+    storage.write_bytes(storage.join(out, "per_seed.csv"), csv_text(SEED_FIELDS, [
+        {**r, "chosen": ";".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                                 for k, v in sorted((r.get("chosen") or {}).items()))} for r in seeds]))
     for name, data in plots(summary).items():
         storage.write_bytes(storage.join(out, name), data)
     storage.write_bytes(storage.join(out, "report.md"), report(summary).encode())
+
+
+def csv_text(fields: list[str], rows: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
