@@ -62,8 +62,8 @@ SMOKE_PRETRAIN = "--epochs 1 --width 0.125 --batch-size 64 --threads 1"
 SMOKE: dict[str, Any] = dict(fractions="0.1", small_fraction=0.1, seeds=3, seeds_by_fraction=None, steps=None,
                              max_epochs="2", patience="1", batch_size=32, lr_grid_finetune="0.05",
                              lr_grid_supervised="0.1", wd_grid="5e-4", threads=1)
-# --smoke: the probes' grids when left at their defaults (10 L2 strengths x every fold of LBFGS were the smoke's
-# largest cost: about half of its CPU seconds)
+# --smoke: the probes' grids when not given (10 L2 strengths x every fold of LBFGS were the smoke's largest cost:
+# about half of its CPU seconds); a grid given on the command line wins, even one equal to the default
 SMOKE_PROBE_GRIDS = dict(l2_grid="0.01,1", knn_k="1,5")
 
 
@@ -142,6 +142,8 @@ PRESET_FIELDS = ("dataset", "fractions", "small_fraction", "seeds", "seeds_by_fr
 # edge at 10% in every seed) and k from 1 to 200 (the old fixed k=20 and k=200 were both reported, neither chosen).
 WIDE_L2_GRID = tuple(10.0 ** p for p in range(-6, 4))
 KNN_K_GRID = (1, 3, 5, 10, 20, 50, 100, 200)
+# the probes' grids when not given: L2 over 10 decades, k from 1 to 200
+PROBE_GRIDS = dict(l2_grid=",".join(f"{v:g}" for v in WIDE_L2_GRID), knn_k=",".join(str(k) for k in KNN_K_GRID))
 GRID_ARMS = ("finetune", "supervised")  # the trained arms, each with its own LR grid
 
 
@@ -270,10 +272,12 @@ class ExperimentsConfig(JobConfig):
                                    "or components")
     val_fraction: float = flag(0.2, "share of each labelled subset held out for model selection (k-fold when a "
                                     "class has fewer than 10 labels)", gt=0, le=0.5)
-    l2_grid: str = flag(",".join(f"{v:g}" for v in WIDE_L2_GRID), "L2 strengths of the linear probes' sweep "
-                                                                       "(each probe chooses one on validation)")
-    knn_k: str = flag(",".join(str(k) for k in KNN_K_GRID), "neighbours k of the kNN baselines: each chooses one "
-                                                             "on validation (capped at the labels it fits on)")
+    l2_grid: str | None = flag(None, "L2 strengths of the linear probes' sweep (each probe chooses one on "
+                                     f"validation; default {PROBE_GRIDS['l2_grid']}; --smoke: "
+                                     f"{SMOKE_PROBE_GRIDS['l2_grid']})")
+    knn_k: str | None = flag(None, "neighbours k of the kNN baselines: each chooses one on validation (capped at "
+                                   f"the labels it fits on; default {PROBE_GRIDS['knn_k']}; --smoke: "
+                                   f"{SMOKE_PROBE_GRIDS['knn_k']})")
     # where the trained arms run
     ray: bool | None = flag(None, "train the arms under Ray Train (--ray) or in this process (--no-ray); default: "
                                 "in-process on digits and the CPU preset (a Ray worker group per arm costs more than "
@@ -317,8 +321,8 @@ class ExperimentsConfig(JobConfig):
             check_fractions("fractions", self.fraction_values())
         self.arm_list()
         self.baseline_list()
-        check_l2("l2_grid", parse_floats("l2_grid", self.l2_grid))
-        for k in parse_floats("knn_k", self.knn_k):
+        check_l2("l2_grid", self.l2_values())
+        for k in parse_floats("knn_k", self.knn_k or PROBE_GRIDS["knn_k"]):
             if k < 1 or k != int(k):
                 bad("knn_k", f"each k must be a whole number >= 1, got {k:g}")
         for name in ("lr_grid", "lr_grid_finetune", "lr_grid_supervised", "wd_grid"):
@@ -362,11 +366,9 @@ class ExperimentsConfig(JobConfig):
         elif cfg.steps is not None:  # a table's fixed budget, overridden by early-stopping flags
             if given & {"max_epochs", "patience"}:
                 cfg.steps = None
-        if cfg.smoke:
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, value in SMOKE_PROBE_GRIDS.items():
-                if getattr(cfg, name) == defaults[name]:
-                    setattr(cfg, name, value)
+        for name, value in (SMOKE_PROBE_GRIDS if cfg.smoke else PROBE_GRIDS).items():
+            if getattr(cfg, name) is None:  # not given
+                setattr(cfg, name, value)
         if "seeds" in given and "seeds_by_fraction" not in given:  # --seeds alone: that many at every fraction
             cfg.seeds_by_fraction = None
         cfg.num_workers = cfg.num_workers or 2
@@ -426,7 +428,7 @@ class ExperimentsConfig(JobConfig):
         return value_for("patience", self.patience, fraction)
 
     def knn_ks(self) -> tuple[int, ...]:
-        return tuple(int(k) for k in parse_floats("knn_k", self.knn_k))
+        return tuple(int(k) for k in parse_floats("knn_k", self.knn_k or PROBE_GRIDS["knn_k"]))
 
     def l2_values(self) -> tuple[float, ...]:
-        return parse_floats("l2_grid", self.l2_grid)
+        return parse_floats("l2_grid", self.l2_grid or PROBE_GRIDS["l2_grid"])

@@ -21,7 +21,7 @@ import pytest
 
 from fashion_slices import write_idx
 from simclr_dist.config import ConfigError
-from simclr_dist.config.experiments import PRESET_PRETRAIN, PRESETS, SMOKE_PRETRAIN, ExperimentsConfig
+from simclr_dist.config.experiments import PRESET_PRETRAIN, PRESETS, PROBE_GRIDS, SMOKE_PRETRAIN, ExperimentsConfig
 from simclr_dist.data.datasets import IDX_FILES, dataset_info, load_dataset
 from simclr_dist.report.results_file import read_results
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, list_complete_checkpoints
@@ -74,6 +74,13 @@ def test_the_h200_preset_is_one_gpu_without_ray_on_validation_until_the_end(monk
         False, "resident", "val", 0.125, 1, data)  # the study's --data-root reaches its pretraining
     assert [s.seeds_for(f) for f in s.fraction_list() + (1.0,)] == [3, 3] and s.max_epochs_for(1.0) == 2
     assert ExperimentsConfig(preset="fashion-mnist-h200", smoke=True, seeds=4).resolved("fashion-mnist").seeds == 4
+    # the probes' grids: the smoke's small ones when not given; a grid given wins, even one equal to the default
+    assert (s.l2_values(), s.knn_ks()) == ((0.01, 1.0), (1, 5))
+    wide = ExperimentsConfig(preset="fashion-mnist-h200").resolved("fashion-mnist")
+    assert len(wide.l2_values()) == 10 and wide.knn_ks() == (1, 3, 5, 10, 20, 50, 100, 200)
+    given = ExperimentsConfig(preset="fashion-mnist-h200", smoke=True, l2_grid=PROBE_GRIDS["l2_grid"],
+                              knn_k="1,3").resolved("fashion-mnist")
+    assert given.l2_values() == wide.l2_values() and given.knn_ks() == (1, 3)
     with pytest.raises(ConfigError, match="^--smoke: runs a preset's code path: give --preset NAME"):
         ExperimentsConfig(smoke=True).validate()
     # the other presets keep the default loader (auto: the torch path on a CPU, as before the field)
