@@ -25,12 +25,9 @@ from simclr_dist.config.base import (FORMATS, JobConfig, PretrainedError, bad, c
                                      parse_weights_spec)
 from simclr_dist.config.evaluate import dataset_names
 from simclr_dist.core.models import ARCHS
-from simclr_dist.data.augment import parse_components
+from simclr_dist.data.augment import PADCROP, parse_components
 from simclr_dist.data.resident import SPLIT_IMAGES
 
-# The classifiers' supervised augmentation. "padcrop" (pad by size // 8, random crop back to size) is built by the
-# classifier loop (simclr_dist.run.train.classify_loop.classifier_transform) until data.augment has the component.
-PADCROP = "padcrop"
 AUGMENT_ALIASES = ("supervised", "simclr")
 SCHEDULES = ("cosine", "constant")
 # How the training batches are made (simclr_dist.data.classifier_batches): the same distribution either way

@@ -22,6 +22,9 @@ from .datasets import DatasetInfo
 RECIPE: tuple[str, ...] = ("crop", "flip", "color", "gray", "blur")  # the paper's default policy
 COLOR_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")  # what "color" jitters (paper: all)
 COMPONENTS: tuple[str, ...] = RECIPE + ("cutout", "sobel", "noise", "rotate")  # + Figure-5 ablation extras
+# The classifiers' supervised augmentation (pad by size // 8, random crop back to size), combined with "flip" only;
+# not a SimCLR component: the classifier loaders build it (run.train.classify_loop, data.classifier_batches)
+PADCROP = "padcrop"
 
 ImageLike = Tensor | Image.Image
 

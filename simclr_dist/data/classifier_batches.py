@@ -40,12 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
-from simclr_dist.data.augment import default_augment
+from simclr_dist.data.augment import PADCROP, default_augment
 from simclr_dist.data.datasets import TensorImageDataset, dataset_info
 from simclr_dist.data.ffcv.gpu_augment import BatchedViewAugment
 from simclr_dist.data.resident import ATTEMPTS, grey_channels, uniform_draw, crop_boxes, global_batch_seed, resized_crops
-
-PADCROP = "padcrop"  # the supervised recipe's component (simclr_dist.config.supervised.PADCROP)
 
 
 def loader_kind(choice: str, device: torch.device, dataset: Dataset, image_size: int) -> str:

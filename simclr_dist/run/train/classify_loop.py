@@ -44,14 +44,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from simclr_dist.config import PretrainConfig
-from simclr_dist.config.supervised import PADCROP, SupervisedConfig
+from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.console import Log, emit
 from simclr_dist.core.dist import all_sum, broadcast_buffers
 from simclr_dist.core.knn import TransformedSubset
 from simclr_dist.core.models import Classifier
 from simclr_dist.core.optim import WarmupCosine, scale_lr
 from simclr_dist.core.precision import Precision, to_memory_format, use_channels_last
-from simclr_dist.data.augment import augment_seed, build_view_transform, default_augment
+from simclr_dist.data.augment import PADCROP, augment_seed, build_view_transform, default_augment
 from simclr_dist.data.classifier_batches import ResidentClassifierBatches, loader_kind
 from simclr_dist.data.datasets import dataset_info
 from simclr_dist.data.splits import LabelSplit
