@@ -21,6 +21,8 @@ the tables and plots :mod:`simclr_dist.report.experiments`.
 from __future__ import annotations
 
 import sys
+import time
+from datetime import datetime, timezone
 
 import torch
 
@@ -31,7 +33,7 @@ from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist import storage
 from simclr_dist.run.studies.experiment_plan import make_plan
 from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
-from simclr_dist.run.studies.run_cache import SUFFIX, pack, unpack
+from simclr_dist.run.studies.run_cache import SUFFIX, pack, record_invocation, unpack
 from simclr_dist.run.jobs.failure import FAILURES, fail
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE
 from simclr_dist.run.train.tracking import log_to_run
@@ -73,22 +75,40 @@ def main(argv: list[str] | None = None) -> int:
              f"[exp] --runs-cache {cache}: nothing to take (every cached run is in {runs} already)" if cached else
              f"[exp] --runs-cache {cache}: empty (no finished run cached yet); each run the study finishes is added")
 
+    started_at, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    finished_records = [0]
+
+    def log_invocation(complete: bool) -> list[dict] | None:
+        """This invocation's wall time into the cache's log (a study spans sessions: its total is the sum)."""
+        if cache is None:
+            return None
+        return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete)
+
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
-        write_outputs(plan.out, summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete,
-                                          data=data))
+        finished_records[0] = len(records)
+        summary = summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete, data=data)
         if cache is not None:
             pack(runs, cache)
+            summary["invocations"] = log_invocation(complete)
+        write_outputs(plan.out, summary)
 
     try:
         done = execute(plan, on_update=progress)
     except FAILURES as e:
         return fail(e)
     except KeyboardInterrupt:
+        try:
+            log_invocation(False)
+        except FAILURES:
+            pass  # the log is a record, not the work: an interrupted study still ends in its one line
         emit(f"\n[exp] interrupted; finished runs are kept in {plan.out} and reused by a rerun")
         return 130
     summary = summarise(done["plan"], done["records"], done["pretraining"], done["budget"],
                         elapsed=done["elapsed_s"], complete=True, data=done["data"])
+    finished_records[0] = len(done["records"])
+    if cache is not None:
+        summary["invocations"] = log_invocation(True)
     write_outputs(plan.out, summary)
     track_study(done["plan"], summary)
     emit("\n" + format_table(summary))

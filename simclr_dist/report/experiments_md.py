@@ -222,8 +222,14 @@ def compute_lines(summary: dict[str, Any]) -> list[str]:
     total = sum(r["total_time_s"] for r in rows)
     lines += ["", f"All arms: {secs(total)} of training and probing; the whole command {secs(summary['elapsed_s'])} "
               "in its last invocation (runs finished in earlier invocations were read back, their time counted "
-              "above).", ""]
-    return lines
+              "above)."]
+    runs = summary.get("invocations") or []
+    if runs:
+        wall = sum(x["elapsed_s"] for x in runs)
+        lines.append(f"Wall time of the study: {secs(wall)} over {len(runs)} invocation(s) recorded in the runs "
+                     f"cache's `invocations.json` (first {runs[0]['started_at']}, last {runs[-1]['started_at']}; "
+                     "an invocation stopped by a kill counts until its last finished part).")
+    return [*lines, ""]
 
 
 def edge_lines(summary: dict[str, Any]) -> list[str]:

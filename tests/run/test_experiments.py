@@ -256,7 +256,11 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
 
     # the finished runs, packed into --runs-cache (results only), carry the study to a fresh --out (another machine)
     trained = sorted(os.listdir(out / "runs"))
-    assert set(os.listdir(tmp_path / "cache")) == {f"{n}.json.gz" for n in trained}
+    assert set(os.listdir(tmp_path / "cache")) == {f"{n}.json.gz" for n in trained} | {"invocations.json"}
+    # the cache logs each invocation's wall time (a study spans sessions): one line, complete, every record counted
+    [first] = read(tmp_path / "cache" / "invocations.json")
+    assert first["complete"] and first["records"] == len(raw["records"]) and first["elapsed_s"] > 0
+    assert f"over 1 invocation(s) recorded in the runs cache's `invocations.json` (first {first['started_at']}" in report
     fresh = tmp_path / "elsewhere"
     assert exp.main([*args[:-3], str(fresh), *args[-2:]]) == 0  # a rerun there reuses every finished run
     again = read(fresh / "results.json")["records"]
@@ -266,6 +270,8 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     said = capsys.readouterr().out
     assert f"{len(trained)} finished run(s) taken" in said and said.count("results read back from") == 2
     assert sum(n.startswith("probes-r") for n in trained) == 2  # one entry per replicate
+    log = read(tmp_path / "cache" / "invocations.json")
+    assert len(log) == 2 and log[0] == first and log[1]["complete"]  # the rerun is a second line, not a rewrite
     # a probe input changed (the L2 grid): the probes run again, under another entry; the trained cells are reused
     l2 = args.index("--l2-grid") + 1
     assert exp.main([*args[:l2], "1e-4,1e-3,1e-2", *args[l2 + 1:-3], str(fresh), *args[-2:]]) == 0
@@ -370,7 +376,9 @@ def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeyp
     assert exp.main(args) == 130
     stdout = capsys.readouterr().out
     assert f"--runs-cache {cache}: empty (no finished run cached yet)" in stdout and "every cached run" not in stdout
-    assert cache.is_dir() and not list(cache.iterdir())  # created writable; the probe is gone
+    # created writable; the probe is gone; the interrupted invocation's wall time is logged (nothing finished)
+    assert [p.name for p in cache.iterdir()] == ["invocations.json"]
+    assert [(x["records"], x["complete"]) for x in read(cache / "invocations.json")] == [(0, False)]
 
     (out / "runs" / "a").mkdir(parents=True)
     (out / "runs" / "a" / "results.json").write_text("{}")

@@ -12,7 +12,7 @@ import pytest
 
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.run.jobs.classify_job import RUN_CONFIG_FILE
-from simclr_dist.run.studies.run_cache import finished, pack, unpack
+from simclr_dist.run.studies.run_cache import INVOCATIONS, finished, pack, record_invocation, unpack
 from simclr_dist.storage import StorageError
 
 
@@ -78,3 +78,18 @@ def test_a_cached_run_of_a_stale_experiment_key_is_replaced_by_the_retrained_run
     write(runs / "a" / "results.json", {"score": 0.9, "config": other})
     write(runs / "a" / RUN_CONFIG_FILE, other)
     assert pack(str(runs), str(cache)) == 0 and cached(cache)["score"] == 0.7
+
+
+def test_the_invocation_log_keeps_one_line_per_invocation_and_refuses_a_damaged_log(tmp_path):
+    cache = str(tmp_path / "cache")
+    record_invocation(cache, "2026-12-04T19:00:00+00:00", 60.0, 3, False)
+    record_invocation(cache, "2026-12-04T19:00:00+00:00", 120.04, 5, False)  # the same invocation, later: rewritten
+    log = record_invocation(cache, "2026-12-03T10:00:00+00:00", 30.0, 2, False)  # an earlier start sorts first
+    assert [(x["started_at"][:10], x["elapsed_s"], x["records"]) for x in log] == [
+        ("2026-12-03", 30.0, 2), ("2026-12-04", 120.0, 5)]
+    assert json.loads((tmp_path / "cache" / INVOCATIONS).read_text()) == log
+    assert unpack(cache, str(tmp_path / "runs")) == 0  # not a run: never copied into a run store
+    (tmp_path / "cache" / INVOCATIONS).write_text('{"not": "a list"}')
+    with pytest.raises(StorageError, match=f"{INVOCATIONS}: not an invocation log"):
+        record_invocation(cache, "2026-12-04T20:00:00+00:00", 1.0, 0, False)
+    assert json.loads((tmp_path / "cache" / INVOCATIONS).read_text()) == {"not": "a list"}  # kept as it was

@@ -27,6 +27,9 @@ from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.run.jobs.classify_job import RESULTS_FILE, RUN_CONFIG_FILE
 
 SUFFIX = ".json.gz"
+# Every invocation of a study that uses this cache: its start, wall seconds so far, runs finished, complete or not.
+# A study spans sessions on fresh machines, and the cache is what they share: its total wall time is the sum.
+INVOCATIONS = "invocations.json"
 
 
 def finished(runs_uri: str) -> list[str]:
@@ -89,3 +92,17 @@ def unpack(cache_uri: str, runs_uri: str) -> int:
         storage.write_json(target, read_entry(storage.join(cache_uri, entry)))
         copied += 1
     return copied
+
+
+def record_invocation(cache_uri: str, started_at: str, elapsed_s: float, records: int, complete: bool) -> list[dict]:
+    """Write this invocation's line (``started_at`` names it; rewritten at each update) into the cache's
+    invocation log and return the whole log, oldest first. A damaged log is refused in one line, never replaced."""
+    uri = storage.join(cache_uri, INVOCATIONS)
+    log = storage.read_json(uri) if storage.exists(uri) else []
+    if not isinstance(log, list) or not all(isinstance(x, dict) and "started_at" in x for x in log):
+        raise storage.StorageError(f"{uri}: not an invocation log (a JSON list of objects with started_at)")
+    line = {"started_at": started_at, "elapsed_s": round(float(elapsed_s), 1), "records": int(records),
+            "complete": bool(complete)}
+    log = sorted([x for x in log if x["started_at"] != started_at] + [line], key=lambda x: x["started_at"])
+    storage.write_json(uri, log)
+    return log
