@@ -11,6 +11,7 @@ import json
 import pytest
 
 from simclr_dist.config.supervised import SupervisedConfig
+from simclr_dist.report.experiments_md import compute_lines
 from simclr_dist.run.jobs.classify_job import RUN_CONFIG_FILE
 from simclr_dist.run.studies.run_cache import INVOCATIONS, finished, pack, record_invocation, unpack
 from simclr_dist.storage import StorageError
@@ -88,6 +89,13 @@ def test_the_invocation_log_keeps_one_line_per_invocation_and_refuses_a_damaged_
     assert [(x["started_at"][:10], x["elapsed_s"], x["records"]) for x in log] == [
         ("2026-12-03", 30.0, 2), ("2026-12-04", 120.0, 5)]
     assert json.loads((tmp_path / "cache" / INVOCATIONS).read_text()) == log
+    rows = [{"arm": "pixels", "fraction": 0.1, "n": 1, "total_time_s": 1.0, "final_time_s": 1.0, "tuning_time_s": 0.0,
+             "images_processed": 0, "tuning_images": 0}]
+    text = "\n".join(compute_lines({"rows": rows, "pretraining": {}, "elapsed_s": 120.0, "invocations": log}))
+    assert "Wall time of the study: 2.5 min over 2 invocation(s)" in text and "lower bound" not in text
+    old = [{**log[0], "reconstructed": "git abc: results.json's elapsed_s"}, log[1]]  # an earlier session's, rebuilt
+    text = "\n".join(compute_lines({"rows": rows, "pretraining": {}, "elapsed_s": 120.0, "invocations": old}))
+    assert "; 1 of them reconstructed from the results.json" in text and "a lower bound." in text
     assert unpack(cache, str(tmp_path / "runs")) == 0  # not a run: never copied into a run store
     (tmp_path / "cache" / INVOCATIONS).write_text('{"not": "a list"}')
     with pytest.raises(StorageError, match=f"{INVOCATIONS}: not an invocation log"):
