@@ -245,10 +245,47 @@ def edge_lines(summary: dict[str, Any]) -> list[str]:
     for r in rows:
         ext = (f"grid extended to {', '.join(f'{v:g}' for v in r['grid_extended'])}; "
                if r.get("grid_extended") else "")
-        still = (f"still on an edge in replicate(s) {', '.join(str(i) for i in r['edge_replicates'])}"
+        still = (f"still on an edge in replicate(s) {', '.join(edge_cell(summary, r, i) for i in r['edge_replicates'])}"
                  if r.get("edge_replicates") else "inside the extended grid")
         lines.append(f"- {title(r['arm'], summary)} at {pct(r['fraction'])}: {ext}{still}")
+    bounds = bound_notes(summary, rows)
+    if bounds:
+        lines += ["", "Of these, edges that are bounds of the method rather than a grid too small: "
+                  + "; ".join(bounds) + "."]
     return [*lines, ""]
+
+
+def bound_notes(summary: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Why a probe's edge cannot be extended, for the kinds of edge present: L2 at the grid's bottom (next to no
+    penalty), k = 1, and a k capped at the labels its fit split holds (below the grid's top)."""
+    cfg = summary.get("config", {})
+    l2s = [float(v) for v in str(cfg.get("l2_grid") or "").split(",") if v.strip()]
+    ks = [int(float(v)) for v in str(cfg.get("knn_k") or "").split(",") if v.strip()]
+    edges = [x for x in summary.get("records", []) for r in rows
+             if (x["arm"], x["fraction"]) == (r["arm"], r["fraction"]) and x.get("replicate") in
+             (r.get("edge_replicates") or []) and x["arm"] not in ("finetune", "supervised")]
+    notes = []
+    if l2s and any(x.get("chosen", {}).get("l2") == min(l2s) for x in edges):
+        notes.append(f"L2 {min(l2s):g} is next to no penalty on standardised features")
+    if any(x.get("chosen", {}).get("k") == 1 for x in edges):
+        notes.append("k = 1 is the smallest k")
+    capped = sorted({x["chosen"]["k"] for x in edges if x.get("grid_edge") == "high" and ks
+                     and x.get("chosen", {}).get("k", max(ks)) < max(ks)})
+    if capped:
+        notes.append(f"k {', '.join(str(k) for k in capped)} is all the labels of the smallest fit split (k is capped "
+                     f"at the labels it fits on, below the grid's top {max(ks)})")
+    return notes
+
+
+def edge_cell(summary: dict[str, Any], row: dict[str, Any], replicate: int) -> str:
+    """``3 (k 1, low)``: a replicate on an edge, with the value it chose and which edge."""
+    rec = next((x for x in summary.get("records", []) if (x["arm"], x["fraction"], x.get("replicate")) ==
+                (row["arm"], row["fraction"], replicate)), None)
+    if rec is None or not rec.get("chosen"):
+        return str(replicate)
+    value = ", ".join(f"{k} {v:g}" for k, v in rec["chosen"].items() if isinstance(v, (int, float)))
+    edge = rec.get("edge_after_extension") or rec.get("grid_edge")
+    return f"{replicate} ({value}{', ' + edge if isinstance(edge, str) else ''})"
 
 
 def status_lines(summary: dict[str, Any]) -> list[str]:

@@ -1,11 +1,12 @@
-"""report.md's per-class section: recall of every class with its interval over seeds, from known predictions."""
+"""report.md of Experiments A/B, section by section on fixtures with known answers: per-class recall with its
+interval over seeds; grid edges with the value chosen and, where the edge is a bound of the method, why."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from simclr_dist.report.experiments import aggregate
-from simclr_dist.report.experiments_md import per_class_lines
+from simclr_dist.report.experiments_md import edge_lines, per_class_lines
 
 LABELS = np.repeat([0, 1, 2], 4)  # 3 classes x 4 test images
 
@@ -46,3 +47,22 @@ def test_rows_without_intervals_fall_back_to_the_records_mean():
         del r["recall_by_class"], r["worst_class_index"]
     text = "\n".join(per_class_lines(s))
     assert "| zero | 0.750 | 1.000 |" in text and "| *worst class* | 0.000 (per seed) |" in text
+
+
+def test_grid_edges_name_each_replicate_value_and_say_which_edges_are_bounds_of_the_method():
+    recs = [{"arm": "knn", "fraction": 0.001, "replicate": 0, "chosen": {"k": 1}, "grid_edge": "low"},
+            {"arm": "knn", "fraction": 0.001, "replicate": 2, "chosen": {"k": 40}, "grid_edge": "high"},
+            {"arm": "pixels", "fraction": 0.01, "replicate": 1, "chosen": {"l2": 1000.0}, "grid_edge": "high"},
+            {"arm": "supervised", "fraction": 0.01, "replicate": 0, "chosen": {"lr": 0.8, "wd": 0.0, "epochs": 9},
+             "grid_edge": "high", "edge_after_extension": "high"}]
+    rows = [{"arm": "knn", "fraction": 0.001, "edge_replicates": [0, 2], "grid_extended": []},
+            {"arm": "pixels", "fraction": 0.01, "edge_replicates": [1], "grid_extended": []},
+            {"arm": "supervised", "fraction": 0.01, "edge_replicates": [0], "grid_extended": [0.8, 1.6]}]
+    s = {"rows": rows, "records": recs, "titles": {}, "config": {"l2_grid": "1e-06,1,1000", "knn_k": "1,5,200"}}
+    text = "\n".join(edge_lines(s))
+    assert "still on an edge in replicate(s) 0 (k 1, low), 2 (k 40, high)" in text
+    assert "1 (l2 1000, high)" in text  # the L2 grid's top: a grid too small, no excuse given
+    assert "grid extended to 0.8, 1.6; still on an edge in replicate(s) 0 (lr 0.8, wd 0, epochs 9, high)" in text
+    assert ("bounds of the method rather than a grid too small: k = 1 is the smallest k; k 40 is all the labels of "
+            "the smallest fit split") in text
+    assert "L2" not in text.split("grid too small")[1]  # the high L2 edge is not explained away
