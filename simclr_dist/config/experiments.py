@@ -101,7 +101,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                               seeds_by_fraction="0.001:10,0.01:10,0.1:6,1:3", steps=None,
                               max_epochs="0.001:300,0.01:120,0.1:40,1:15", patience="0.001:40,0.01:20,0.1:8,1:3",
                               tune_once=True, batch_size=64, lr_grid_finetune=FINETUNE_LRS,
-                              lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=False, threads=2),
+                              lr_grid_supervised=SCRATCH_LRS, wd_grid="0,5e-4", ray=False, threads=2,
+                              # the batches made on the tensors held in memory: 1.21x a classifier step on 2 cores
+                              # (bench.classifier_loader); the same distribution as the torch DataLoader that made
+                              # the batches of the runs it finished before this (each run records its loader)
+                              classifier_loader="resident"),
     # the paper-scale study for a GPU cluster: full-width ResNet-18, 500 pretraining epochs
     "fashion-mnist-gpu": dict(dataset="fashion-mnist", fractions="0.001,0.01,0.1", small_fraction=0.1, seeds=10,
                               seeds_by_fraction="0.001:10,0.01:10,0.1:6,1:3", steps=None,

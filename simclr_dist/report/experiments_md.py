@@ -194,9 +194,28 @@ def protocol_lines(summary: dict[str, Any]) -> list[str]:
         + (" The random-init encoder is probed as initialised and again with its BatchNorm statistics "
            "recalibrated on each subset's images (no labels, no weights changed): 'random init, BN recalibrated'."
            if any("bn_recalibrated_on" in r for r in summary["records"]) else ""),
+        *loader_lines(summary),
         "- **Statistics**: " + summary.get("statistics", "mean ± sample sd and the 95% Student-t interval over "
                                            "replicates."),
     ]
+
+
+def loader_lines(summary: dict[str, Any]) -> list[str]:
+    """How the trained arms' batches were made, when the study used more than one way: final runs and selection
+    runs counted per loader (``per_seed.csv`` says which run used which)."""
+    trained = [r for r in summary.get("records", []) if r.get("classifier_loader")]
+    finals: dict[str, int] = {}
+    for r in trained:
+        finals[r["classifier_loader"]] = finals.get(r["classifier_loader"], 0) + 1
+    tuned = sorted({k for r in trained for k in r.get("selection_loaders") or []})
+    if len(set(finals) | set(tuned)) < 2:
+        return []
+    counts = ", ".join(f"{n} final run(s) {k}" for k, n in sorted(finals.items()))
+    return [f"- **Batches**: the study changed how the trained arms' batches are made while it ran ({counts}; "
+            f"selection runs: {', '.join(tuned)}): the torch DataLoader applies the pad-crop + flip per image, "
+            "the resident batches apply it to the whole batch at once, with the same support bit for bit and the "
+            "same distribution of crops and flips (other draws; tests/run/test_classifier_resident.py), 1.2x "
+            "faster a step on 2 CPU cores (docs/performance.md, bench.classifier_loader)."]
 
 
 def compute_lines(summary: dict[str, Any]) -> list[str]:

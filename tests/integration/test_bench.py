@@ -283,3 +283,21 @@ def test_online_probe_quick_times_the_step_with_and_without_the_probe(tmp_path: 
             assert _positive(r[key]), (key, r)
         assert r["ratio"] == pytest.approx(r["step_probe_ms"] / r["step_ms"])
         assert r["repeats"] == 3 and isinstance(r["steps_per_epoch"], int) and r["steps_per_epoch"] > 0
+
+
+def test_classifier_loader_quick_times_both_batch_makers_through_the_production_step(tmp_path: Path,
+                                                                                    keep_threads: None) -> None:
+    """The classifier-loader bench: one step of each batch maker (production training_batches + classify_step on the
+    study's network) round-robin; the ratio docs/performance.md section 6d quotes is torch's step over each."""
+    from bench import classifier_loader
+
+    out = tmp_path / "classifier_loader.json"
+    classifier_loader.main(["--quick", "--threads", "1", "--out", str(out)])
+    report = _report(out)
+    assert report["benchmark"] == "classifier_loader" and report["machine"]["torch_threads"] == 1
+    rows = {r["loader"]: r for r in report["classifier step by batch maker"]}
+    assert set(rows) == {"torch", "resident"} and rows["torch"]["ratio"] == 1.0
+    for r in rows.values():
+        assert _positive(r["step_ms"]) and _positive(r["batch_ms"]) and r["repeats"] == 5
+        assert r["step_ms"] > r["batch_ms"]  # the step includes its batch
+    assert rows["resident"]["ratio"] == pytest.approx(rows["torch"]["step_ms"] / rows["resident"]["step_ms"])

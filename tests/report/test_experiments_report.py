@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from simclr_dist.report.experiments import aggregate
-from simclr_dist.report.experiments_md import edge_lines, per_class_lines
+from simclr_dist.report.experiments_md import edge_lines, loader_lines, per_class_lines
 
 LABELS = np.repeat([0, 1, 2], 4)  # 3 classes x 4 test images
 
@@ -66,3 +66,11 @@ def test_grid_edges_name_each_replicate_value_and_say_which_edges_are_bounds_of_
     assert ("bounds of the method rather than a grid too small: k = 1 is the smallest k; k 40 is all the labels of "
             "the smallest fit split") in text
     assert "L2" not in text.split("grid too small")[1]  # the high L2 edge is not explained away
+
+
+def test_the_protocol_says_when_the_study_changed_batch_makers_and_counts_each():
+    one = [{"arm": "finetune", "classifier_loader": "torch", "selection_loaders": ["torch"]}] * 3
+    assert loader_lines({"records": one + [{"arm": "linear"}]}) == []  # one way throughout: nothing to say
+    mixed = one + [{"arm": "supervised", "classifier_loader": "resident", "selection_loaders": ["resident"]}] * 2
+    [line] = loader_lines({"records": mixed})
+    assert "(2 final run(s) resident, 3 final run(s) torch; selection runs: resident, torch)" in line

@@ -449,6 +449,8 @@ def select(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
         "selection_runs": len(all_runs), "selection_time_s": sum(r.get("train_time_s") or 0.0 for r in all_runs),
         "selection_images_seen": sum(r.get("images_seen") or 0 for r in all_runs),
         "any_hit_max_epochs": sum(bool(r.get("hit_max_epochs")) for r in all_runs),
+        # how each selection run's batches were made (a run from before the field: the torch path)
+        "selection_loaders": sorted({r.get("classifier_loader") or "torch" for r in all_runs}),
     }
 
 
@@ -497,6 +499,9 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
         "selection_runs": 0 if reused else choice["selection_runs"],
         "selection_images_seen": 0 if reused else choice["selection_images_seen"],
         "images_seen": final.get("images_seen"), "schedule": p.get("schedule"),
+        # the same augmentation distribution either way, other draws (tests/run/test_classifier_resident.py)
+        "classifier_loader": final.get("classifier_loader") or "torch",
+        "selection_loaders": [] if reused else choice["selection_loaders"],
         "early_stopping": e.early_stopping(),
         "max_epochs": e.max_epochs_for(cell.fraction) if e.early_stopping() else None,
         "patience": e.patience_for(cell.fraction) if e.early_stopping() else None,
@@ -570,7 +575,7 @@ ROW_FIELDS = ["arm", "fraction", "label_count", "n", "mean", "sd", "ci_low", "ci
 # used (lr/wd/epochs of a trained arm, l2 of a probe, k of kNN), "tuned_on_replicate" where that choice was made
 SEED_FIELDS = ["arm", "fraction", "label_count", "replicate", "seed", "subset_seed", "subset_sha256", "top1", "top5",
                "macro_f1", "worst_class", "worst_class_acc", "chosen", "tuned_on_replicate", "grid_edge",
-               "hit_max_epochs", "steps", "images_seen", "train_time_s", "selection_time_s"]
+               "hit_max_epochs", "steps", "images_seen", "train_time_s", "selection_time_s", "classifier_loader"]
 
 
 def write_outputs(out: str, summary: dict[str, Any]) -> None:
