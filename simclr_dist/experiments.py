@@ -32,7 +32,7 @@ from simclr_dist.console import emit
 from simclr_dist.report.experiments import format_table, summarise
 from simclr_dist import storage
 from simclr_dist.run.studies.experiment_plan import make_plan
-from simclr_dist.run.studies.experiment_run import execute, plan_budget, write_outputs
+from simclr_dist.run.studies.experiment_run import StudyPaused, execute, plan_budget, write_outputs
 from simclr_dist.run.studies.run_cache import SUFFIX, pack, record_invocation, unpack
 from simclr_dist.run.jobs.failure import FAILURES, fail
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE
@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         done = execute(plan, on_update=progress)
     except FAILURES as e:
         return fail(e)
+    except StudyPaused as e:
+        log_invocation(False)
+        emit(f"\n[exp] paused: {e}. What is done is in {storage.join(plan.out, 'report.md')}"
+             + (f" and {cache}" if cache is not None else "") + "; rerun the same command to go on")
+        return 0
     except KeyboardInterrupt:
         try:
             log_invocation(False)

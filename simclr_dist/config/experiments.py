@@ -227,6 +227,10 @@ class ExperimentsConfig(JobConfig):
                                       "weights): runs --out lacks are read from it before the study, and each run "
                                       "the study finishes is added to it, so a study continues on another machine "
                                       "(the CPU preset's is committed: docs/results/fashion-mnist-cpu/runs)")
+    time_limit: float | None = flag(None, "minutes: a soft limit for a session's share of a long study: after it no "
+                                          "new classifier run starts (the one training finishes), the report of "
+                                          "what is done is written and the command exits 0 saying so; a rerun "
+                                          "goes on", gt=0)
     # the protocol
     fractions: str | None = flag(None, "label fractions every arm is trained on, each in (0, 1] (default: digits "
                                      "0.1; else 0.01,0.1); the supervised arm on all labels (Experiment B) is "

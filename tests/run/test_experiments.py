@@ -262,13 +262,16 @@ def test_experiments_cli_writes_report_plots_results_on_shared_subsets(tmp_path,
     assert first["complete"] and first["records"] == len(raw["records"]) and first["elapsed_s"] > 0
     assert f"over 1 invocation(s) recorded in the runs cache's `invocations.json` (first {first['started_at']}" in report
     fresh = tmp_path / "elsewhere"
-    assert exp.main([*args[:-3], str(fresh), *args[-2:]]) == 0  # a rerun there reuses every finished run
+    # a rerun there reuses every finished run, past a time limit too: the limit stops runs from starting, and a
+    # finished run does not start
+    assert exp.main([*args[:-3], str(fresh), *args[-2:], "--time-limit", "1e-4"]) == 0
     again = read(fresh / "results.json")["records"]
     assert all(r["reused"] for r in again)  # the trained cells and the replicates' probes and baselines
     assert [r["top1"] for r in again] == [r["top1"] for r in raw["records"]]
     assert [r["train_time_s"] for r in again] == [r["train_time_s"] for r in raw["records"]]  # what they cost once
     said = capsys.readouterr().out
     assert f"{len(trained)} finished run(s) taken" in said and said.count("results read back from") == 2
+    assert "[exp] paused" not in said and "[exp] done in" in said
     assert sum(n.startswith("probes-r") for n in trained) == 2  # one entry per replicate
     log = read(tmp_path / "cache" / "invocations.json")
     assert len(log) == 2 and log[0] == first and log[1]["complete"]  # the rerun is a second line, not a rewrite
@@ -340,6 +343,7 @@ def test_linear_probe_with_one_label_per_class_uses_strongest_l2():
     (["--run", "{tmp}/runs/fresh", "--pretrain-args", "--epochs 0"], "--pretrain-args: --epochs: must be >= 1"),
     (["--run", "{tmp}/runs/fresh", "--pretrain-args", "--optimiser lars"], "unrecognized arguments: --optimiser"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--checkpoint", "{ckpt}", "--time-limit", "0"], "--time-limit: must be > 0, got 0"),
 ])
 def test_experiments_bad_input_one_line_error_before_work(tmp_path, capsys, args, needle):
     ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
@@ -362,6 +366,28 @@ def test_experiments_unwritable_runs_cache_is_one_line_before_work(tmp_path, cap
     err = captured.err.strip()
     assert err.startswith(f"error: --runs-cache {cache}: not writable (") and "\n" not in err, err
     assert "--storage-path" not in err and not captured.out and not (tmp_path / "out").exists()
+
+
+def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path, capsys):
+    """--time-limit: past it no classifier run starts; what is done is written, the invocation logged, exit 0; the
+    same command without the limit then trains what is missing and finishes."""
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--small-fraction", "0.1", "--arms", "linear,finetune",
+            "--seeds", "1", "--steps", "2", "--batch-size", "32", "--lr-grid", "0.1", "--wd-grid", "0",
+            "--grid-extensions", "0", "--baselines", "knn", "--knn-k", "3", "--l2-grid", "1e-2", "--no-ray",
+            "--threads", "1", "--out", str(out), "--runs-cache", str(cache)]
+    assert exp.main([*args, "--time-limit", "1e-4"]) == 0
+    said = capsys.readouterr().out
+    assert "[exp] paused: the time limit of 0.0001 min is reached; " in said and "rerun the same command" in said
+    assert not (out / "runs").exists() or not any((out / "runs").glob("finetune-*/results.json"))  # none started
+    summary = read(out / "results.json")  # the probes' part, written before the limit stopped the study
+    assert not summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn"}
+    assert [x["complete"] for x in read(cache / "invocations.json")] == [False]
+    assert exp.main(args) == 0
+    summary = read(out / "results.json")
+    assert summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn", "finetune"}
+    assert [x["complete"] for x in read(cache / "invocations.json")] == [False, True]
 
 
 def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -223,16 +223,20 @@ def cached_result(scfg: SupervisedConfig) -> dict[str, Any] | None:
 
 
 def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, split: LabelSplit | None = None,
-                   log: Log = emit) -> dict[str, Any]:
+                   log: Log = emit, before_training: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train (or resume, or read back a finished) classifier run; returns its results, also written to
     ``STORAGE/NAME/results.json`` with the label subset's indices. ``data``: the labelled splits, already loaded
-    (an in-process caller that runs many arms); ``split``: its label split, drawn once by that caller's plan."""
+    (an in-process caller that runs many arms); ``split``: its label split, drawn once by that caller's plan;
+    ``before_training(run)``: called when the run is not finished yet, before it trains (a study's time limit
+    raises there)."""
     scfg, mcfg, split = preflight(scfg, None if data is None else data.train_labels, split)
     cached = cached_result(scfg)
     if cached is not None:
         score = "validation" if scfg.selecting() else "test"
         log(f"[supervised] {run_uri(scfg)}: already trained ({score} top-1 {cached['score']:.4f}); reusing it")
         return cached
+    if before_training is not None:
+        before_training(run_uri(scfg))
     if not scfg.ray and scfg.threads:
         torch.set_num_threads(scfg.threads)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import io
 import json
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -396,7 +396,25 @@ def beyond(lrs: list[float], edge: str) -> float:
     return float(f"{new:.6g}")
 
 
-def select(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
+class StudyPaused(Exception):
+    """``--time-limit`` reached: the study starts no new classifier run (finished runs are kept, a rerun goes on)."""
+
+
+def time_guard(deadline: float | None, limit_min: float | None) -> Callable[[str], None] | None:
+    """``before_training`` for every classifier run of the study: past ``deadline`` (``time.perf_counter()``) a run
+    that is not finished does not start."""
+    if deadline is None:
+        return None
+
+    def guard(run: str) -> None:
+        if time.perf_counter() > deadline:
+            raise StudyPaused(f"the time limit of {limit_min:g} min is reached; {run} and the runs after it have "
+                              "not started")
+    return guard
+
+
+def select(plan: Plan, cell: Cell, data: EvalData, log: Log,
+           guard: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The cell's arm grid on every selection split (validation only), then the choice: the best mean validation
     top-1 over the splits (ties: the first point of the grid). A choice on the grid's lowest or highest LR runs one
     more log step beyond that edge (at every weight decay) and chooses again, at most ``grid_extensions`` times.
@@ -410,7 +428,8 @@ def select(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
     def run_points(points: list[tuple[float, float]]) -> None:
         for lr, wd in points:
             runs[(lr, wd)] = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data,
-                                             split=plan.split_of(cell, k), log=log) for k in range(cell.folds)]
+                                             split=plan.split_of(cell, k), log=log, before_training=guard)
+                              for k in range(cell.folds)]
 
     def choose() -> tuple[float, float]:
         order = list(runs)
@@ -455,7 +474,8 @@ def select(plan: Plan, cell: Cell, data: EvalData, log: Log) -> dict[str, Any]:
 
 
 def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
-             tuned: dict[tuple[str, float], dict[str, Any]] | None = None) -> dict[str, Any]:
+             tuned: dict[tuple[str, float], dict[str, Any]] | None = None,
+             guard: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The arm's grid on the cell's selection splits (:func:`select`), then the final run of the chosen point: on
     the whole subset, for the chosen number of epochs (under early stopping), reading the test split once.
 
@@ -469,11 +489,11 @@ def run_cell(plan: Plan, cell: Cell, data: EvalData, log: Log,
     e = plan.ecfg
     key = (cell.arm, cell.fraction)
     reused = tuned is not None and not plan.tuned(cell) and key in tuned
-    choice = tuned[key] if reused else select(plan, cell, data, log)
+    choice = tuned[key] if reused else select(plan, cell, data, log, guard)
     if tuned is not None and not reused:
         tuned.setdefault(key, choice)
     final = run_classifier(arm_config(plan, cell, choice["lr"], choice["wd"], split=None, epochs=choice["epochs"]),
-                           data=data, split=plan.split_of(cell, None), log=log)
+                           data=data, split=plan.split_of(cell, None), log=log, before_training=guard)
     how = (f"reusing replicate {choice['replicate']}'s choice: " if reused else "chose ")
     score = choice["selection"][f"lr={choice['lr']:g},wd={choice['wd']:g}"]
     added = ", ".join(f"{v:g}" for v in choice["grid_extended"])
@@ -552,6 +572,8 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     paid: set[str] = set()  # shared feature passes already charged to some record (cached_probes)
     tuned: dict[tuple[str, float], dict[str, Any]] = {}  # --tune-once: the first replicate's choices
     parts = study_order(plan)
+    limit = plan.ecfg.time_limit
+    guard = time_guard(None if limit is None else t_start + 60 * limit, limit)
     for i, (kind, rep, cell) in enumerate(parts, 1):
         what = "probes and baselines" if cell is None else f"{cell.arm} at {100 * cell.fraction:g}%"
         log(f"[exp] ({i}/{len(parts)}, {(time.perf_counter() - t_start) / 60:.1f} min) replicate {rep.index} "
@@ -559,7 +581,7 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
         if cell is None:
             records += cached_probes(plan, rep, data, banks, log, paid)
         else:
-            records.append(run_cell(plan, cell, data, log, tuned))
+            records.append(run_cell(plan, cell, data, log, tuned, guard))
         if on_update is not None:
             on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False, data)
     for r in records:  # the fairness invariant: every arm of a replicate trained on the one drawn subset
