@@ -6,6 +6,7 @@ stays a small plan. Tiny runs (digits, 16 px, width 1/8) or a stand-in for the c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -318,3 +319,34 @@ def test_the_fashion_mnist_cpu_preset_covers_the_fractions_and_replicates():
         ExperimentsConfig(patience="x:3").validate()
     assert PRESETS["fashion-mnist-gpu"]["seeds_by_fraction"] == PRESETS["fashion-mnist-cpu"]["seeds_by_fraction"]
     assert np.isclose(ExperimentsConfig(max_epochs="0.01:100,0.1:40").resolved("digits").max_epochs_for(0.05), 100)
+
+
+def test_a_selection_run_that_converged_under_a_smaller_maximum_is_the_same_run(tmp_path):
+    """Raising a fraction's maximum epochs reuses the selection runs that stopped on patience before the old maximum
+    (constant LR: the maximum changes nothing before it is reached), never one that reached it, never another
+    patience or another experiment."""
+    from simclr_dist.config.supervised import SupervisedConfig
+    from simclr_dist.run.studies.experiment_run import converged_under_a_smaller_maximum
+
+    base = "supervised-0.1-s0-i0-lr0.1-wd0-padcrop-{tag}-b64-v0"
+    new = SupervisedConfig(dataset="digits", fraction=0.1, val_split=0, epochs=100, patience=8, schedule="constant",
+                           lr=0.1, storage_path=str(tmp_path), name=base.format(tag="es100p8"))
+
+    def finished(tag: str, epochs: int, stopped: int, converged: bool, **change) -> None:
+        cfg = dataclasses.replace(new, name=base.format(tag=tag), epochs=epochs, **change)
+        (tmp_path / cfg.name).mkdir()
+        (tmp_path / cfg.name / "results.json").write_text(json.dumps(
+            {"config": cfg.to_dict(), "converged": converged, "stopped_epoch": stopped, "score": 0.9}))
+
+    said: list[str] = []
+    finished("es40p8", 40, 40, False)  # reached its maximum: it would have gone on
+    finished("es30p5", 30, 12, True, patience=5)  # another patience
+    assert converged_under_a_smaller_maximum(new, said.append) is None
+    finished("es20p8", 20, 14, True, lr=0.2)  # another experiment under this name pattern is refused by its key
+    assert converged_under_a_smaller_maximum(new, said.append) is None and not said
+    finished("es60p8", 60, 23, True)
+    same = converged_under_a_smaller_maximum(new, said.append)
+    assert same["same_as_max_epochs"] == 60 and same["stopped_epoch"] == 23 and same["score"] == 0.9
+    assert said == [f"[supervised] {base.format(tag='es60p8')}: stopped on patience at epoch 23 of at most 60: the "
+                    "same run as at most 100 epochs (constant LR); reusing it (validation top-1 0.9000)"]
+    assert converged_under_a_smaller_maximum(dataclasses.replace(new, epochs=50), said.append) is None  # 60 is not smaller

@@ -223,18 +223,24 @@ def cached_result(scfg: SupervisedConfig) -> dict[str, Any] | None:
 
 
 def run_classifier(scfg: SupervisedConfig, *, data: EvalData | None = None, split: LabelSplit | None = None,
-                   log: Log = emit, before_training: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   log: Log = emit, before_training: Callable[[str], None] | None = None,
+                   equivalent: Callable[[SupervisedConfig, Log], dict[str, Any] | None] | None = None
+                   ) -> dict[str, Any]:
     """Train (or resume, or read back a finished) classifier run; returns its results, also written to
     ``STORAGE/NAME/results.json`` with the label subset's indices. ``data``: the labelled splits, already loaded
     (an in-process caller that runs many arms); ``split``: its label split, drawn once by that caller's plan;
-    ``before_training(run)``: called when the run is not finished yet, before it trains (a study's time limit
-    raises there)."""
+    ``equivalent(scfg, log)``: a finished run the caller knows to be this one under another name, or None (asked
+    when this run is not finished); ``before_training(run)``: called when the run is not finished yet, before it
+    trains (a study's time limit raises there)."""
     scfg, mcfg, split = preflight(scfg, None if data is None else data.train_labels, split)
     cached = cached_result(scfg)
     if cached is not None:
         score = "validation" if scfg.selecting() else "test"
         log(f"[supervised] {run_uri(scfg)}: already trained ({score} top-1 {cached['score']:.4f}); reusing it")
         return cached
+    same = equivalent(scfg, log) if equivalent is not None else None
+    if same is not None:
+        return same
     if before_training is not None:
         before_training(run_uri(scfg))
     if not scfg.ray and scfg.threads:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.console import Log, emit
 from simclr_dist.report.experiments import Record
 from simclr_dist.report.experiments_md import report
@@ -34,7 +36,7 @@ from simclr_dist.core.precision import CHANNELS_LAST, Precision, to_memory_forma
 from simclr_dist.data.splits import subset_digest
 from simclr_dist import storage
 from simclr_dist.run.store.checkpoint import MANIFEST_FILE, latest_checkpoint, load_checkpoint
-from simclr_dist.run.jobs.classify_job import RESULTS_FILE, pretraining_config, run_classifier
+from simclr_dist.run.jobs.classify_job import RESULTS_FILE, cached_result, pretraining_config, run_classifier
 from simclr_dist.run.train.classify_loop import epoch_steps
 from simclr_dist.run.train.evaluation import (EvalData, Features, grid_edge_of, knn_select_features,
                                              linear_probe_features, load_eval_data, select_device)
@@ -396,6 +398,29 @@ def beyond(lrs: list[float], edge: str) -> float:
     return float(f"{new:.6g}")
 
 
+def converged_under_a_smaller_maximum(scfg: SupervisedConfig, log: Log) -> dict[str, Any] | None:
+    """A finished selection run of the same experiment under a smaller maximum of epochs (its name differs only in
+    ``esNpP``) that stopped on patience before that maximum: it is this run. Under early stopping the LR is constant,
+    so a maximum changes nothing before it is reached: the trajectory, the stopping and best epochs and the
+    best-validation weights are the same (a larger maximum lets a run that reached the old one go on; one that
+    converged never got there). Returned with ``same_as_max_epochs`` N; None when there is none."""
+    m = re.fullmatch(r"(.*-)es(\d+)p(\d+)(-.*)", scfg.name or "")
+    if m is None or scfg.patience is None or scfg.val_split is None or not scfg.epochs:
+        return None
+    sibling = re.compile(re.escape(m[1]) + r"es(\d+)p" + m[3] + re.escape(m[4]))
+    for other in sorted(storage.list_names(scfg.storage_path)):
+        o = sibling.fullmatch(other)
+        if o is None or int(o[1]) >= scfg.epochs:
+            continue
+        prior = cached_result(dataclasses.replace(scfg, name=other, epochs=int(o[1])))
+        if prior and prior.get("converged") and (prior.get("stopped_epoch") or int(o[1])) < int(o[1]):
+            log(f"[supervised] {other}: stopped on patience at epoch {prior['stopped_epoch']} of at most {o[1]}: "
+                f"the same run as at most {scfg.epochs} epochs (constant LR); reusing it "
+                f"(validation top-1 {prior['score']:.4f})")
+            return {**prior, "same_as_max_epochs": int(o[1])}
+    return None
+
+
 class StudyPaused(Exception):
     """``--time-limit`` reached: the study starts no new classifier run (finished runs are kept, a rerun goes on)."""
 
@@ -428,7 +453,8 @@ def select(plan: Plan, cell: Cell, data: EvalData, log: Log,
     def run_points(points: list[tuple[float, float]]) -> None:
         for lr, wd in points:
             runs[(lr, wd)] = [run_classifier(arm_config(plan, cell, lr, wd, split=k), data=data,
-                                             split=plan.split_of(cell, k), log=log, before_training=guard)
+                                             split=plan.split_of(cell, k), log=log, before_training=guard,
+                                             equivalent=converged_under_a_smaller_maximum)
                               for k in range(cell.folds)]
 
     def choose() -> tuple[float, float]:
