@@ -95,7 +95,7 @@ def test_the_invocation_log_keeps_one_line_per_invocation_and_refuses_a_damaged_
     assert "Wall time of the study: 2.5 min over 2 invocation(s)" in text and "lower bound" not in text
     old = [{**log[0], "reconstructed": "git abc: results.json's elapsed_s"}, log[1]]  # an earlier session's, rebuilt
     text = "\n".join(compute_lines({"rows": rows, "pretraining": {}, "elapsed_s": 120.0, "invocations": old}))
-    assert "; 1 of them reconstructed from the results.json" in text and "a lower bound." in text
+    assert "; 1 of them reconstructed afterwards (each line says from what)" in text and "a lower bound." in text
     assert unpack(cache, str(tmp_path / "runs")) == 0  # not a run: never copied into a run store
     (tmp_path / "cache" / INVOCATIONS).write_text('{"not": "a list"}')
     with pytest.raises(StorageError, match=f"{INVOCATIONS}: not an invocation log"):
