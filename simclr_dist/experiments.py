@@ -98,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     except FAILURES as e:
         return fail(e)
     except StudyPaused as e:
+        if cache is not None:
+            pack(runs, cache)  # the runs the unfinished part finished (its grid so far) go to the next session too
         log_invocation(False)
         emit(f"\n[exp] paused: {e}. What is done is in {storage.join(plan.out, 'report.md')}"
              + (f" and {cache}" if cache is not None else "") + "; rerun the same command to go on")
         return 0
     except KeyboardInterrupt:
         try:
+            if cache is not None:
+                pack(runs, cache)
             log_invocation(False)
         except FAILURES:
             pass  # the log is a record, not the work: an interrupted study still ends in its one line

@@ -26,6 +26,7 @@ from simclr_dist import supervised as sup
 from simclr_dist.config import PretrainConfig
 from simclr_dist.config.supervised import SupervisedConfig
 from simclr_dist.data.splits import balanced_subset
+from simclr_dist.run.studies import experiment_run
 from simclr_dist.run.store.checkpoint import load_checkpoint, save_checkpoint
 from simclr_dist.data.splits import subset_digest
 from simclr_dist.run.jobs.classify_job import run_classifier
@@ -368,7 +369,7 @@ def test_experiments_unwritable_runs_cache_is_one_line_before_work(tmp_path, cap
     assert "--storage-path" not in err and not captured.out and not (tmp_path / "out").exists()
 
 
-def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path, capsys):
+def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path, capsys, monkeypatch):
     """--time-limit: past it no classifier run starts; what is done is written, the invocation logged, exit 0; the
     same command without the limit then trains what is missing and finishes."""
     ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
@@ -384,10 +385,25 @@ def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path,
     summary = read(out / "results.json")  # the probes' part, written before the limit stopped the study
     assert not summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn"}
     assert [x["complete"] for x in read(cache / "invocations.json")] == [False]
+    # a limit reached inside a cell (its selection run trained, its final run not started): the runs the cell
+    # finished are packed for the next session all the same (the limit is made to fall there, not timed)
+    started: list[str] = []
+
+    def limit_after_one_run(deadline, limit):
+        def guard(run: str) -> None:
+            started.append(run)
+            if len(started) > 1:
+                raise experiment_run.StudyPaused(f"the time limit of {limit:g} min is reached")
+        return guard
+    monkeypatch.setattr(experiment_run, "time_guard", limit_after_one_run)
+    assert exp.main([*args, "--time-limit", "60"]) == 0
+    assert "[exp] paused" in capsys.readouterr().out and len(started) == 2
+    assert [p.name[:-len(".json.gz")] for p in cache.glob("finetune-*.json.gz")] == [started[0].rsplit("/", 1)[1]]
+    monkeypatch.undo()
     assert exp.main(args) == 0
     summary = read(out / "results.json")
     assert summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn", "finetune"}
-    assert [x["complete"] for x in read(cache / "invocations.json")] == [False, True]
+    assert [x["complete"] for x in read(cache / "invocations.json")] == [False, False, True]
 
 
 def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeypatch):
