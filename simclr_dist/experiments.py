@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 
 import torch
@@ -76,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
              f"[exp] --runs-cache {cache}: empty (no finished run cached yet); each run the study finishes is added")
 
     started_at, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    invocation = uuid.uuid4().hex[:12]  # two invocations may start in the same second
     finished_records = [0]
 
     def log_invocation(complete: bool) -> list[dict] | None:
         """This invocation's wall time into the cache's log (a study spans sessions: its total is the sum)."""
         if cache is None:
             return None
-        return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete)
+        return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete,
+                                 invocation=invocation)
 
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time

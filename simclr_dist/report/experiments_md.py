@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from simclr_dist.report.experiments import acc, budget_cell, chosen_cell, find_row, pct, secs, title
+from simclr_dist.report.experiments_plots import confusion_panels
 
 
 def report(summary: dict[str, Any]) -> str:
@@ -78,7 +79,8 @@ def report(summary: dict[str, Any]) -> str:
     lines += ["## Plots", "", "![accuracy vs label fraction](accuracy_vs_fraction.png)", "",
               "![accuracy vs compute](accuracy_vs_compute.png)", "",
               "![validation curves](training_curves.png)", "",
-              f"![confusion matrix of SimCLR fine-tuned at {pct(small)}](confusion_matrix.png)", "",
+              *[f"![confusion matrix of {title(a, summary)} at {pct(f)} (summed over its replicates)]({name})\n"
+                for name, a, f in confusion_panels(summary)],
               "## Protocol", "", *protocol_lines(summary), ""]
     return "\n".join(lines)
 

@@ -142,18 +142,24 @@ def training_curves(summary: dict[str, Any]):
     return fig
 
 
-def confusion_matrices(summary: dict[str, Any]) -> dict[str, bytes]:
-    """Confusion matrices summed over the replicates: ``confusion_matrix.png`` of SimCLR fine-tuned at the small
-    fraction (the headline arm), ``confusion_<arm>-<fraction>.png`` of the other trained arms and the reference."""
+def confusion_panels(summary: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(file name, arm, fraction) of each confusion matrix the records allow: ``confusion_matrix.png`` for the first
+    present of SimCLR fine-tuned, from scratch and the probe at the small fraction (the headline), then
+    ``confusion_<arm>-<fraction>.png`` for the others and the from-scratch reference on all labels."""
     small = summary["small_fraction"]
     panels = [(a, small) for a in ("finetune", "supervised", "linear")] + [("supervised", 1.0)]
+    present = [(a, f) for a, f in dict.fromkeys(panels)
+               if any(r["arm"] == a and r["fraction"] == f and "confusion" in r for r in summary["records"])]
+    return [("confusion_matrix.png" if i == 0 else f"confusion_{a}-{f:g}.png", a, f)
+            for i, (a, f) in enumerate(present)]
+
+
+def confusion_matrices(summary: dict[str, Any]) -> dict[str, bytes]:
+    """Confusion matrices summed over the replicates, one per :func:`confusion_panels` entry."""
     out = {}
-    for arm, f in dict.fromkeys(panels):
+    for name, arm, f in confusion_panels(summary):
         rs = [r for r in summary["records"] if r["arm"] == arm and r["fraction"] == f and "confusion" in r]
-        if not rs:
-            continue
         cm = np.sum([np.asarray(r["confusion"]) for r in rs], axis=0)
-        name = "confusion_matrix.png" if not out else f"confusion_{arm}-{f:g}.png"
         out[name] = confusion_png(cm, summary.get("classes"), title=f"{title(arm, summary)}, {100 * f:g}% of the "
                                   f"labels ({len(rs)} replicate(s) summed; rows normalised)")
     return out

@@ -86,6 +86,11 @@ def test_the_invocation_log_keeps_one_line_per_invocation_and_refuses_a_damaged_
     record_invocation(cache, "2026-12-04T19:00:00+00:00", 60.0, 3, False)
     record_invocation(cache, "2026-12-04T19:00:00+00:00", 120.04, 5, False)  # the same invocation, later: rewritten
     log = record_invocation(cache, "2026-12-03T10:00:00+00:00", 30.0, 2, False)  # an earlier start sorts first
+    # two invocations started in the same second are two lines when each names itself
+    record_invocation(cache, "2026-12-05T08:00:00+00:00", 5.0, 1, False, invocation="a")
+    both = record_invocation(cache, "2026-12-05T08:00:00+00:00", 6.0, 1, True, invocation="b")
+    assert [(x["elapsed_s"], x.get("invocation")) for x in both[2:]] == [(5.0, "a"), (6.0, "b")]
+    (tmp_path / "cache" / INVOCATIONS).write_text(json.dumps(log))
     assert [(x["started_at"][:10], x["elapsed_s"], x["records"]) for x in log] == [
         ("2026-12-03", 30.0, 2), ("2026-12-04", 120.0, 5)]
     assert json.loads((tmp_path / "cache" / INVOCATIONS).read_text()) == log

@@ -94,15 +94,19 @@ def unpack(cache_uri: str, runs_uri: str) -> int:
     return copied
 
 
-def record_invocation(cache_uri: str, started_at: str, elapsed_s: float, records: int, complete: bool) -> list[dict]:
-    """Write this invocation's line (``started_at`` names it; rewritten at each update) into the cache's
-    invocation log and return the whole log, oldest first. A damaged log is refused in one line, never replaced."""
+def record_invocation(cache_uri: str, started_at: str, elapsed_s: float, records: int, complete: bool, *,
+                      invocation: str | None = None) -> list[dict]:
+    """Write this invocation's line (``invocation`` names it, else ``started_at``; rewritten at each update) into
+    the cache's invocation log and return the whole log, oldest first. A damaged log is refused in one line, never
+    replaced."""
     uri = storage.join(cache_uri, INVOCATIONS)
     log = storage.read_json(uri) if storage.exists(uri) else []
     if not isinstance(log, list) or not all(isinstance(x, dict) and "started_at" in x for x in log):
         raise storage.StorageError(f"{uri}: not an invocation log (a JSON list of objects with started_at)")
+    key = invocation or started_at
     line = {"started_at": started_at, "elapsed_s": round(float(elapsed_s), 1), "records": int(records),
-            "complete": bool(complete)}
-    log = sorted([x for x in log if x["started_at"] != started_at] + [line], key=lambda x: x["started_at"])
+            "complete": bool(complete)} | ({"invocation": invocation} if invocation else {})
+    log = sorted([x for x in log if x.get("invocation", x["started_at"]) != key] + [line],
+                 key=lambda x: x["started_at"])
     storage.write_json(uri, log)
     return log
