@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete,
                                  invocation=invocation)
 
+    def wind_down() -> None:
+        """A study stopped before its end: the runs its unfinished part finished (a grid so far) go to the next
+        session too, and this invocation's wall time into the log."""
+        if cache is not None:
+            pack(runs, cache)
+        log_invocation(False)
+
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
         finished_records[0] = len(records)
@@ -101,17 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     except FAILURES as e:
         return fail(e)
     except StudyPaused as e:
-        if cache is not None:
-            pack(runs, cache)  # the runs the unfinished part finished (its grid so far) go to the next session too
-        log_invocation(False)
+        wind_down()
         emit(f"\n[exp] paused: {e}. What is done is in {storage.join(plan.out, 'report.md')}"
              + (f" and {cache}" if cache is not None else "") + "; rerun the same command to go on")
         return 0
     except KeyboardInterrupt:
         try:
-            if cache is not None:
-                pack(runs, cache)
-            log_invocation(False)
+            wind_down()
         except FAILURES:
             pass  # the log is a record, not the work: an interrupted study still ends in its one line
         emit(f"\n[exp] interrupted; finished runs are kept in {plan.out} and reused by a rerun")

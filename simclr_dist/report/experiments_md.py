@@ -4,6 +4,7 @@ number was made (so a reader can judge the protocol without reading code).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -127,27 +128,26 @@ def per_class_lines(summary: dict[str, Any]) -> list[str]:
     names = summary.get("classes") or [str(i) for i in range(summary.get("num_classes", 0))]
     if not names:
         return []
-    lines = ["## Per-class recall over seeds", "",
-             "Recall of each test class, mean over the replicates [95% t-interval over seeds, not clipped to 0..1]; "
-             "balanced accuracy "
-             "(the mean of the class recalls) and the worst class (lowest mean recall) under each table.", ""]
-    fractions = sorted({r["fraction"] for r in summary.get("rows", [])})
-    for f in fractions:
+    tables: list[str] = []
+    for f in sorted({r["fraction"] for r in summary.get("rows", [])}):
         rows = [r for r in (find_row(summary, a, f) for a in PER_CLASS_ARMS) if r is not None]
         cells = [class_cells(summary, r) for r in rows]
         rows = [r for r, c in zip(rows, cells) if c is not None]
         cells = [c for c in cells if c is not None]
         if not rows:
             continue
-        lines += [f"### {pct(f)} of the labels", "",
-                  "| class | " + " | ".join(f"{title(r['arm'], summary)} (n={r['n']})" for r in rows) + " |",
-                  "|---|" + "---:|" * len(rows)]
-        lines += [f"| {name} | " + " | ".join(c[i] for c in cells) + " |" for i, name in enumerate(names)]
-        lines.append("| *balanced accuracy* | " + " | ".join(interval(r.get("balanced_accuracy")) for r in rows)
-                     + " |")
-        lines.append("| *worst class* | " + " | ".join(worst_cell(r, names) for r in rows) + " |")
-        lines.append("")
-    return lines if len(lines) > 4 else []
+        tables += [f"### {pct(f)} of the labels", "",
+                   "| class | " + " | ".join(f"{title(r['arm'], summary)} (n={r['n']})" for r in rows) + " |",
+                   "|---|" + "---:|" * len(rows)]
+        tables += [f"| {name} | " + " | ".join(c[i] for c in cells) + " |" for i, name in enumerate(names)]
+        tables += ["| *balanced accuracy* | " + " | ".join(interval(r.get("balanced_accuracy")) for r in rows) + " |",
+                   "| *worst class* | " + " | ".join(worst_cell(r, names) for r in rows) + " |", ""]
+    if not tables:
+        return []
+    return ["## Per-class recall over seeds", "",
+            "Recall of each test class, mean over the replicates [95% t-interval over seeds, not clipped to 0..1]; "
+            "balanced accuracy (the mean of the class recalls) and the worst class (lowest mean recall) under each "
+            "table.", "", *tables]
 
 
 def class_cells(summary: dict[str, Any], row: dict[str, Any]) -> list[str] | None:
@@ -206,9 +206,7 @@ def loader_lines(summary: dict[str, Any]) -> list[str]:
     """How the trained arms' batches were made, when the study used more than one way: final runs and selection
     runs counted per loader (``per_seed.csv`` says which run used which)."""
     trained = [r for r in summary.get("records", []) if r.get("classifier_loader")]
-    finals: dict[str, int] = {}
-    for r in trained:
-        finals[r["classifier_loader"]] = finals.get(r["classifier_loader"], 0) + 1
+    finals = Counter(r["classifier_loader"] for r in trained)
     tuned = sorted({k for r in trained for k in r.get("selection_loaders") or []})
     if len(set(finals) | set(tuned)) < 2:
         return []
