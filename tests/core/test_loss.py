@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from bench.loss import leave_spawned_rank
 from simclr_dist.core.dist import gather_with_grad
 from simclr_dist.core.loss import NTXentLoss, nt_xent, ntxent_logits
 
@@ -158,6 +159,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave_spawned_rank()  # a gloo rank can abort at interpreter exit after its work is done (see its docstring)
 
 
 @pytest.fixture(scope="module")
