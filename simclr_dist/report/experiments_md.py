@@ -247,7 +247,7 @@ def compute_lines(summary: dict[str, Any]) -> list[str]:
         wall = sum(x["elapsed_s"] for x in runs)
         lines.append(f"Wall time of the study: {secs(wall)} over {len(runs)} invocation(s) recorded in the runs "
                      f"cache's `invocations.json` (first {runs[0]['started_at']}, last {runs[-1]['started_at']}; "
-                     "an invocation stopped by a kill counts until its last finished part)"
+                     "an invocation stopped by a kill counts until the last part it trained)"
                      + (f"; {sum('reconstructed' in x for x in runs)} of them reconstructed afterwards (each line "
                         "says from what), and invocations before the log began are not in it: a lower bound."
                         if any("reconstructed" in x for x in runs) else "."))

@@ -406,6 +406,45 @@ def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path,
     assert [x["complete"] for x in read(cache / "invocations.json")] == [False, False, True]
 
 
+def test_a_resumed_study_writes_its_report_once_for_the_parts_it_replays(tmp_path, capsys, monkeypatch):
+    """A study resumed on another machine replays every finished part before its new work; the report is written
+    when something new trained (first the report of the replay, so a time limit that stops the new work leaves it)
+    and at the end, not after each replayed part (that cost ~10 min per restart of the CPU preset)."""
+    ckpt = write_simclr_checkpoint(tmp_path / "ckpt")
+    cache = tmp_path / "cache"
+    args = ["--checkpoint", ckpt, "--fractions", "0.1", "--small-fraction", "0.1", "--arms", "linear,finetune",
+            "--seeds", "2", "--steps", "2", "--batch-size", "32", "--wd-grid", "0", "--grid-extensions", "0",
+            "--baselines", "knn", "--knn-k", "3", "--l2-grid", "1e-2", "--no-ray", "--threads", "1",
+            "--runs-cache", str(cache)]
+    writes: list[tuple[bool, int]] = []  # (complete, records) of each write of the report
+
+    def counted(out, summary):
+        writes.append((summary["complete"], len(summary["records"])))
+        write_outputs(out, summary)
+    write_outputs = experiment_run.write_outputs
+    monkeypatch.setattr(exp, "write_outputs", counted)
+    assert exp.main([*args, "--lr-grid", "0.1", "--out", str(tmp_path / "first")]) == 0
+    assert writes == [(False, 2), (False, 3), (False, 5), (False, 6), (True, 6)]  # each new part, then the end
+
+    writes.clear()  # everything finished: replayed on a fresh --out from the cache, one write
+    assert exp.main([*args, "--lr-grid", "0.1", "--out", str(tmp_path / "second")]) == 0
+    assert writes == [(True, 6)]
+    first, second = (read(tmp_path / d / "results.json")["records"] for d in ("first", "second"))
+    assert [(r["arm"], r["top1"]) for r in second] == [(r["arm"], r["top1"]) for r in first]
+
+    writes.clear()  # a grid point more: replicate 0's probes replay, its fine-tuning cell trains a new selection run
+    monkeypatch.setattr(experiment_run, "time_guard", lambda deadline, limit: stop_at_once)
+    assert exp.main([*args, "--lr-grid", "0.1,0.2", "--out", str(tmp_path / "third"), "--time-limit", "60"]) == 0
+    assert "[exp] paused" in capsys.readouterr().out
+    assert writes == [(False, 2)]  # the replayed probes, written before the run the limit stopped
+    summary = read(tmp_path / "third" / "results.json")
+    assert not summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn"}
+
+
+def stop_at_once(run: str) -> None:
+    raise experiment_run.StudyPaused("the time limit of 60 min is reached")
+
+
 def test_experiments_says_an_empty_runs_cache_is_empty(tmp_path, capsys, monkeypatch):
     """A missing or empty --runs-cache has nothing to take because it is empty, not because the store has it all."""
     ckpt = write_simclr_checkpoint(tmp_path / "ckpt")

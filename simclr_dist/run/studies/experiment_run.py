@@ -583,7 +583,9 @@ def study_order(plan: Plan) -> list[tuple[str, Replicate, Cell | None]]:
 
 def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     """Run the whole study; ``on_update(plan, records, pretraining, budget, elapsed_s, complete, data)`` is called
-    after every part (the command writes results.json and the report of what is done so far there)."""
+    after every part that trained or computed something (the command writes results.json and the report of what is
+    done so far there); parts read back from finished runs are reported with the next new one, or by the caller
+    at the end."""
     t_start = time.perf_counter()
     if plan.ecfg.threads:
         torch.set_num_threads(plan.ecfg.threads)
@@ -600,16 +602,38 @@ def execute(plan: Plan, *, log: Log = emit, on_update=None) -> dict[str, Any]:
     parts = study_order(plan)
     limit = plan.ecfg.time_limit
     guard = time_guard(None if limit is None else t_start + 60 * limit, limit)
+    # A part read back whole from finished runs (a study resumed in a later session replays every part before its
+    # new work) defers the update: summarising, packing and plotting after each of 60 replayed parts cost ~10 min
+    # per restart. The deferred update is made before the first run that trains (so a time limit that stops it
+    # leaves the report of everything replayed) and by the caller at the end.
+    pending, trainings = False, [0]
+
+    def update() -> None:
+        nonlocal pending
+        pending = False
+        if on_update is not None:
+            on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False, data)
+
+    def before_training(run: str) -> None:
+        if pending:
+            update()
+        if guard is not None:
+            guard(run)
+        trainings[0] += 1
+
     for i, (kind, rep, cell) in enumerate(parts, 1):
         what = "probes and baselines" if cell is None else f"{cell.arm} at {100 * cell.fraction:g}%"
         log(f"[exp] ({i}/{len(parts)}, {(time.perf_counter() - t_start) / 60:.1f} min) replicate {rep.index} "
             f"(subset seed {rep.subset_seed}, seed {rep.seed}): {what}")
+        trained_before, done_before = trainings[0], len(records)
         if cell is None:
             records += cached_probes(plan, rep, data, banks, log, paid)
         else:
-            records.append(run_cell(plan, cell, data, log, tuned, guard))
-        if on_update is not None:
-            on_update(plan, records, pretraining, budget, time.perf_counter() - t_start, False, data)
+            records.append(run_cell(plan, cell, data, log, tuned, before_training))
+        replayed = trainings[0] == trained_before and all(r.get("reused") for r in records[done_before:])
+        pending = replayed
+        if not replayed:
+            update()
     for r in records:  # the fairness invariant: every arm of a replicate trained on the one drawn subset
         if r["subset_sha256"] != subset_digest(plan.subsets[(r["fraction"], r["subset_seed"])]):
             raise RuntimeError(f"{r['arm']} at {r['fraction']:g} trained on another label subset than the other arms")
