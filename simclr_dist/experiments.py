@@ -87,12 +87,17 @@ def main(argv: list[str] | None = None) -> int:
         return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete,
                                  invocation=invocation)
 
+    latest: list[dict] = []  # the last summary written, for a stop to rewrite with its whole wall time
+
     def wind_down() -> None:
         """A study stopped before its end: the runs its unfinished part finished (a grid so far) go to the next
-        session too, and this invocation's wall time into the log."""
+        session too, this invocation's wall time into the log, and the report of what is done says it."""
         if cache is not None:
             pack(runs, cache)
-        log_invocation(False)
+        invocations = log_invocation(False)
+        if latest:
+            write_outputs(plan.out, {**latest[0], "elapsed_s": time.perf_counter() - t0}
+                          | ({"invocations": invocations} if cache is not None else {}))
 
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             pack(runs, cache)
             summary["invocations"] = log_invocation(complete)
         write_outputs(plan.out, summary)
+        latest[:] = [summary]
 
     try:
         done = execute(plan, on_update=progress)

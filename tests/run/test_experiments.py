@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -393,11 +394,16 @@ def test_a_time_limit_stops_new_runs_from_starting_and_a_rerun_goes_on(tmp_path,
         def guard(run: str) -> None:
             started.append(run)
             if len(started) > 1:
+                time.sleep(0.5)  # the stop comes measurably after the report's last update
                 raise experiment_run.StudyPaused(f"the time limit of {limit:g} min is reached")
         return guard
     monkeypatch.setattr(experiment_run, "time_guard", limit_after_one_run)
     assert exp.main([*args, "--time-limit", "60"]) == 0
     assert "[exp] paused" in capsys.readouterr().out and len(started) == 2
+    # the report is rewritten at the stop: its wall time is the invocation's whole time, as logged
+    summary = read(out / "results.json")
+    assert summary["invocations"] == read(cache / "invocations.json") and len(summary["invocations"]) == 2
+    assert summary["elapsed_s"] >= summary["invocations"][-1]["elapsed_s"] >= 0.5
     assert [p.name[:-len(".json.gz")] for p in cache.glob("finetune-*.json.gz")] == [started[0].rsplit("/", 1)[1]]
     monkeypatch.undo()
     assert exp.main(args) == 0
@@ -436,7 +442,7 @@ def test_a_resumed_study_writes_its_report_once_for_the_parts_it_replays(tmp_pat
     monkeypatch.setattr(experiment_run, "time_guard", lambda deadline, limit: stop_at_once)
     assert exp.main([*args, "--lr-grid", "0.1,0.2", "--out", str(tmp_path / "third"), "--time-limit", "60"]) == 0
     assert "[exp] paused" in capsys.readouterr().out
-    assert writes == [(False, 2)]  # the replayed probes, written before the run the limit stopped
+    assert writes == [(False, 2), (False, 2)]  # the replayed probes, before the run the limit stopped, and at the stop
     summary = read(tmp_path / "third" / "results.json")
     assert not summary["complete"] and {r["arm"] for r in summary["records"]} == {"linear", "knn"}
 
