@@ -263,8 +263,11 @@ def prometheus(ray_cluster, tmp_path) -> Iterator[Callable[[str], list[dict]]]:
 
 @pytest.mark.ray
 def test_worker_metrics_reach_prometheus(ray_cluster, prometheus, tiny_args):
-    # a higher LR and a log point every 2 steps: the loss falls visibly within 2 epochs and leaves many points
-    pretrain.run(parse_config(tiny_args(RUN, "--epochs", "2", "--base-lr", "0.3", "--log-every", "2")))
+    # a higher LR and a log point every 2 steps: the loss falls visibly and leaves many log windows. Prometheus samples
+    # the gauges once a second (report and scrape interval 1 s), so how many windows it catches depends on the speed of
+    # the machine: 4 epochs last several seconds even on a fast one (CI caught only 2 windows of a 2-epoch run, 2.2 s)
+    epochs = 4
+    pretrain.run(parse_config(tiny_args(RUN, "--epochs", str(epochs), "--base-lr", "0.3", "--log-every", "2")))
     session = Path(ray_cluster._private.worker._global_node.get_session_dir_path()).name
     sel = f'run="{RUN}",SessionName="{session}"'
     by_rank = lambda res: {r["metric"]["rank"]: float(r["value"][1]) for r in res}  # noqa: E731
@@ -280,11 +283,11 @@ def test_worker_metrics_reach_prometheus(ray_cluster, prometheus, tiny_args):
     wait = by_rank(prometheus(f"max by (rank) (avg_over_time(ray_simclr_data_wait_ratio{{{sel}}}[1h]))"))
     assert set(wait) == {"0", "1"} and all(0 <= v <= 1 for v in wait.values())
     samples = by_rank(prometheus(f"max by (rank) (max_over_time(ray_simclr_samples_total{{{sel}}}[1h]))"))
-    assert set(samples) == {"0", "1"} and all(0 < v <= 2 * (1437 // 64) * 32 for v in samples.values())
+    assert set(samples) == {"0", "1"} and all(0 < v <= epochs * (1437 // 64) * 32 for v in samples.values())
     lr = by_rank(prometheus(f"max by (rank) (max_over_time(ray_simclr_learning_rate{{{sel}}}[1h]))"))
     assert all(v > 0 for v in lr.values())
     epoch = by_rank(prometheus(f"max by (rank) (max_over_time(ray_simclr_epoch{{{sel}}}[1h]))"))
-    assert epoch == {"0": 2.0, "1": 2.0}
+    assert epoch == {"0": float(epochs), "1": float(epochs)}
     assert not prometheus(f'{{__name__=~"ray_simclr_gpu_.*|ray_simclr_model_flops_per_second", {sel}}}[1h]')
 
     # the loss of each rank, as recorded (each distinct value is one log window's mean), goes down
@@ -292,7 +295,7 @@ def test_worker_metrics_reach_prometheus(ray_cluster, prometheus, tiny_args):
         points = [float(v) for _, v in series["values"]]
         windows = [v for i, v in enumerate(points) if i == 0 or v != points[i - 1]]
         third = max(1, len(windows) // 3)
-        assert len(windows) >= 3, windows
+        assert len(windows) >= 2, windows  # a fall needs two sampled windows; more are likely, not guaranteed
         assert statistics.mean(windows[-third:]) < statistics.mean(windows[:third]), windows
         assert windows[-1] < windows[0], windows
         print(f"\nrank {series['metric']['rank']} loss windows: {[round(w, 3) for w in windows]}")
