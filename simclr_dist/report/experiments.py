@@ -299,7 +299,8 @@ def chosen_cell(row: dict[str, Any]) -> str:
     for c in row["chosen"]:
         if c is None:
             continue
-        parts.append(" ".join(f"{k} {v:g}" for k, v in c.items()))
+        # sorted: a record read back from the runs cache (keys sorted there) and a fresh one read the same
+        parts.append(" ".join(f"{k} {v:g}" for k, v in sorted(c.items())))
     return "; ".join(dict.fromkeys(parts)) or "-"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simclr_dist.report.experiments import aggregate
+from simclr_dist.report.experiments import aggregate, chosen_cell
 from simclr_dist.report.experiments_md import edge_lines, loader_lines, per_class_lines
 
 LABELS = np.repeat([0, 1, 2], 4)  # 3 classes x 4 test images
@@ -74,3 +74,13 @@ def test_the_protocol_says_when_the_study_changed_batch_makers_and_counts_each()
     mixed = one + [{"arm": "supervised", "classifier_loader": "resident", "selection_loaders": ["resident"]}] * 2
     [line] = loader_lines({"records": mixed})
     assert "(2 final run(s) resident, 3 final run(s) torch; selection runs: resident, torch)" in line
+
+
+def test_the_chosen_cell_reads_the_same_for_a_fresh_record_and_one_read_back_from_the_cache():
+    # a fresh run keeps the order it chose in (lr, wd, epochs); the runs cache stores keys sorted: one text for both
+    fresh = {"lr": 0.2, "wd": 0.0, "epochs": 17}
+    cached = dict(sorted(fresh.items()))
+    assert list(fresh) != list(cached)
+    assert chosen_cell({"chosen": [fresh]}) == chosen_cell({"chosen": [cached]}) == "epochs 17 lr 0.2 wd 0"
+    assert chosen_cell({"chosen": [fresh, cached, None]}) == "epochs 17 lr 0.2 wd 0"
+    assert chosen_cell({"chosen": [None]}) == "-"
