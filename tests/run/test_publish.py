@@ -75,7 +75,8 @@ def test_a_published_file_changed_behind_its_pin_is_refused(tmp_path):
         load_pretrained(f"simclr-dist:{out}")
 
 
-COMMITTED = {"simclr-fmnist-cpu-e12": ("fashion-mnist", 28), "simclr-digits-e20": ("digits", 24)}
+COMMITTED = {"simclr-fmnist-cpu-e12": ("fashion-mnist", 28), "simclr-fmnist-cpu-e24": ("fashion-mnist", 28),
+             "simclr-digits-e20": ("digits", 24)}
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
