@@ -78,16 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 
     started_at, t0 = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     invocation = uuid.uuid4().hex[:12]  # two invocations may start in the same second
-    finished_records = [0]
+    finished_records = 0
+    latest: dict | None = None  # the last summary written, for a stop to rewrite with its whole wall time
 
     def log_invocation(complete: bool) -> list[dict] | None:
         """This invocation's wall time into the cache's log (a study spans sessions: its total is the sum)."""
         if cache is None:
             return None
-        return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records[0], complete,
+        return record_invocation(cache, started_at, time.perf_counter() - t0, finished_records, complete,
                                  invocation=invocation)
-
-    latest: list[dict] = []  # the last summary written, for a stop to rewrite with its whole wall time
 
     def wind_down() -> None:
         """A study stopped before its end: the runs its unfinished part finished (a grid so far) go to the next
@@ -95,19 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         if cache is not None:
             pack(runs, cache)
         invocations = log_invocation(False)
-        if latest:
-            write_outputs(plan.out, {**latest[0], "elapsed_s": time.perf_counter() - t0}
+        if latest is not None:
+            write_outputs(plan.out, {**latest, "elapsed_s": time.perf_counter() - t0}
                           | ({"invocations": invocations} if cache is not None else {}))
 
     def progress(plan, records, pretraining, budget, elapsed, complete, data):
         # what is done so far, with its tables, tests and plots: a study that spans sessions has a report each time
-        finished_records[0] = len(records)
+        nonlocal finished_records, latest
+        finished_records = len(records)
         summary = summarise(plan, records, pretraining, budget, elapsed=elapsed, complete=complete, data=data)
         if cache is not None:
             pack(runs, cache)
             summary["invocations"] = log_invocation(complete)
         write_outputs(plan.out, summary)
-        latest[:] = [summary]
+        latest = summary
 
     try:
         done = execute(plan, on_update=progress)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     summary = summarise(done["plan"], done["records"], done["pretraining"], done["budget"],
                         elapsed=done["elapsed_s"], complete=True, data=done["data"])
-    finished_records[0] = len(done["records"])
+    finished_records = len(done["records"])
     if cache is not None:
         summary["invocations"] = log_invocation(True)
     write_outputs(plan.out, summary)
